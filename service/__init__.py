@@ -1,0 +1,1 @@
+"""The coordinator side of shardprop: CLI, config, data plan, training loop, tracking."""

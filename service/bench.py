@@ -1,0 +1,95 @@
+"""Benchmarks anyone can run: `shardprop bench network` (see README).
+
+Times are medians over repeats, taken in one process so the ratio between the full step and
+its matrix products alone is measured under the same machine noise.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from workers.network import Architecture, Batch, Network
+from workers.params import init_params
+
+
+@dataclass
+class Timing:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, run: Callable[[], object], repeats: int) -> "Timing":
+        run()  # warm-up: first-touch page faults and BLAS start-up are not the step
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return cls(float(np.median(seconds)), min(seconds), max(seconds))
+
+
+def gemms_of_step(net: Network, theta: np.ndarray, batch: Batch) -> Callable[[], None]:
+    """The matrix products of one forward + backward step, into kept buffers, nothing else."""
+    sizes = net.layout.sizes
+    m = batch.rows
+    acts = [batch.X1] + [np.ones((n + 1, m), net.dtype) for n in sizes[1:-1]]
+    outs = [A1[:-1] for A1 in acts[1:]] + [np.empty((sizes[-1], m), net.dtype)]
+    deltas = [np.ones((n, m), net.dtype) for n in sizes[1:]]
+    blocks = net.layout.blocks(theta)
+    grad_blocks = net.layout.blocks(np.empty_like(theta))
+
+    def run() -> None:
+        for l, block in enumerate(blocks):
+            np.matmul(block, acts[l], out=outs[l])
+        for l in range(len(blocks) - 1, -1, -1):
+            np.matmul(deltas[l], acts[l].T, out=grad_blocks[l])
+            if l > 0:
+                np.matmul(blocks[l][:, :-1].T, deltas[l], out=deltas[l - 1])
+
+    return run
+
+
+def bench_network(
+    rows: int = 200_000,
+    features: int = 64,
+    hidden: tuple[int, ...] = (256, 256),
+    dtype: str = "float64",
+    threads: int | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict:
+    """One forward+backward step of the network against the same step's GEMMs alone."""
+    rng = np.random.default_rng(seed)
+    arch = Architecture((features, *hidden, 1), "relu", "binary")
+    net = Network(arch, dtype)
+    theta = init_params(arch.layout, "he", seed, dtype)
+    X = rng.standard_normal((features, rows)).astype(dtype)
+    Y = (rng.random((1, rows)) < 0.5).astype(dtype)
+    batch = Batch(X, Y, dtype)
+    with threadpool_limits(limits=threads):
+        step = Timing.of(lambda: net.gradient(theta, batch), repeats)
+        gemms = Timing.of(gemms_of_step(net, theta, batch), repeats)
+        blas = [
+            (i["internal_api"], i.get("architecture"), i["num_threads"])
+            for i in threadpool_info()
+            if i["user_api"] == "blas"
+        ]
+    return {
+        "workload": {"rows": rows, "features": features, "hidden": list(hidden), "dtype": dtype},
+        "blas": blas,
+        "step": asdict(step),
+        "gemms": asdict(gemms),
+        "ratio": step.median / gemms.median,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for dt in sys.argv[1:] or ["float64", "float32"]:
+        print(json.dumps(bench_network(dtype=dt)))

@@ -1,0 +1,118 @@
+"""The network's gradient is the true gradient, and shard sums add up to the full batch."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from workers.activations import ACTIVATIONS
+from workers.losses import OUTPUTS
+from workers.network import Architecture, Batch, Network
+from workers.params import init_params
+
+
+def targets(task: str, n_out: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    if task == "binary":
+        return (rng.random((1, m)) < 0.5).astype(float)
+    if task == "multiclass":
+        return np.eye(n_out)[rng.integers(0, n_out, m)].T
+    return rng.standard_normal((n_out, m))
+
+
+def problem(task: str, activation: str, hidden: tuple[int, ...], m: int = 9, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n_out = {"binary": 1, "multiclass": 3, "regression": 2}[task]
+    arch = Architecture((4, *hidden, n_out), activation, task)
+    # random biases too, so no unit sits exactly at relu's kink
+    theta = init_params(arch.layout, "xavier", seed, np.float64)
+    theta += 0.1 * rng.standard_normal(theta.size)
+    X = rng.standard_normal((4, m))
+    return arch, theta, X, targets(task, n_out, m, rng)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("task", sorted(OUTPUTS))
+def test_gradient_matches_central_finite_differences(task, activation, depth):
+    arch, theta, X, Y = problem(task, activation, (5, 4, 6, 3)[:depth])
+    net = Network(arch, threads=1)
+    batch = Batch(X, Y)
+    analytic = net.gradient(theta, batch).grad
+    h = 1e-6
+    numeric = np.empty_like(theta)
+    for i in range(theta.size):
+        step = np.zeros_like(theta)
+        step[i] = h
+        numeric[i] = (
+            net.evaluate(theta + step, batch).loss - net.evaluate(theta - step, batch).loss
+        ) / (2 * h)
+    relative = np.linalg.norm(analytic - numeric) / np.linalg.norm(analytic + numeric)
+    assert relative <= 1e-6
+
+
+@pytest.mark.parametrize("task", sorted(OUTPUTS))
+def test_uneven_shards_sum_to_full_batch_gradient(task):
+    arch, theta, X, Y = problem(task, "tanh", (8, 5), m=40, seed=3)
+    net = Network(arch, threads=1)
+    full = net.gradient(theta, Batch(X, Y))
+    cuts = [0, 17, 18, 18, 31, 40]  # shards of 17, 1, 0, 13 and 9 rows
+    shards = [
+        Network(arch, threads=1).gradient(theta, Batch(X[:, lo:hi], Y[:, lo:hi]))
+        for lo, hi in itertools.pairwise(cuts)
+    ]
+    total_rows = sum(s.rows for s in shards)
+    mean_grad = sum(s.grad for s in shards) / total_rows
+    assert total_rows == 40
+    np.testing.assert_allclose(mean_grad, full.grad / 40, rtol=1e-12, atol=1e-15)
+    assert sum(s.loss for s in shards) / total_rows == pytest.approx(full.loss / 40, rel=1e-12)
+    if task != "regression":
+        assert sum(s.correct for s in shards) == full.correct
+
+
+def test_shard_sums_are_sums_not_means():
+    arch, theta, X, Y = problem("binary", "relu", (6,), m=10)
+    net = Network(arch, threads=1)
+    once = net.gradient(theta, Batch(X, Y))
+    twice = net.gradient(theta, Batch(np.hstack([X, X]), np.hstack([Y, Y])))
+    assert twice.rows == 2 * once.rows
+    np.testing.assert_allclose(twice.grad, 2 * once.grad, rtol=1e-13)
+    assert twice.loss == pytest.approx(2 * once.loss, rel=1e-13)
+
+
+def test_buffers_are_reused_and_results_do_not_change_between_calls():
+    arch, theta, X, Y = problem("multiclass", "relu", (7, 7), m=30)
+    net = Network(arch, threads=2)
+    batch = Batch(X, Y)
+    first = net.gradient(theta, batch)
+    buffers = [id(b) for b in net._A1]
+    second = net.gradient(theta, batch)
+    assert [id(b) for b in net._A1] == buffers
+    assert np.array_equal(first.grad, second.grad)
+    assert first.grad is not second.grad
+
+
+def test_threaded_elementwise_passes_give_identical_bits():
+    arch, theta, X, Y = problem("binary", "sigmoid", (64, 33), m=500)
+    one = Network(arch, threads=1).gradient(theta, Batch(X, Y))
+    two = Network(arch, threads=2).gradient(theta, Batch(X, Y))
+    assert np.array_equal(one.grad, two.grad)
+
+
+def test_float32_parameters_compute_in_float32_close_to_float64():
+    arch, theta, X, Y = problem("binary", "relu", (16, 16), m=64)
+    net64 = Network(arch, np.float64, threads=1)
+    net32 = Network(arch, np.float32, threads=1)
+    g64 = net64.gradient(theta, Batch(X, Y))
+    g32 = net32.gradient(theta.astype(np.float32), Batch(X, Y, np.float32))
+    assert g32.grad.dtype == np.float32
+    np.testing.assert_allclose(g32.grad, g64.grad, rtol=1e-3, atol=1e-4)
+    assert g32.loss == pytest.approx(g64.loss, rel=1e-5)
+
+
+def test_wrong_dtype_or_size_of_parameters_is_refused():
+    arch, theta, X, Y = problem("binary", "relu", (3,))
+    net = Network(arch, threads=1)
+    with pytest.raises(ValueError, match="flat float64 vector"):
+        net.gradient(theta.astype(np.float32), Batch(X, Y))
+    with pytest.raises(ValueError, match="flat float64 vector"):
+        net.gradient(theta[:-1], Batch(X, Y))

@@ -1,0 +1,198 @@
+"""Forward and back-propagation of a fully-connected network on one shard of rows.
+
+Samples are columns (DESIGN.md §1): A[0] = X is (n0, m). Every activation buffer carries an
+extra last row of ones, so Z[l] = [W_l | b_l] @ [A[l-1]; 1] is one GEMM and so is
+[dW_l | db_l] = dZ[l] @ [A[l-1]; 1]^T. Buffers live as long as the Network and are reused
+every step: fresh multi-hundred-MB arrays cost more than the arithmetic on them.
+"""
+
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from workers.activations import ACTIVATIONS, DERIVATIVES
+from workers.losses import OUTPUTS
+from workers.params import Layout
+
+TASKS = tuple(OUTPUTS)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that fixes the function the network computes, apart from its parameters."""
+
+    sizes: tuple[int, ...]  # (n0, n1, ..., nL)
+    activation: str = "relu"
+    task: str = "binary"
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.task not in OUTPUTS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tuple(int(n) for n in self.sizes))
+
+
+@dataclass
+class ShardSums:
+    """The shard contract: SUMS over the shard's rows, never means."""
+
+    grad: np.ndarray  # gradient sum, flat, in the parameter layout
+    loss: float  # loss sum
+    rows: int
+    correct: int | None  # correctly classified rows; None for regression
+
+
+class Batch:
+    """A shard's rows, held the way the network wants them: X with a row of ones, Y."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, dtype: np.dtype | str | None = None):
+        """X is (n0, m), Y is (n_L, m); both are copied into the batch's own buffers."""
+        dtype = np.dtype(dtype or X.dtype)
+        n0, m = X.shape
+        self.X1 = np.empty((n0 + 1, m), dtype=dtype)  # (n0 + 1, m)
+        self.X1[:n0] = X
+        self.X1[n0] = 1
+        self.Y = np.ascontiguousarray(Y, dtype=dtype)  # (n_L, m)
+        if self.Y.ndim != 2 or self.Y.shape[1] != m:
+            raise ValueError(f"Y must have shape (n_L, {m}), got {self.Y.shape}")
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, targets: np.ndarray, dtype: np.dtype | str) -> "Batch":
+        """From row-major data as tables give it: rows (m, n0), targets (m,) or (m, n_L)."""
+        targets = targets.reshape(len(targets), -1)
+        return cls(rows.T, targets.T, dtype)
+
+    @property
+    def X(self) -> np.ndarray:
+        """The features (n0, m), a view: standardise in place through it."""
+        return self.X1[:-1]
+
+    @property
+    def rows(self) -> int:
+        return self.X1.shape[1]
+
+
+class Network:
+    """One architecture in one dtype, with the buffers for one batch size kept between calls."""
+
+    def __init__(
+        self, arch: Architecture, dtype: np.dtype | str = np.float64, threads: int | None = None
+    ):
+        """`threads` for the elementwise passes; None: as many as BLAS uses now."""
+        self.arch = arch
+        self.layout = arch.layout
+        self.dtype = np.dtype(dtype)
+        self._activate = ACTIVATIONS[arch.activation]
+        self._derivative = DERIVATIVES[arch.activation]
+        self._output = OUTPUTS[arch.task]
+        self._rows = -1
+        if threads is None:
+            threads = max(
+                (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1
+            )
+        # numpy's ufuncs use one core; without this the other cores idle between GEMMs
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._chunks = 4 * threads
+
+    def _rowwise(self, fn: Callable[..., None], *arrays: np.ndarray) -> None:
+        """Apply an in-place elementwise fn to (n, m) arrays, by blocks of rows, in parallel."""
+        if self._pool is None:
+            fn(*arrays)
+            return
+        n = arrays[0].shape[0]
+        cuts = np.linspace(0, n, min(n, self._chunks) + 1).astype(int)
+        futures = [
+            self._pool.submit(fn, *(a[lo:hi] for a in arrays))
+            for lo, hi in itertools.pairwise(cuts)
+        ]
+        for future in futures:
+            future.result()
+
+    def _buffers_for(self, m: int) -> None:
+        if m == self._rows:
+            return
+        sizes = self.layout.sizes
+        hidden = sizes[1:-1]
+        self._A1 = []  # [A[l]; 1] for hidden l, each (n_l + 1, m)
+        for n in hidden:
+            A1 = np.empty((n + 1, m), dtype=self.dtype)
+            A1[n] = 1
+            self._A1.append(A1)
+        self._Z_out = np.empty((sizes[-1], m), dtype=self.dtype)  # (n_L, m)
+        # dZ of layer l and dA of layer l-1 alternate between two buffers
+        widest = max(sizes[1:])
+        self._delta = [np.empty(widest * m, dtype=self.dtype) for _ in range(2)]
+        self._rows = m
+
+    def _forward(self, theta: np.ndarray, X1: np.ndarray) -> list[np.ndarray]:
+        """Fill the buffers; returns [A[0]; 1], ..., [A[L-1]; 1], Z[L]."""
+        self._buffers_for(X1.shape[1])
+        inputs = [X1, *self._A1]
+        outputs = [A1[:-1] for A1 in self._A1] + [self._Z_out]
+        for l, block in enumerate(self.layout.blocks(theta)):
+            Z = outputs[l]  # (n_l, m)
+            np.matmul(block, inputs[l], out=Z)
+            if l < self.layout.depth - 1:
+                self._rowwise(self._activate, Z)
+        return [*inputs, self._Z_out]
+
+    def _check(self, theta: np.ndarray, batch: Batch) -> None:
+        if theta.dtype != self.dtype or theta.shape != (self.layout.size,):
+            raise ValueError(
+                f"theta must be a flat {self.dtype} vector of {self.layout.size} values, "
+                f"got {theta.dtype} {theta.shape}"
+            )
+        if batch.X1.dtype != self.dtype or batch.X1.shape[0] != self.layout.sizes[0] + 1:
+            raise ValueError(
+                f"batch must hold {self.layout.sizes[0]} {self.dtype} features, "
+                f"got {batch.X1.shape[0] - 1} {batch.X1.dtype}"
+            )
+
+    def gradient(self, theta: np.ndarray, batch: Batch) -> ShardSums:
+        """Forward and backward over the whole batch: the shard's sums."""
+        self._check(theta, batch)
+        m = batch.rows
+        *inputs, Z_out = self._forward(theta, batch.X1)
+        grad = np.empty_like(theta)
+        blocks = self.layout.blocks(theta)
+        grad_blocks = self.layout.blocks(grad)
+        L = self.layout.depth
+        dZ = self._delta[L % 2][: Z_out.size].reshape(Z_out.shape)  # (n_L, m)
+        loss = self._output.loss_and_delta(Z_out, batch.Y, dZ)
+        correct = self._output.correct(Z_out, batch.Y)
+        for l in range(L, 0, -1):
+            A1_prev = inputs[l - 1]  # (n_{l-1} + 1, m)
+            np.matmul(dZ, A1_prev.T, out=grad_blocks[l - 1])  # [dW_l | db_l]
+            if l > 1:
+                W = blocks[l - 1][:, :-1]  # (n_l, n_{l-1})
+                dA = self._delta[(l - 1) % 2][: W.shape[1] * m].reshape(W.shape[1], m)
+                np.matmul(W.T, dZ, out=dA)  # dA[l-1]
+                self._rowwise(self._derivative, A1_prev[:-1], dA)  # now dZ[l-1]
+                dZ = dA
+        return ShardSums(grad=grad, loss=loss, rows=m, correct=correct)
+
+    def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
+        """Forward only: loss sum and correct count (grad is empty)."""
+        self._check(theta, batch)
+        *_, Z_out = self._forward(theta, batch.X1)
+        dZ = np.empty_like(Z_out)
+        loss = self._output.loss_and_delta(Z_out, batch.Y, dZ)
+        correct = self._output.correct(Z_out, batch.Y)
+        return ShardSums(grad=np.empty(0, self.dtype), loss=loss, rows=batch.rows, correct=correct)
+
+    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Output activations (n_L, m) for features X (n0, m): probabilities or values."""
+        batch = Batch(X, np.empty((self.layout.sizes[-1], X.shape[1])), self.dtype)
+        self._check(theta, batch)
+        *_, Z_out = self._forward(theta, batch.X1)
+        return self._output.predict(Z_out)
