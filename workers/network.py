@@ -50,6 +50,7 @@ class ShardSums:
     loss: float  # loss sum
     rows: int
     correct: int | None  # correctly classified rows; None for regression
+    seconds: float = 0.0  # the worker's compute time, to tell compute from communication
 
 
 class Batch:

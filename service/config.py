@@ -1,0 +1,182 @@
+"""The run configuration: YAML + `--set key=value` overrides, validated by pydantic.
+
+Every key has a default, so `{}` is a valid config. Errors name the dotted key and, for an
+unknown key, suggest the closest known one.
+"""
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(Section):
+    name: Literal["moons", "circles", "blobs", "regression"] = "moons"
+    rows: int = Field(20_000, gt=0)
+    noise: float = Field(0.2, ge=0)
+    seed: int = 0
+    features: int | None = Field(None, gt=0)
+    classes: int | None = Field(None, ge=2)
+
+
+class DataConfig(Section):
+    path: str | None = None
+    synthetic: SyntheticConfig | None = None
+    label: str = "y"
+    features: list[str] | None = None
+    task: Literal["binary", "multiclass", "regression", "auto"] = "auto"
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    standardize: bool = True
+
+    @model_validator(mode="after")
+    def one_source(self) -> "DataConfig":
+        if self.path is not None and self.synthetic is not None:
+            raise ValueError("give either data.path or data.synthetic, not both")
+        if self.path is None and self.synthetic is None:
+            self.synthetic = SyntheticConfig()
+        return self
+
+
+class ModelConfig(Section):
+    hidden: list[int] = Field(default_factory=lambda: [32, 32])
+    activation: Literal["relu", "leaky_relu", "tanh", "sigmoid"] = "relu"
+    init: Literal["he", "xavier", "normal"] = "he"
+    dtype: Literal["float64", "float32"] = "float64"
+
+    @model_validator(mode="after")
+    def positive_widths(self) -> "ModelConfig":
+        if any(width < 1 for width in self.hidden):
+            raise ValueError(f"model.hidden: layer widths must be >= 1, got {self.hidden}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(500, gt=0)
+    learning_rate: float = Field(0.5, gt=0)
+    optimizer: Literal["gd", "momentum", "adam"] = "gd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    epsilon: float = Field(1e-8, gt=0)
+    l2: float = Field(0.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0)
+
+
+class ClusterConfig(Section):
+    workers: int = Field(2, ge=0)
+    address: str | None = None
+    cpus_per_worker: int = Field(1, gt=0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    experiment: str = "shardprop"
+    run_name: str | None = None
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as logged: every key, defaults filled in."""
+        return self.model_dump(mode="json")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", error)
+        raise ConfigError(f"{path}:{where} not valid YAML ({problem})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
+    return raw
+
+
+def section_at(path: list[str]) -> type[BaseModel]:
+    """The pydantic model of the section at a dotted path (Optional sections unwrapped)."""
+    section: type[BaseModel] = Config
+    for part in path:
+        annotation = section.model_fields[part].annotation
+        section = next(
+            arg
+            for arg in getattr(annotation, "__args__", (annotation,))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        )
+    return section
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error, naming the dotted key."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        known = list(section_at(loc[:-1]).model_fields)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        if close:
+            return f"{key}: unknown key; did you mean {'.'.join([*loc[:-1], close[0]])!r}?"
+        return f"{key}: unknown key; known keys here: {', '.join(known)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("value_error", "assertion_error") and message.startswith(key):
+        return message
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) and value is not None else ""
+    return f"{key}: {message}{shown}"
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(
+    path: Path | None, overrides: Sequence[str] = (), flags: dict[str, Any] | None = None
+) -> Config:
+    """The file, then `--set` overrides (YAML values), then dedicated flags (taken as given)."""
+    raw = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: take the text itself
+        set_key(raw, key.strip(), value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError("\n".join(describe(e) for e in error.errors())) from None

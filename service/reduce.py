@@ -1,0 +1,37 @@
+"""The all-reduce: shard sums added in rank order, divided by the total row count.
+
+    g = (G_1 + ... + G_k) / (m_1 + ... + m_k)
+
+is the full-batch mean gradient for any split; a mean of per-worker means is not, as soon as
+shards differ in size. Adding in rank order makes a run bitwise repeatable.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.network import ShardSums
+
+
+@dataclass
+class BatchMean:
+    grad: np.ndarray  # mean gradient over all rows
+    loss: float  # mean loss
+    rows: int
+    accuracy: float | None
+
+
+def reduce_sums(parts: Sequence[ShardSums]) -> ShardSums:
+    """Sum the shards' sums, rank 0 first."""
+    grad = parts[0].grad.copy()
+    for part in parts[1:]:
+        grad += part.grad
+    correct = None if parts[0].correct is None else sum(p.correct for p in parts)
+    return ShardSums(grad, sum(p.loss for p in parts), sum(p.rows for p in parts), correct)
+
+
+def batch_mean(total: ShardSums) -> BatchMean:
+    rows = total.rows
+    accuracy = None if total.correct is None else total.correct / rows
+    return BatchMean(total.grad / rows, total.loss / rows, rows, accuracy)

@@ -1,0 +1,195 @@
+"""The training run: plan -> workers -> loop (gradient, reduce, step, log, checkpoint) -> model.
+
+Reads top to bottom like the algorithm. Never imports Ray: the worker group hides whether
+the shards live in this process or in Ray actors.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.checkpoint import save_checkpoint
+from service.config import Config
+from service.data import DataPlan, plan_data
+from service.errors import TrainingError
+from service.group import WorkerGroup, start_group
+from service.optim import make_optimizer
+from service.plots import plot_history
+from service.prepare import DataSetup, decide
+from service.progress import Reporter
+from service.reduce import batch_mean, reduce_sums
+from service.tracking import Tracker, flatten
+from workers.losses import l2_penalty
+from workers.network import Architecture
+from workers.params import Layout, init_params, load_weights, save_weights
+from workers.synthetic import SyntheticSpec
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    arch: Architecture
+    theta: np.ndarray
+    setup: DataSetup
+    output: Path
+    final: dict[str, float]
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def make_plan(config: Config) -> DataPlan:
+    data = config.data
+    synthetic = SyntheticSpec(**data.synthetic.model_dump()) if data.synthetic else None
+    return plan_data(data.path, synthetic, data.label, data.features, config.cluster.workers)
+
+
+def initial_parameters(layout: Layout, config: Config, init_weights: Path | None) -> np.ndarray:
+    """Seeded draw, or a weights file that must fit the configured network."""
+    if init_weights is not None:
+        return load_weights(init_weights, layout, config.model.dtype)[1]
+    return init_params(layout, config.model.init, config.train.seed, config.model.dtype)
+
+
+def model_meta(arch: Architecture, config: Config, plan: DataPlan, setup: DataSetup) -> dict:
+    """What a prediction needs besides the weights; travels as JSON, never as pickle."""
+    return {
+        "sizes": list(arch.sizes),
+        "activation": arch.activation,
+        "task": arch.task,
+        "dtype": config.model.dtype,
+        "features": list(plan.features),
+        "label": plan.label,
+        "mean": None if setup.mean is None else setup.mean.tolist(),
+        "std": None if setup.std is None else setup.std.tolist(),
+        "classes": setup.classes,
+    }
+
+
+def fit(
+    group: WorkerGroup,
+    theta: np.ndarray,
+    layout: Layout,
+    config: Config,
+    tracker: Tracker,
+    reporter: Reporter,
+    checkpoints: Path,
+) -> dict[str, list[float]]:
+    """Full-batch gradient descent; theta is updated in place. Returns the metric history."""
+    train = config.train
+    optimizer = make_optimizer(train, layout.size, theta.dtype)
+    history: dict[str, list[float]] = {}
+    last_checkpoint: Path | None = None
+    for step in range(1, train.steps + 1):
+        started = time.perf_counter()
+        parts = group.call("gradient", theta)
+        gathered = time.perf_counter()
+        mean = batch_mean(reduce_sums(parts))
+        loss, grad = mean.loss, mean.grad
+        if train.l2:
+            # data-free, so added once here and never by a worker
+            penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, train.l2)
+            loss += penalty
+            grad += penalty_grad
+        reduced = time.perf_counter()
+        if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
+            kept = f"; last good weights: {last_checkpoint}" if last_checkpoint else ""
+            raise TrainingError(
+                f"training diverged at step {step} (loss {loss}); "
+                f"try a lower train.learning_rate{kept}"
+            )
+        optimizer.step(theta, grad)
+        step_seconds = time.perf_counter() - started
+        metrics = {"loss": loss}
+        if mean.accuracy is not None:
+            metrics["accuracy"] = mean.accuracy
+        metrics |= {
+            "grad_norm": float(np.linalg.norm(grad)),
+            "step_seconds": step_seconds,
+            # what the step spent beyond its slowest worker's compute: broadcast, gather, sum
+            "allreduce_seconds": (gathered - started)
+            - max(p.seconds for p in parts)
+            + (reduced - gathered),
+            "samples_per_second": mean.rows / step_seconds,
+        }
+        tracker.log_metrics(step, metrics)
+        for name, value in metrics.items():
+            history.setdefault(name, []).append(value)
+        reporter.update(step, metrics)
+        if train.checkpoint_every and step % train.checkpoint_every == 0:
+            last_checkpoint = save_checkpoint(checkpoints, step, layout, theta, optimizer)
+            tracker.log_artifact(last_checkpoint, f"checkpoints/{last_checkpoint.name}")
+    return history
+
+
+def final_metrics(group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float) -> dict:
+    """Loss (and accuracy) of the weights the run ends with."""
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta)))
+    loss = mean.loss + (l2_penalty(theta, layout.weight_mask, l2)[0] if l2 else 0.0)
+    metrics = {"loss": loss, "rows": mean.rows}
+    if mean.accuracy is not None:
+        metrics["accuracy"] = mean.accuracy
+    return metrics
+
+
+def train(
+    config: Config,
+    init_weights: Path | None = None,
+    output: Path | None = None,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    reporter = reporter or Reporter("quiet")
+    plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+    track = config.tracking
+    with Tracker.start(track.uri, track.experiment, track.run_name) as tracker:
+        output = output or Path(".shardprop") / "runs" / tracker.run_id
+        group = start_group(
+            plan, config.cluster.workers, config.cluster.address, config.cluster.cpus_per_worker
+        )
+        try:
+            setup = decide(group.call("load"), plan.features, config.data)
+            hidden = tuple(config.model.hidden)
+            arch = Architecture(
+                (len(plan.features), *hidden, setup.outputs), config.model.activation, setup.task
+            )
+            theta = initial_parameters(arch.layout, config, init_weights)
+            group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+            tracker.log_params(
+                flatten(config.resolved())
+                | {
+                    "n_params": arch.layout.size,
+                    "n_rows": setup.rows,
+                    "workers": config.cluster.workers,
+                    "task": setup.task,
+                }
+            )
+            tracker.log_dict(config.resolved(), "config.yaml")
+            reporter.start(config.train.steps, f"training on {max(group.size, 1)} worker(s)")
+            try:
+                history = fit(
+                    group, theta, arch.layout, config, tracker, reporter, output / "checkpoints"
+                )
+            finally:
+                reporter.stop()
+            final = final_metrics(group, theta, arch.layout, config.train.l2)
+        finally:
+            group.shutdown()
+        meta = model_meta(arch, config, plan, setup)
+        write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
+        tracker.log_artifact(output / "weights.npz", "weights")  # -> weights/weights.npz
+        tracker.log_model(
+            output / "weights.npz", meta, plan.source.read(plan.features, 0, 5).to_pandas()
+        )
+        tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+        return RunResult(
+            tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
+        )
+
+
+def write_outputs(output: Path, layout: Layout, theta: np.ndarray, meta: dict, final: dict) -> None:
+    """DIR/weights.npz, DIR/model.json (what predicting needs besides), DIR/metrics.json."""
+    save_weights(output / "weights.npz", layout, theta)
+    (output / "model.json").write_text(json.dumps(meta, indent=2))
+    (output / "metrics.json").write_text(json.dumps(final, indent=2))

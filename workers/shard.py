@@ -1,0 +1,159 @@
+"""The shard worker: owns one contiguous range of rows and serves its sums.
+
+A plain class: `service.group` runs it in-process (`--workers 0`) or makes it a Ray actor.
+It reads its own rows (the coordinator never holds the data), reports statistics for the
+checks and the standardisation, then keeps the prepared batch and the network's buffers in
+memory for every step.
+"""
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from threadpoolctl import threadpool_limits
+
+from workers.errors import DataError
+from workers.network import Architecture, Batch, Network, ShardSums
+from workers.source import Source
+
+MAX_LABEL_VALUES = 1000  # more distinct labels than this is not a classification task
+
+
+@dataclass
+class ShardStats:
+    """What the coordinator needs to check the data and standardise it: reducible parts."""
+
+    start: int  # global index of the shard's first row
+    rows: int
+    mean: np.ndarray  # (n0,) per-feature mean of this shard
+    m2: np.ndarray  # (n0,) per-feature sum of squared deviations from that mean
+    nonfinite: np.ndarray  # (n0,) NaN, inf or null values per feature
+    first_nonfinite: np.ndarray  # (n0,) shard-local row of the first one, -1 if none
+    label_nulls: int  # null or NaN labels
+    label_kind: str  # "integer" | "float" | "bool" | "string"
+    label_integral: bool  # every label is a whole number (always true for integer kinds)
+    label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
+
+
+def label_kind(column: pa.ChunkedArray) -> str:
+    kind = column.type
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if pa.types.is_integer(kind):
+        return "integer"
+    if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        return "float"
+    return "string"
+
+
+class ShardWorker:
+    """Rows [start, stop) of a source, as one batch, with a network to run on them."""
+
+    def __init__(
+        self,
+        rank: int,
+        source: Source,
+        features: tuple[str, ...],
+        label: str,
+        start: int,
+        stop: int,
+        threads: int | None = None,
+    ):
+        if threads is not None:
+            threadpool_limits(limits=threads)  # this process's BLAS: one pool per CPU granted
+        self.rank, self.start, self.stop, self.threads = rank, start, stop, threads
+        self._source, self._features, self._label = source, features, label
+        self.batch: Batch | None = None
+        self.network: Network | None = None
+
+    def load(self) -> ShardStats:
+        """Read this shard's rows (once) and describe them."""
+        features, label = self._features, self._label
+        table = self._source.read([*features, label], self.start, self.stop)
+        m = table.num_rows
+        self._X = np.empty((len(features), m), dtype=np.float64)  # (n0, m)
+        for i, name in enumerate(features):
+            # nulls become NaN: counted by stats() and refused before training
+            self._X[i] = pc.cast(table.column(name), pa.float64()).to_numpy()
+        self._labels = table.column(label)
+        return self._stats()
+
+    def _stats(self) -> ShardStats:
+        X, labels = self._X, self._labels
+        m = X.shape[1]
+        bad = ~np.isfinite(X)  # (n0, m)
+        nonfinite = np.count_nonzero(bad, axis=1)
+        first = np.where(nonfinite > 0, bad.argmax(axis=1), -1) if m else np.full(len(X), -1)
+        mean = X.mean(axis=1) if m else np.zeros(X.shape[0])
+        m2 = ((X - mean[:, None]) ** 2).sum(axis=1)
+        kind = label_kind(labels)
+        valid = pc.drop_null(labels)
+        nulls = labels.null_count
+        if kind == "float":
+            values = pc.cast(valid, pa.float64()).to_numpy()
+            finite = np.isfinite(values)
+            nulls += int(np.count_nonzero(~finite))
+            values = values[finite]
+            integral = bool(np.all(values == np.round(values)))
+        else:
+            values = valid.to_numpy(zero_copy_only=False)
+            integral = kind in ("integer", "bool")
+        distinct = np.unique(values)[: MAX_LABEL_VALUES + 1].tolist()
+        return ShardStats(
+            self.start, m, mean, m2, nonfinite, first, nulls, kind, integral, distinct
+        )
+
+    def prepare(
+        self,
+        arch: Architecture,
+        dtype: str,
+        classes: list | None,
+        mean: np.ndarray | None,
+        std: np.ndarray | None,
+    ) -> int:
+        """Standardise, encode the labels for the task, and keep the batch; returns its rows."""
+        X = self._X
+        if mean is not None and std is not None:
+            X -= mean[:, None]
+            X /= std[:, None]
+        self.batch = Batch(X, self._encode(arch, classes), dtype)
+        self.network = Network(arch, dtype, threads=self.threads)
+        del self._X, self._labels
+        return self.batch.rows
+
+    def _encode(self, arch: Architecture, classes: list | None) -> np.ndarray:
+        """Targets Y (n_L, m): 0/1 for binary, one-hot for multiclass, values for regression."""
+        labels = self._labels
+        if arch.task == "regression":
+            if label_kind(labels) not in ("integer", "float", "bool"):
+                raise DataError(f"label column is {labels.type}; regression needs numbers")
+            return pc.cast(labels, pa.float64()).to_numpy().reshape(1, -1)
+        if label_kind(labels) == "float":
+            labels = pc.cast(labels, pa.float64())
+        values = labels.to_numpy(zero_copy_only=False)
+        index = np.searchsorted(np.asarray(classes), values)  # classes are sorted
+        if arch.task == "binary":
+            return index.reshape(1, -1).astype(np.float64)
+        return np.eye(len(classes))[index].T  # (K, m)
+
+    def gradient(self, theta: np.ndarray) -> ShardSums:
+        start = time.perf_counter()
+        sums = self.network.gradient(theta, self.batch)
+        sums.seconds = time.perf_counter() - start
+        return sums
+
+    def evaluate(self, theta: np.ndarray) -> ShardSums:
+        return self.network.evaluate(theta, self.batch)
+
+    def where(self) -> dict:
+        """Which process holds this shard, for the run's records."""
+        return {
+            "rank": self.rank,
+            "rows": [self.start, self.stop],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
