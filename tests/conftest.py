@@ -1,0 +1,32 @@
+"""Shared fixtures: one real local Ray runtime per test session, real MLflow stores on disk."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real Ray runtime started on this machine, shared by the tests that need one.
+
+    4 logical CPUs on a 2-core machine, so that 3 single-CPU workers can be scheduled.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    """A fresh sqlite MLflow store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_mlflow_env(monkeypatch):
+    # a developer's MLFLOW_TRACKING_URI must not redirect the tests' runs
+    for name in list(os.environ):
+        if name.startswith("MLFLOW_TRACKING"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,192 @@
+"""A table described by its metadata, and the reading of one row range of it.
+
+The coordinator builds a Source from file footers alone (service/data.py) and ships it, small
+and picklable, to every worker; each worker then reads only its own rows [start, stop) and
+opens only the files, and for Parquet only the row groups, that hold them. Global row order is
+the order of `files`, then the order of rows inside each file.
+"""
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from workers.errors import DataError
+from workers.synthetic import SyntheticSpec, generate
+
+FORMATS = ("parquet", "csv", "feather", "synthetic")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Files in one format (or a synthetic spec), their row counts and their unified schema.
+
+    `files` are paths inside the filesystem that `filesystem_uri` names (None: the local
+    filesystem, and the paths are absolute): a URI, not a filesystem object, travels to the
+    workers, and each builds its own client (credentials come from the worker's environment).
+    `schema` is the schema every read is cast to, so all workers see the same types even
+    where files differ (CSV types are inferred per file).
+    """
+
+    format: str
+    files: tuple[str, ...] = ()
+    file_rows: tuple[int, ...] = ()
+    synthetic: SyntheticSpec | None = None
+    schema: pa.Schema | None = None
+    filesystem_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; expected one of {FORMATS}")
+        if (self.format == "synthetic") != (self.synthetic is not None):
+            raise ValueError("a synthetic source needs a spec, and only a synthetic source")
+        if len(self.files) != len(self.file_rows):
+            raise ValueError(f"{len(self.files)} files but {len(self.file_rows)} row counts")
+
+    @property
+    def total_rows(self) -> int:
+        if self.synthetic is not None:
+            return self.synthetic.rows
+        return sum(self.file_rows)
+
+    def read(self, columns: Sequence[str], start: int, stop: int) -> pa.Table:
+        """Global rows [start, stop) of `columns`, in order, cast to the source's schema."""
+        columns = list(columns)
+        if not 0 <= start <= stop <= self.total_rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.total_rows})")
+        if self.synthetic is not None:
+            return generate(self.synthetic, start, stop).select(columns)
+        target = self._target_schema(columns)
+        filesystem = self.filesystem()
+        pieces = [target.empty_table()]
+        for file, lo, hi in self.spans(start, stop):
+            pieces.append(self._read_file(filesystem, file, columns, lo, hi, target))
+        return pa.concat_tables(pieces).combine_chunks()
+
+    def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """(file, lo, hi) for each file that holds some of global rows [start, stop)."""
+        spans = []
+        offset = 0  # the global index of the file's first row
+        for file, rows in zip(self.files, self.file_rows, strict=True):
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            if lo < hi:
+                spans.append((file, lo, hi))
+            offset += rows
+        return spans
+
+    def _read_file(
+        self,
+        filesystem: pafs.FileSystem,
+        file: str,
+        columns: list[str],
+        lo: int,
+        hi: int,
+        target: pa.Schema,
+    ) -> pa.Table:
+        try:
+            piece = READERS[self.format](filesystem, file, columns, lo, hi, target)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise DataError(f"{file}: cannot read rows [{lo}, {hi}): {error}") from None
+        if piece.num_rows != hi - lo:
+            raise DataError(
+                f"{file}: expected rows [{lo}, {hi}) but read {piece.num_rows}; "
+                "did the file change after the run was planned?"
+            )
+        return piece.select(columns).cast(target)
+
+    def filesystem(self) -> pafs.FileSystem:
+        """The filesystem the files live in, built where it is used, from the URI."""
+        if self.filesystem_uri is None:
+            return pafs.LocalFileSystem()
+        return pafs.FileSystem.from_uri(self.filesystem_uri)[0]
+
+    def _target_schema(self, columns: list[str]) -> pa.Schema:
+        if self.schema is None:
+            raise ValueError("a file source needs its schema; build it with open_source()")
+        missing = [name for name in columns if name not in self.schema.names]
+        if missing:
+            raise ValueError(f"no column(s) {missing} in the source; it has {self.schema.names}")
+        return pa.schema([self.schema.field(name) for name in columns])
+
+
+def _read_parquet(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one file, decoding only the row groups that overlap them."""
+    with pq.ParquetFile(path, filesystem=filesystem) as parquet:
+        metadata = parquet.metadata
+        group_rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        offsets = [0, *itertools.accumulate(group_rows)]
+        groups = [g for g in range(len(group_rows)) if offsets[g] < hi and offsets[g + 1] > lo]
+        if not groups:
+            return target.empty_table()
+        table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(lo - offsets[groups[0]], hi - lo)
+
+
+def _read_feather(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one Arrow IPC file, decoding only `columns` of the batches up to `hi`.
+
+    Read, not memory-mapped: a shard lives for the whole run, and a mapped file rewritten
+    under a running worker would crash it with SIGBUS instead of raising an error.
+    """
+    with filesystem.open_input_file(path) as file:
+        full = ipc.open_file(file).schema
+        wanted = ipc.IpcReadOptions(included_fields=sorted(full.names.index(c) for c in columns))
+        reader = ipc.open_file(file, options=wanted)
+        batches = []
+        offset = 0
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            if offset + batch.num_rows > lo:
+                skip = max(lo - offset, 0)
+                batches.append(batch.select(columns).slice(skip, hi - offset - skip))
+            offset += batch.num_rows
+            if offset >= hi:
+                break
+    return pa.Table.from_batches(batches, schema=pa.schema(full.field(c) for c in columns))
+
+
+def _read_csv(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one CSV file: it has no index, so stream it from the top to `hi`."""
+    convert = pacsv.ConvertOptions(
+        column_types={field.name: field.type for field in target}, include_columns=columns
+    )
+    batches = []
+    offset = 0
+    with filesystem.open_input_stream(path) as stream:  # .gz/.bz2/.zst: decompressed on the fly
+        for batch in pacsv.open_csv(stream, convert_options=convert):
+            if offset + batch.num_rows > lo:
+                skip = max(lo - offset, 0)
+                batches.append(batch.slice(skip, hi - offset - skip))
+            offset += batch.num_rows
+            if offset >= hi:
+                break
+    return pa.Table.from_batches(batches, schema=target)
+
+
+READERS = {"parquet": _read_parquet, "feather": _read_feather, "csv": _read_csv}
