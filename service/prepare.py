@@ -62,7 +62,7 @@ def check_finite(parts: Sequence[ShardStats], features: Sequence[str], label: st
 def decide_task(parts: Sequence[ShardStats], config: DataConfig) -> tuple[str, list | None]:
     """The task and, for classification, the sorted classes (labels of any type)."""
     kind = parts[0].label_kind
-    fractional = not all(part.label_integral for part in parts)
+    fractional = any(part.label_fractional for part in parts)
     values = sorted(set().union(*(part.label_values for part in parts)))
     many = len(values) > MAX_LABEL_VALUES
     count = f"more than {MAX_LABEL_VALUES}" if many else str(len(values))

@@ -35,7 +35,7 @@ class ShardStats:
     first_nonfinite: np.ndarray  # (n0,) shard-local row of the first one, -1 if none
     label_nulls: int  # null or NaN labels
     label_kind: str  # "integer" | "float" | "bool" | "string"
-    label_integral: bool  # every label is a whole number (always true for integer kinds)
+    label_fractional: bool  # some float label has a fractional part: not a class label
     label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
 
 
@@ -98,13 +98,13 @@ class ShardWorker:
             finite = np.isfinite(values)
             nulls += int(np.count_nonzero(~finite))
             values = values[finite]
-            integral = bool(np.all(values == np.round(values)))
+            fractional = bool(np.any(values != np.round(values)))
         else:
             values = valid.to_numpy(zero_copy_only=False)
-            integral = kind in ("integer", "bool")
+            fractional = False
         distinct = np.unique(values)[: MAX_LABEL_VALUES + 1].tolist()
         return ShardStats(
-            self.start, m, mean, m2, nonfinite, first, nulls, kind, integral, distinct
+            self.start, m, mean, m2, nonfinite, first, nulls, kind, fractional, distinct
         )
 
     def prepare(
