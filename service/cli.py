@@ -1,5 +1,6 @@
 """The `shardprop` command: parse, build a config, call the library, render. Nothing else."""
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -63,6 +64,7 @@ def train(
     from service.tracking import ui_command
     from service.trainer import train as run_training
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines drown the progress
     with errors_as_exit_codes():
         cfg = load_config(
             config,

@@ -5,6 +5,8 @@ the shards live in this process or in Ray actors.
 """
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,10 +180,11 @@ def train(
             group.shutdown()
         meta = model_meta(arch, config, plan, setup)
         write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
-        tracker.log_artifact(output / "weights.npz", "weights")  # -> weights/weights.npz
-        tracker.log_model(
-            output / "weights.npz", meta, plan.source.read(plan.features, 0, 5).to_pandas()
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            final_npz = shutil.copy(output / "weights.npz", Path(tmp) / "final.npz")
+            tracker.log_artifact(final_npz, "weights")  # DESIGN.md: weights/final.npz
+        example = plan.source.read(plan.features, 0, min(5, plan.total_rows)).to_pandas()
+        tracker.log_model(output / "weights.npz", meta, example)
         tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
         return RunResult(
             tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
