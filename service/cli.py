@@ -115,7 +115,3 @@ def bench(
         )
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
-
-
-def main() -> None:
-    app()

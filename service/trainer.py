@@ -122,7 +122,7 @@ def fit(
         reporter.update(step, metrics)
         if train.checkpoint_every and step % train.checkpoint_every == 0:
             last_checkpoint = save_checkpoint(checkpoints, step, layout, theta, optimizer)
-            tracker.log_artifact(last_checkpoint, f"checkpoints/{last_checkpoint.name}")
+            tracker.log_artifact(last_checkpoint, "checkpoints")  # a folder: ./step-NNNNNN
     return history
 
 
