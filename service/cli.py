@@ -1,6 +1,6 @@
 """The `shardprop` command: parse, build a config, call the library, render. Nothing else."""
 
-import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -56,15 +56,17 @@ def train(
     output: Annotated[
         Path | None, typer.Option(help="Write DIR/weights.npz, DIR/metrics.json, DIR/model.json.")
     ] = None,
+    no_tracking: Annotated[
+        bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
 ) -> None:
     """Train the network of CONFIG on its data, sharded across workers."""
     # imported here: Ray and MLflow take seconds to import, `--help` should not wait for them
     from service.progress import Reporter
-    from service.tracking import ui_command
     from service.trainer import train as run_training
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines drown the progress
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown progress
     with errors_as_exit_codes():
         cfg = load_config(
             config,
@@ -75,6 +77,7 @@ def train(
                 "tracking.uri": tracking_uri,
                 "tracking.experiment": experiment,
                 "tracking.run_name": run_name,
+                "tracking.enabled": False if no_tracking else None,
             },
         )
         reporter = Reporter("quiet" if quiet else "auto")
@@ -83,7 +86,10 @@ def train(
     accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
     reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
     reporter.say(f"weights: {result.output / 'weights.npz'}")
-    reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
+    if result.tracking_uri:
+        from service.tracking import ui_command
+
+        reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
 
 
 @app.command()

@@ -39,6 +39,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def one_source(self) -> "DataConfig":
+        if self.validation_fraction:
+            raise ValueError("data.validation_fraction: the validation split is not built yet")
         if self.path is not None and self.synthetic is not None:
             raise ValueError("give either data.path or data.synthetic, not both")
         if self.path is None and self.synthetic is None:
@@ -79,6 +81,7 @@ class ClusterConfig(Section):
 
 
 class TrackingConfig(Section):
+    enabled: bool = True
     uri: str | None = None
     experiment: str = "shardprop"
     run_name: str | None = None

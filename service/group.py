@@ -21,7 +21,8 @@ class WorkerGroup(Protocol):
     def call(self, method: str, *args: Any) -> list[Any]:
         """Run a ShardWorker method on every worker; results in rank order."""
 
-    def shutdown(self) -> None: ...
+    def close(self) -> None:
+        """Stop the workers (and a Ray runtime the group started); safe to call twice."""
 
 
 class LocalGroup:
@@ -34,14 +35,14 @@ class LocalGroup:
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(worker, method)(*args) for worker in self.workers]
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         self.workers.clear()
 
 
 class RayGroup:
     """One Ray actor per shard, each with `cpus_per_worker` CPUs and as many BLAS threads."""
 
-    def __init__(self, plan: DataPlan, cpus_per_worker: int):
+    def __init__(self, plan: DataPlan, cpus_per_worker: int, owns_runtime: bool):
         import ray
 
         self._ray = ray
@@ -51,6 +52,7 @@ class RayGroup:
             for rank, (start, stop) in enumerate(plan.shards)
         ]
         self.size = len(self.actors)
+        self._owns_runtime = owns_runtime
 
     def call(self, method: str, *args: Any) -> list[Any]:
         # one object-store copy per array, shared by every worker (a broadcast)
@@ -63,32 +65,39 @@ class RayGroup:
                 raise error.cause from None
             raise
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors.clear()
+        if self._owns_runtime:
+            self._owns_runtime = False
+            self._ray.shutdown()
 
 
-def connect_ray(address: str | None, cpus_needed: int) -> None:
+def connect_ray(address: str | None, cpus_needed: int) -> bool:
     """Join the cluster at `address`, or start Ray on this machine when there is none.
 
     A local start declares at least as many CPUs as the workers ask for, so `--workers 3`
     runs on a 2-core laptop (oversubscribed) instead of waiting forever for a free CPU.
+    Returns whether this call started (or joined) the runtime, and so should shut it down.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     if address is None:
         options["num_cpus"] = max(os.cpu_count() or 1, cpus_needed)
     else:
         options["address"] = address
     ray.init(**options)
+    return True
 
 
-def start_group(plan: DataPlan, workers: int, address: str | None, cpus_per_worker: int):
+def start_group(
+    plan: DataPlan, workers: int, address: str | None, cpus_per_worker: int
+) -> WorkerGroup:
     if workers == 0:
         return LocalGroup(plan)
-    connect_ray(address, workers * cpus_per_worker)
-    return RayGroup(plan, cpus_per_worker)
+    started = connect_ray(address, workers * cpus_per_worker)
+    return RayGroup(plan, cpus_per_worker, owns_runtime=started)

@@ -227,6 +227,11 @@ class Tracker:
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=list(chunk))
 
+    def log_config(self, resolved: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        """The resolved config as flattened params (plus `extra`) and as config.yaml."""
+        self.log_params(flatten(resolved) | dict(extra))
+        self.log_dict(resolved, "config.yaml")
+
     # --- metrics ---------------------------------------------------------------------------
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -321,6 +326,15 @@ class Tracker:
                     pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
                     step=self._last_step,
                 )
+
+    def log_final(
+        self, weights_path: Path, meta: Mapping[str, Any], input_example: pd.DataFrame
+    ) -> None:
+        """The end of a run: weights/final.npz and the model."""
+        with tempfile.TemporaryDirectory() as tmp:
+            final = shutil.copy(weights_path, Path(tmp) / "final.npz")
+            self.log_artifact(final, "weights")
+        self.log_model(weights_path, meta, input_example)
 
     @contextmanager
     def _lend_run(self) -> Iterator[None]:

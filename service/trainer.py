@@ -5,9 +5,9 @@ the shards live in this process or in Ray actors.
 """
 
 import json
-import shutil
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from service.plots import plot_history
 from service.prepare import DataSetup, decide
 from service.progress import Reporter
 from service.reduce import batch_mean, reduce_sums
-from service.tracking import Tracker, flatten
+from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
 from workers.network import Architecture
 from workers.params import Layout, init_params, load_weights, save_weights
@@ -40,6 +40,15 @@ class RunResult:
     output: Path
     final: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def open_tracker(config: Config) -> Recorder:
+    track = config.tracking
+    if not track.enabled:
+        return Untracked()
+    from service.tracking import Tracker  # MLflow takes a second to import: only when tracking
+
+    return Tracker.start(track.uri, track.experiment, track.run_name)
 
 
 def make_plan(config: Config) -> DataPlan:
@@ -75,7 +84,7 @@ def fit(
     theta: np.ndarray,
     layout: Layout,
     config: Config,
-    tracker: Tracker,
+    tracker: Recorder,
     reporter: Reporter,
     checkpoints: Path,
 ) -> dict[str, list[float]]:
@@ -136,6 +145,29 @@ def final_metrics(group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: flo
     return metrics
 
 
+def open_run(
+    config: Config, plan: DataPlan, background: ThreadPoolExecutor
+) -> tuple[Recorder, WorkerGroup]:
+    """Open the MLflow run and start the workers at once.
+
+    MLflow's imports and store set-up take a second or more, and so does Ray's start-up,
+    which mostly waits on other processes: done side by side, the run starts sooner.
+    """
+    opening = background.submit(open_tracker, config)
+    cluster = config.cluster
+    try:
+        group = start_group(plan, cluster.workers, cluster.address, cluster.cpus_per_worker)
+    except BaseException as error:
+        if opening.exception() is None:
+            opening.result().__exit__(type(error), error, error.__traceback__)
+        raise
+    try:
+        return opening.result(), group
+    except BaseException:
+        group.close()
+        raise
+
+
 def train(
     config: Config,
     init_weights: Path | None = None,
@@ -144,13 +176,10 @@ def train(
 ) -> RunResult:
     reporter = reporter or Reporter("quiet")
     plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
-    track = config.tracking
-    with Tracker.start(track.uri, track.experiment, track.run_name) as tracker:
-        output = output or Path(".shardprop") / "runs" / tracker.run_id
-        group = start_group(
-            plan, config.cluster.workers, config.cluster.address, config.cluster.cpus_per_worker
-        )
-        try:
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
+        tracker, group = open_run(config, plan, background)
+        with tracker, closing(group):
+            output = output or Path(".shardprop") / "runs" / tracker.run_id
             setup = decide(group.call("load"), plan.features, config.data)
             hidden = tuple(config.model.hidden)
             arch = Architecture(
@@ -158,17 +187,16 @@ def train(
             )
             theta = initial_parameters(arch.layout, config, init_weights)
             group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
-            tracker.log_params(
-                flatten(config.resolved())
-                | {
+            tracker.log_config(
+                config.resolved(),
+                {
                     "n_params": arch.layout.size,
                     "n_rows": setup.rows,
                     "workers": config.cluster.workers,
                     "task": setup.task,
-                }
+                },
             )
-            tracker.log_dict(config.resolved(), "config.yaml")
-            reporter.start(config.train.steps, f"training on {max(group.size, 1)} worker(s)")
+            reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             try:
                 history = fit(
                     group, theta, arch.layout, config, tracker, reporter, output / "checkpoints"
@@ -176,19 +204,19 @@ def train(
             finally:
                 reporter.stop()
             final = final_metrics(group, theta, arch.layout, config.train.l2)
-        finally:
-            group.shutdown()
-        meta = model_meta(arch, config, plan, setup)
-        write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
-        with tempfile.TemporaryDirectory() as tmp:
-            final_npz = shutil.copy(output / "weights.npz", Path(tmp) / "final.npz")
-            tracker.log_artifact(final_npz, "weights")  # DESIGN.md: weights/final.npz
-        example = plan.source.read(plan.features, 0, min(5, plan.total_rows)).to_pandas()
-        tracker.log_model(output / "weights.npz", meta, example)
-        tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
-        return RunResult(
-            tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
-        )
+
+            meta = model_meta(arch, config, plan, setup)
+            write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
+            example = plan.source.read(plan.features, 0, min(5, plan.total_rows)).to_pandas()
+            logging_model = background.submit(
+                tracker.log_final, output / "weights.npz", meta, example
+            )
+            group.close()  # Ray's shutdown overlaps MLflow's model logging
+            logging_model.result()
+            tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+    return RunResult(
+        tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
+    )
 
 
 def write_outputs(output: Path, layout: Layout, theta: np.ndarray, meta: dict, final: dict) -> None:

@@ -92,7 +92,11 @@ def test_buffers_are_reused_and_results_do_not_change_between_calls():
 
 
 def test_threaded_elementwise_passes_give_identical_bits():
-    arch, theta, X, Y = problem("binary", "sigmoid", (64, 33), m=500)
+    from workers.network import PARALLEL_MIN_SIZE
+
+    m = 20_000
+    assert 64 * m >= PARALLEL_MIN_SIZE  # big enough for the threads to be used
+    arch, theta, X, Y = problem("binary", "sigmoid", (64, 64), m=m)
     one = Network(arch, threads=1).gradient(theta, Batch(X, Y))
     two = Network(arch, threads=2).gradient(theta, Batch(X, Y))
     assert np.array_equal(one.grad, two.grad)

@@ -19,6 +19,8 @@ from workers.losses import OUTPUTS
 from workers.params import Layout
 
 TASKS = tuple(OUTPUTS)
+# below this many elements a pass takes less than handing it to threads costs
+PARALLEL_MIN_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Network:
 
     def _rowwise(self, fn: Callable[..., None], *arrays: np.ndarray) -> None:
         """Apply an in-place elementwise fn to (n, m) arrays, by blocks of rows, in parallel."""
-        if self._pool is None:
+        if self._pool is None or arrays[0].size < PARALLEL_MIN_SIZE:
             fn(*arrays)
             return
         n = arrays[0].shape[0]

@@ -1,0 +1,60 @@
+"""What the training loop records to, and the recorder for runs that MLflow does not track.
+
+`tracking.enabled: false` (`--no-tracking`) runs without importing MLflow at all: for quick
+local experiments, and as the baseline that tracking's overhead is measured against.
+"""
+
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import pandas as pd
+
+
+class Recorder(Protocol):
+    run_id: str
+    tracking_uri: str | None
+
+    def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_final(self, weights_path: Path, meta: dict, input_example: pd.DataFrame) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Untracked:
+    """Records nothing; the run still gets an id (for its output folder)."""
+
+    def __init__(self) -> None:
+        self.run_id = uuid.uuid4().hex
+        self.tracking_uri = None
+
+    def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_final(self, weights_path: Path, meta: dict, input_example: pd.DataFrame) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        pass
