@@ -1,12 +1,16 @@
-"""Benchmarks anyone can run: `shardprop bench network` (see README).
+"""Benchmarks anyone can run: `shardprop bench network`, `shardprop bench tracking`.
 
 Times are medians over repeats, taken in one process so the ratio between the full step and
 its matrix products alone is measured under the same machine noise.
 """
 
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -22,6 +26,10 @@ class Timing:
     high: float
 
     @classmethod
+    def over(cls, seconds: list[float]) -> "Timing":
+        return cls(float(np.median(seconds)), min(seconds), max(seconds))
+
+    @classmethod
     def of(cls, run: Callable[[], object], repeats: int) -> "Timing":
         run()  # warm-up: first-touch page faults and BLAS start-up are not the step
         seconds = []
@@ -29,7 +37,7 @@ class Timing:
             start = time.perf_counter()
             run()
             seconds.append(time.perf_counter() - start)
-        return cls(float(np.median(seconds)), min(seconds), max(seconds))
+        return cls.over(seconds)
 
 
 def gemms_of_step(net: Network, theta: np.ndarray, batch: Batch) -> Callable[[], None]:
@@ -79,17 +87,40 @@ def bench_network(
             if i["user_api"] == "blas"
         ]
     return {
+        "name": f"network step ({rows:,} x {features} -> {list(hidden)} -> 1, {dtype})",
         "workload": {"rows": rows, "features": features, "hidden": list(hidden), "dtype": dtype},
         "blas": blas,
+        "timings": [("step", "step"), ("gemms", "GEMMs alone")],
         "step": asdict(step),
         "gemms": asdict(gemms),
         "ratio": step.median / gemms.median,
     }
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+def bench_tracking(config: Path, repeats: int = 3) -> dict:
+    """The whole `shardprop train` command, tracked and untracked, runs alternated.
 
-    for dt in sys.argv[1:] or ["float64", "float32"]:
-        print(json.dumps(bench_network(dtype=dt)))
+    Whole processes, so that everything tracking costs counts: importing MLflow, opening
+    the store, the metric writer, checkpoints and the model at the end.
+    """
+    command = [
+        str(Path(sys.executable).parent / "shardprop"),
+        "train",
+        str(config.resolve()),
+        "--quiet",
+    ]
+    seconds: dict[str, list[float]] = {"tracked": [], "untracked": []}
+    with tempfile.TemporaryDirectory(prefix="shardprop-bench-") as tmp:
+        for _ in range(repeats):
+            for kind, extra in (("tracked", []), ("untracked", ["--no-tracking"])):
+                start = time.perf_counter()
+                subprocess.run([*command, *extra], cwd=tmp, check=True, capture_output=True)
+                seconds[kind].append(time.perf_counter() - start)
+    tracked, untracked = (Timing.over(seconds[k]) for k in ("tracked", "untracked"))
+    return {
+        "name": f"train {config.name}",
+        "timings": [("tracked", "tracked"), ("untracked", "untracked")],
+        "tracked": asdict(tracked),
+        "untracked": asdict(untracked),
+        "ratio": tracked.median / untracked.median,
+    }

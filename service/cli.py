@@ -1,5 +1,6 @@
 """The `shardprop` command: parse, build a config, call the library, render. Nothing else."""
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,8 +93,23 @@ def train(
         reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
 
 
-@app.command()
-def bench(
+bench_app = typer.Typer(help="Benchmarks: ratios measured within one run, never absolute.")
+app.add_typer(bench_app, name="bench")
+
+
+def report(results: list[dict], json_out: Path | None) -> None:
+    for r in results:
+        parts = [r["name"]] + [
+            f"{label} {r[key]['median']:.3f} s [{r[key]['low']:.3f}-{r[key]['high']:.3f}]"
+            for key, label in r["timings"]
+        ]
+        typer.echo(", ".join(parts) + f", ratio {r['ratio']:.3f}")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("network")
+def bench_network(
     rows: Annotated[int, typer.Option(help="Rows of the synthetic batch.")] = 200_000,
     features: Annotated[int, typer.Option(help="Input features.")] = 64,
     hidden: Annotated[str, typer.Option(help="Hidden widths, comma-separated.")] = "256,256",
@@ -102,22 +118,24 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed repeats per measurement.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ) -> None:
-    """Time one forward+backward step against the same step's matrix products alone."""
-    import json
-
-    from service.bench import bench_network
+    """One forward+backward step against the same step's matrix products alone."""
+    from service import bench
 
     widths = tuple(int(w) for w in hidden.split(",") if w.strip())
-    results = [
-        bench_network(rows, features, widths, dt, threads, repeats)
-        for dt in dtype or ["float64", "float32"]
-    ]
-    for r in results:
-        typer.echo(
-            f"{r['workload']['dtype']}: step {r['step']['median']:.3f} s "
-            f"[{r['step']['low']:.3f}-{r['step']['high']:.3f}], "
-            f"GEMMs alone {r['gemms']['median']:.3f} s "
-            f"[{r['gemms']['low']:.3f}-{r['gemms']['high']:.3f}], ratio {r['ratio']:.3f}"
-        )
-    if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+    dtypes = dtype or ["float64", "float32"]
+    report(
+        [bench.bench_network(rows, features, widths, dt, threads, repeats) for dt in dtypes],
+        json_out,
+    )
+
+
+@bench_app.command("tracking")
+def bench_tracking(
+    config: Annotated[Path, typer.Argument(help="The job to time.")] = Path("configs/default.yaml"),
+    repeats: Annotated[int, typer.Option(help="Runs of each kind, alternated.")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+) -> None:
+    """Wall time of `shardprop train CONFIG` with MLflow tracking against --no-tracking."""
+    from service import bench
+
+    report([bench.bench_tracking(config, repeats)], json_out)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.data import DataPlan
+from service.errors import TrainingError
 from workers.errors import UserError
 from workers.shard import ShardWorker
 
@@ -52,6 +53,7 @@ class RayGroup:
             for rank, (start, stop) in enumerate(plan.shards)
         ]
         self.size = len(self.actors)
+        self._shards = plan.shards
         self._owns_runtime = owns_runtime
 
     def call(self, method: str, *args: Any) -> list[Any]:
@@ -64,6 +66,19 @@ class RayGroup:
             if isinstance(error.cause, UserError):
                 raise error.cause from None
             raise
+        except self._ray.exceptions.RayActorError:
+            lost = next(rank for rank, future in enumerate(futures) if self._died(future))
+            start, stop = self._shards[lost]
+            raise TrainingError(
+                f"worker {lost} (rows {start}..{stop}) was lost during {method}()"
+            ) from None
+
+    def _died(self, future: Any) -> bool:
+        try:
+            self._ray.get(future)
+        except self._ray.exceptions.RayActorError:
+            return True
+        return False
 
     def close(self) -> None:
         for actor in self.actors:

@@ -22,10 +22,10 @@ from service.optim import make_optimizer
 from service.plots import plot_history
 from service.prepare import DataSetup, decide
 from service.progress import Reporter
-from service.reduce import batch_mean, reduce_sums
+from service.reduce import BatchMean, batch_mean, reduce_sums
 from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
-from workers.network import Architecture
+from workers.network import Architecture, ShardSums
 from workers.params import Layout, init_params, load_weights, save_weights
 from workers.synthetic import SyntheticSpec
 
@@ -79,6 +79,25 @@ def model_meta(arch: Architecture, config: Config, plan: DataPlan, setup: DataSe
     }
 
 
+def objective(
+    parts: list[ShardSums], theta: np.ndarray, layout: Layout, l2: float
+) -> tuple[BatchMean, float, np.ndarray]:
+    """The reduced batch mean, and the loss and gradient with the L2 term added once."""
+    mean = batch_mean(reduce_sums(parts))
+    if not l2:
+        return mean, mean.loss, mean.grad
+    # data-free, so added here after the reduce and never by a worker
+    penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, l2)
+    return mean, mean.loss + penalty, mean.grad + penalty_grad
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "; no checkpoint was written before that"
+    weights = checkpoint / "weights.npz"
+    return f"; the last good weights are kept: --init-weights {weights} starts from them"
+
+
 def fit(
     group: WorkerGroup,
     theta: np.ndarray,
@@ -93,45 +112,41 @@ def fit(
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     history: dict[str, list[float]] = {}
     last_checkpoint: Path | None = None
-    for step in range(1, train.steps + 1):
-        started = time.perf_counter()
-        parts = group.call("gradient", theta)
-        gathered = time.perf_counter()
-        mean = batch_mean(reduce_sums(parts))
-        loss, grad = mean.loss, mean.grad
-        if train.l2:
-            # data-free, so added once here and never by a worker
-            penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, train.l2)
-            loss += penalty
-            grad += penalty_grad
-        reduced = time.perf_counter()
-        if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
-            kept = f"; last good weights: {last_checkpoint}" if last_checkpoint else ""
-            raise TrainingError(
-                f"training diverged at step {step} (loss {loss}); "
-                f"try a lower train.learning_rate{kept}"
-            )
-        optimizer.step(theta, grad)
-        step_seconds = time.perf_counter() - started
-        metrics = {"loss": loss}
-        if mean.accuracy is not None:
-            metrics["accuracy"] = mean.accuracy
-        metrics |= {
-            "grad_norm": float(np.linalg.norm(grad)),
-            "step_seconds": step_seconds,
-            # what the step spent beyond its slowest worker's compute: broadcast, gather, sum
-            "allreduce_seconds": (gathered - started)
-            - max(p.seconds for p in parts)
-            + (reduced - gathered),
-            "samples_per_second": mean.rows / step_seconds,
-        }
-        tracker.log_metrics(step, metrics)
-        for name, value in metrics.items():
-            history.setdefault(name, []).append(value)
-        reporter.update(step, metrics)
-        if train.checkpoint_every and step % train.checkpoint_every == 0:
-            last_checkpoint = save_checkpoint(checkpoints, step, layout, theta, optimizer)
-            tracker.log_artifact(last_checkpoint, "checkpoints")  # a folder: ./step-NNNNNN
+    try:
+        for step in range(1, train.steps + 1):
+            started = time.perf_counter()
+            parts = group.call("gradient", theta)
+            gathered = time.perf_counter()
+            mean, loss, grad = objective(parts, theta, layout, train.l2)
+            reduced = time.perf_counter()
+            if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
+                raise TrainingError(
+                    f"training diverged at step {step} (loss {loss}); "
+                    "try a lower train.learning_rate"
+                )
+            optimizer.step(theta, grad)
+            step_seconds = time.perf_counter() - started
+            metrics = {"loss": loss}
+            if mean.accuracy is not None:
+                metrics["accuracy"] = mean.accuracy
+            metrics |= {
+                "grad_norm": float(np.linalg.norm(grad)),
+                "step_seconds": step_seconds,
+                # beyond the slowest worker's compute: broadcast, gather and sum
+                "allreduce_seconds": (gathered - started)
+                - max(p.seconds for p in parts)
+                + (reduced - gathered),
+                "samples_per_second": mean.rows / step_seconds,
+            }
+            tracker.log_metrics(step, metrics)
+            for name, value in metrics.items():
+                history.setdefault(name, []).append(value)
+            reporter.update(step, metrics)
+            if train.checkpoint_every and step % train.checkpoint_every == 0:
+                last_checkpoint = save_checkpoint(checkpoints, step, layout, theta, optimizer)
+                tracker.log_artifact(last_checkpoint, "checkpoints")  # a folder: ./step-NNNNNN
+    except TrainingError as error:
+        raise TrainingError(f"{error}{resume_hint(last_checkpoint)}") from None
     return history
 
 
