@@ -30,14 +30,18 @@ class Timing:
         return cls(float(np.median(seconds)), min(seconds), max(seconds))
 
     @classmethod
-    def of(cls, run: Callable[[], object], repeats: int) -> "Timing":
-        run()  # warm-up: first-touch page faults and BLAS start-up are not the step
-        seconds = []
+    def alternating(cls, runs: list[Callable[[], object]], repeats: int) -> list["Timing"]:
+        """Time each run `repeats` times, taking turns, so that a slow spell of the machine
+        falls on all of them alike."""
+        for run in runs:
+            run()  # warm-up: first-touch page faults and BLAS start-up are not the step
+        seconds: list[list[float]] = [[] for _ in runs]
         for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - start)
-        return cls.over(seconds)
+            for run, times in zip(runs, seconds, strict=True):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        return [cls.over(times) for times in seconds]
 
 
 def gemms_of_step(net: Network, theta: np.ndarray, batch: Batch) -> Callable[[], None]:
@@ -79,8 +83,9 @@ def bench_network(
     Y = (rng.random((1, rows)) < 0.5).astype(dtype)
     batch = Batch(X, Y, dtype)
     with threadpool_limits(limits=threads):
-        step = Timing.of(lambda: net.gradient(theta, batch), repeats)
-        gemms = Timing.of(gemms_of_step(net, theta, batch), repeats)
+        step, gemms = Timing.alternating(
+            [lambda: net.gradient(theta, batch), gemms_of_step(net, theta, batch)], repeats
+        )
         blas = [
             (i["internal_api"], i.get("architecture"), i["num_threads"])
             for i in threadpool_info()

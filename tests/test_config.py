@@ -1,5 +1,7 @@
 """The config: defaults, overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from service.config import load_config
@@ -17,10 +19,20 @@ def test_empty_config_is_complete_and_defaults_to_two_moons(tmp_path):
     assert config.tracking.uri is None
 
 
-def test_default_config_file_validates():
-    config = load_config(__import__("pathlib").Path("configs/default.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_config_file_is_the_embedded_default():
+    config = load_config(CONFIGS / "default.yaml")
+    assert config.data.synthetic.name == "moons"
     assert config.data.synthetic.rows == 20_000
-    assert config.cluster.workers == 2
+    assert config.model.hidden == [32, 32]
+    assert (config.cluster.workers, config.cluster.address, config.tracking.uri) == (2, None, None)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
 
 
 def test_set_overrides_parse_yaml_and_flags_win(tmp_path):
