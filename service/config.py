@@ -28,8 +28,18 @@ class SyntheticConfig(Section):
     classes: int | None = Field(None, ge=2)
 
 
+class FilesystemConfig(Section):
+    """Options of the filesystem behind a URI path; unset ones come from the environment
+    (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ... as pyarrow reads them)."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO or another S3 server
+    region: str | None = None
+    anonymous: bool | None = None
+
+
 class DataConfig(Section):
     path: str | None = None
+    filesystem: FilesystemConfig = Field(default_factory=FilesystemConfig)
     synthetic: SyntheticConfig | None = None
     label: str = "y"
     features: list[str] | None = None
@@ -39,8 +49,6 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def one_source(self) -> "DataConfig":
-        if self.validation_fraction:
-            raise ValueError("data.validation_fraction: the validation split is not built yet")
         if self.path is not None and self.synthetic is not None:
             raise ValueError("give either data.path or data.synthetic, not both")
         if self.path is None and self.synthetic is None:
@@ -70,8 +78,10 @@ class TrainConfig(Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     epsilon: float = Field(1e-8, gt=0)
     l2: float = Field(0.0, ge=0)
-    seed: int = 0
+    seed: int = 0  # initial weights and the validation split
     checkpoint_every: int = Field(50, ge=0)
+    eval_every: int = Field(10, gt=0)  # steps between validation metrics
+    patience: int | None = Field(None, gt=0)  # stop after this many evals without a better val_loss
 
 
 class ClusterConfig(Section):
