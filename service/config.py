@@ -104,6 +104,15 @@ class Config(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def patience_needs_validation(self) -> "Config":
+        if self.train.patience and not self.data.validation_fraction:
+            raise ValueError(
+                "train.patience: early stopping watches val_loss; "
+                "set data.validation_fraction > 0 too"
+            )
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """The config as logged: every key, defaults filled in."""
         return self.model_dump(mode="json")

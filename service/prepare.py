@@ -20,7 +20,8 @@ class DataSetup:
     classes: list | None  # sorted original labels (classification)
     mean: np.ndarray | None  # per feature, None without standardisation
     std: np.ndarray | None
-    rows: int
+    rows: int  # training rows
+    val_rows: int
 
     @property
     def outputs(self) -> int:
@@ -90,11 +91,17 @@ def decide_task(parts: Sequence[ShardStats], config: DataConfig) -> tuple[str, l
 def decide(parts: Sequence[ShardStats], features: Sequence[str], config: DataConfig) -> DataSetup:
     check_finite(parts, features, config.label)
     rows, mean, m2 = merge_moments(parts)
+    val_rows = sum(part.val_rows for part in parts)
     if rows == 0:
         raise DataError("the training data has no rows")
+    if config.validation_fraction and val_rows == 0:
+        raise DataError(
+            f"data.validation_fraction: {config.validation_fraction} of {rows} rows "
+            "puts no row in the validation split; raise it or use more rows"
+        )
     task, classes = decide_task(parts, config)
     if not config.standardize:
-        return DataSetup(task, classes, None, None, rows)
+        return DataSetup(task, classes, None, None, rows, val_rows)
     std = np.sqrt(m2 / rows)
     std[std == 0] = 1.0  # a constant column stays constant (zero) rather than dividing by 0
-    return DataSetup(task, classes, mean, std, rows)
+    return DataSetup(task, classes, mean, std, rows, val_rows)

@@ -137,13 +137,25 @@ def features_of(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
     return X
 
 
-def predict_frame(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray | pd.DataFrame:
+OUTPUTS = ("probabilities", "labels")
+
+
+def predict_frame(
+    bundle: Bundle, frame: pd.DataFrame, output: str = "probabilities"
+) -> np.ndarray | pd.DataFrame:
     """Predictions for the rows of `frame`; rows with a missing value predict NaN.
 
     binary: P(classes[1]) per row, 1-d. multiclass: a table with one probability column per
     class, named str(class). regression: 1-d for one output, (m, n_L) otherwise.
+    output="labels": for classification, the predicted class as the original label.
     """
+    if output not in OUTPUTS:
+        raise DataError(f"output {output!r}: expected one of {', '.join(OUTPUTS)}")
     A = bundle.network.predict(bundle.theta, features_of(bundle, frame))  # (n_L, m)
+    if output == "labels" and bundle.task != "regression":
+        classes = np.asarray(bundle.classes if bundle.classes is not None else range(len(A)))
+        index = (A[0] > 0.5).astype(int) if bundle.task == "binary" else A.argmax(axis=0)
+        return classes[index]
     if bundle.task == "binary":
         return A[0]
     if bundle.task == "multiclass":
@@ -168,5 +180,6 @@ class ShardpropModel(mlflow.pyfunc.PythonModel):
     ) -> np.ndarray | pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
+        output = (params or {}).get("output", "probabilities")
         with self._lock:
-            return predict_frame(self._bundle, model_input)
+            return predict_frame(self._bundle, model_input, output)

@@ -31,13 +31,19 @@ import mlflow.pyfunc
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.tracking.context.registry import resolve_tags
+from mlflow.types import ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import workers
+from service.lineage import InputRecord
 from service.serving import load_bundle, predict_frame
 from workers.errors import UserError
 
@@ -232,6 +238,24 @@ class Tracker:
         self.log_params(flatten(resolved) | dict(extra))
         self.log_dict(resolved, "config.yaml")
 
+    def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
+        """The input dataset as MLflow records inputs (mlflow.log_input's entity, logged
+        through our client) and the shard plan as shards.json."""
+        if record.uri.startswith("synthetic:"):
+            source = CodeDatasetSource({"generator": record.uri})
+        else:
+            try:
+                source = resolve_dataset_source(record.uri)
+            except mlflow.MlflowException:  # a scheme MLflow has no source type for
+                source = CodeDatasetSource({"uri": record.uri})
+        schema = Schema([ColSpec(_mlflow_type(kind), name) for name, kind in record.columns])
+        dataset = MetaDataset(source, name=record.name, digest=record.digest, schema=schema)
+        context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+        self.client.log_inputs(
+            self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+        )
+        self.log_dict({"shards": shards}, "shards.json")
+
     # --- metrics ---------------------------------------------------------------------------
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -312,7 +336,9 @@ class Tracker:
             example = input_example.head(INPUT_EXAMPLE_ROWS)
             predict_frame(bundle, example)  # names a missing column before MLflow does
             example = example.loc[:, list(bundle.features)]
-            signature = infer_signature(example, predict_frame(bundle, example))
+            signature = infer_signature(
+                example, predict_frame(bundle, example), params={"output": "probabilities"}
+            )
             code_paths = _stage_model_code(Path(tmp) / "code")
             with self._lend_run():
                 return mlflow.pyfunc.log_model(
@@ -398,6 +424,17 @@ class Tracker:
             self.end(status)
         except Exception:
             log.exception("could not mark MLflow run %s as %s", self.run_id, status)
+
+
+def _mlflow_type(arrow_type: str) -> str:
+    """The MLflow column type for an arrow type's name (schemas here come from metadata)."""
+    if arrow_type.startswith(("int", "uint")):
+        return "long"
+    if arrow_type in ("float", "halffloat"):
+        return "float"
+    if arrow_type.startswith(("double", "decimal")):
+        return "double"
+    return {"bool": "boolean"}.get(arrow_type, "string")
 
 
 def ui_command(tracking_uri: str) -> str:

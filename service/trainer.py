@@ -16,8 +16,10 @@ import numpy as np
 from service.checkpoint import save_checkpoint
 from service.config import Config
 from service.data import DataPlan, plan_data
+from service.early_stop import EarlyStopping
 from service.errors import TrainingError
 from service.group import WorkerGroup, start_group
+from service.lineage import input_record, shard_records
 from service.optim import make_optimizer
 from service.plots import plot_history
 from service.prepare import DataSetup, decide
@@ -98,6 +100,15 @@ def resume_hint(checkpoint: Path | None) -> str:
     return f"; the last good weights are kept: --init-weights {weights} starts from them"
 
 
+def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
+    """val_loss (data term only) and val_accuracy, reduced over the workers' validation rows."""
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
+    metrics = {"val_loss": mean.loss}
+    if mean.accuracy is not None:
+        metrics["val_accuracy"] = mean.accuracy
+    return metrics
+
+
 def fit(
     group: WorkerGroup,
     theta: np.ndarray,
@@ -106,14 +117,23 @@ def fit(
     tracker: Recorder,
     reporter: Reporter,
     checkpoints: Path,
-) -> dict[str, list[float]]:
-    """Full-batch gradient descent; theta is updated in place. Returns the metric history."""
+) -> tuple[dict[str, list[float]], EarlyStopping | None]:
+    """Full-batch gradient descent; theta is updated in place (to the best weights when early
+    stopping is on). Returns the metric history and the early-stopping record."""
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
+    stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
     history: dict[str, list[float]] = {}
     last_checkpoint: Path | None = None
     try:
         for step in range(1, train.steps + 1):
+            metrics: dict[str, float] = {}
+            if stopper and (step % train.eval_every == 0 or step == train.steps):
+                # measured at the parameters this step's gradient is taken at, as `loss` is
+                metrics = validate(group, theta)
+                if stopper.update(step, metrics["val_loss"], theta):
+                    tracker.log_metrics(step, metrics)
+                    break
             started = time.perf_counter()
             parts = group.call("gradient", theta)
             gathered = time.perf_counter()
@@ -126,7 +146,7 @@ def fit(
                 )
             optimizer.step(theta, grad)
             step_seconds = time.perf_counter() - started
-            metrics = {"loss": loss}
+            metrics["loss"] = loss
             if mean.accuracy is not None:
                 metrics["accuracy"] = mean.accuracy
             metrics |= {
@@ -147,16 +167,23 @@ def fit(
                 tracker.log_artifact(last_checkpoint, "checkpoints")  # a folder: ./step-NNNNNN
     except TrainingError as error:
         raise TrainingError(f"{error}{resume_hint(last_checkpoint)}") from None
-    return history
+    if stopper and train.patience and stopper.best_theta is not None:
+        theta[...] = stopper.best_theta  # early stopping keeps the best weights
+    return history, stopper
 
 
-def final_metrics(group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float) -> dict:
-    """Loss (and accuracy) of the weights the run ends with."""
+def final_metrics(
+    group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float, stopper: EarlyStopping | None
+) -> dict:
+    """Loss (and accuracy) of the weights the run ends with, on both splits."""
     mean = batch_mean(reduce_sums(group.call("evaluate", theta)))
     loss = mean.loss + (l2_penalty(theta, layout.weight_mask, l2)[0] if l2 else 0.0)
     metrics = {"loss": loss, "rows": mean.rows}
     if mean.accuracy is not None:
         metrics["accuracy"] = mean.accuracy
+    if stopper is not None:
+        metrics |= validate(group, theta)
+        metrics["best_step"] = stopper.best_step
     return metrics
 
 
@@ -195,7 +222,11 @@ def train(
         tracker, group = open_run(config, plan, background)
         with tracker, closing(group):
             output = output or Path(".shardprop") / "runs" / tracker.run_id
-            setup = decide(group.call("load"), plan.features, config.data)
+            setup = decide(
+                group.call("load", config.data.validation_fraction, config.train.seed),
+                plan.features,
+                config.data,
+            )
             hidden = tuple(config.model.hidden)
             arch = Architecture(
                 (len(plan.features), *hidden, setup.outputs), config.model.activation, setup.task
@@ -207,18 +238,22 @@ def train(
                 {
                     "n_params": arch.layout.size,
                     "n_rows": setup.rows,
+                    "n_val_rows": setup.val_rows,
                     "workers": config.cluster.workers,
                     "task": setup.task,
                 },
             )
+            tracker.log_lineage(
+                input_record(plan, config.data.path), shard_records(plan, group.call("where"))
+            )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             try:
-                history = fit(
+                history, stopper = fit(
                     group, theta, arch.layout, config, tracker, reporter, output / "checkpoints"
                 )
             finally:
                 reporter.stop()
-            final = final_metrics(group, theta, arch.layout, config.train.l2)
+            final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
 
             meta = model_meta(arch, config, plan, setup)
             write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})

@@ -11,12 +11,16 @@ from typing import Any, Protocol, Self
 
 import pandas as pd
 
+from service.lineage import InputRecord
+
 
 class Recorder(Protocol):
     run_id: str
     tracking_uri: str | None
 
     def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None: ...
+
+    def log_lineage(self, record: InputRecord, shards: list[dict]) -> None: ...
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -37,6 +41,9 @@ class Untracked:
         self.tracking_uri = None
 
     def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None:
+        pass
+
+    def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
         pass
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:

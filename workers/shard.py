@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_limits
 from workers.errors import DataError
 from workers.network import Architecture, Batch, Network, ShardSums
 from workers.source import Source
+from workers.split import validation_mask
 
 MAX_LABEL_VALUES = 1000  # more distinct labels than this is not a classification task
 
@@ -28,7 +29,8 @@ class ShardStats:
     """What the coordinator needs to check the data and standardise it: reducible parts."""
 
     start: int  # global index of the shard's first row
-    rows: int
+    rows: int  # training rows (the statistics below are theirs)
+    val_rows: int  # validation rows
     mean: np.ndarray  # (n0,) per-feature mean of this shard
     m2: np.ndarray  # (n0,) per-feature sum of squared deviations from that mean
     nonfinite: np.ndarray  # (n0,) NaN, inf or null values per feature
@@ -69,10 +71,13 @@ class ShardWorker:
         self._source, self._features, self._label = source, features, label
         self.batch: Batch | None = None
         self.network: Network | None = None
+        self.val_batch: Batch | None = None
+        self.val_network: Network | None = None
 
-    def load(self) -> ShardStats:
-        """Read this shard's rows (once) and describe them."""
+    def load(self, validation_fraction: float = 0.0, seed: int = 0) -> ShardStats:
+        """Read this shard's rows (once), set its validation rows aside, describe them."""
         features, label = self._features, self._label
+        self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
         table = self._source.read([*features, label], self.start, self.stop)
         m = table.num_rows
         self._X = np.empty((len(features), m), dtype=np.float64)  # (n0, m)
@@ -85,11 +90,12 @@ class ShardWorker:
     def _stats(self) -> ShardStats:
         X, labels = self._X, self._labels
         m = X.shape[1]
-        bad = ~np.isfinite(X)  # (n0, m)
+        bad = ~np.isfinite(X)  # (n0, m): checked on every row, validation ones too
         nonfinite = np.count_nonzero(bad, axis=1)
         first = np.where(nonfinite > 0, bad.argmax(axis=1), -1) if m else np.full(len(X), -1)
-        mean = X.mean(axis=1) if m else np.zeros(X.shape[0])
-        m2 = ((X - mean[:, None]) ** 2).sum(axis=1)
+        train = X[:, ~self._val] if self._val.any() else X  # standardise by training rows only
+        mean = train.mean(axis=1) if train.shape[1] else np.zeros(X.shape[0])
+        m2 = ((train - mean[:, None]) ** 2).sum(axis=1)
         kind = label_kind(labels)
         valid = pc.drop_null(labels)
         nulls = labels.null_count
@@ -103,8 +109,19 @@ class ShardWorker:
             values = valid.to_numpy(zero_copy_only=False)
             fractional = False
         distinct = np.unique(values)[: MAX_LABEL_VALUES + 1].tolist()
+        val_rows = int(np.count_nonzero(self._val))
         return ShardStats(
-            self.start, m, mean, m2, nonfinite, first, nulls, kind, fractional, distinct
+            self.start,
+            m - val_rows,
+            val_rows,
+            mean,
+            m2,
+            nonfinite,
+            first,
+            nulls,
+            kind,
+            fractional,
+            distinct,
         )
 
     def prepare(
@@ -115,12 +132,17 @@ class ShardWorker:
         mean: np.ndarray | None,
         std: np.ndarray | None,
     ) -> int:
-        """Standardise, encode the labels for the task, and keep the batch; returns its rows."""
-        X = self._X
+        """Standardise, encode the labels for the task, and keep the batches; returns the
+        training rows."""
+        X, Y, val = self._X, self._encode(arch, classes), self._val
         if mean is not None and std is not None:
             X -= mean[:, None]
             X /= std[:, None]
-        self.batch = Batch(X, self._encode(arch, classes), dtype)
+        if val.any():
+            self.val_batch = Batch(X[:, val], Y[:, val], dtype)
+            self.val_network = Network(arch, dtype, threads=self.threads)
+            X, Y = X[:, ~val], Y[:, ~val]
+        self.batch = Batch(X, Y, dtype)
         self.network = Network(arch, dtype, threads=self.threads)
         del self._X, self._labels
         return self.batch.rows
@@ -146,7 +168,13 @@ class ShardWorker:
         sums.seconds = time.perf_counter() - start
         return sums
 
-    def evaluate(self, theta: np.ndarray) -> ShardSums:
+    def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums:
+        """Loss sum and correct count on the training or the validation rows."""
+        if split == "validation":
+            if self.val_batch is None:  # no validation row landed in this shard
+                correct = None if self.network.arch.task == "regression" else 0
+                return ShardSums(np.empty(0, theta.dtype), 0.0, 0, correct)
+            return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
 
     def where(self) -> dict:
