@@ -115,3 +115,66 @@ def test_parquet_file_end_to_end_and_the_logged_model_predicts_like_the_network(
     X = (frame.to_numpy() - meta["mean"]) / meta["std"]
     bundle = load_bundle(out / "weights.npz", out / "model.json")
     np.testing.assert_allclose(expected, bundle.network.predict(bundle.theta, X.T)[0], rtol=1e-12)
+
+
+def test_regression_through_the_cli_explains_98_percent_of_the_variance(tmp_path):
+    table = generate(SyntheticSpec("regression", rows=5000, noise=0.1, features=4), 0, 5000)
+    data = write_table(table, tmp_path / "reg.parquet")
+    out = tmp_path / "out"
+    result = shardprop(
+        "train",
+        "/dev/null",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "train.optimizer=adam",
+        "--set",
+        "train.learning_rate=0.01",
+        "--set",
+        "train.steps=300",
+        "--workers",
+        2,
+        "--output",
+        out,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    final = json.loads((out / "metrics.json").read_text())
+    mse = 2 * final["loss"]  # the loss is half the squared error
+    assert 1 - mse / table["y"].to_numpy().var() >= 0.97
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["task"], meta["classes"]) == ("regression", None)
+
+
+def test_multiclass_string_labels_through_the_cli(tmp_path):
+    import pyarrow as pa
+
+    spec = SyntheticSpec("blobs", rows=3000, noise=0.15, seed=3, classes=4, features=4)
+    table = generate(spec, 0, 3000)
+    names = np.array(["alpha", "beta", "delta", "gamma"])[table["y"].to_numpy()]
+    data = write_table(table.set_column(4, "y", pa.array(names)), tmp_path / "blobs.parquet")
+    out = tmp_path / "out"
+    result = shardprop(
+        "train",
+        ROOT / "configs/blobs-multiclass.yaml",
+        "--set",
+        "data.synthetic=null",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "train.steps=150",
+        "--workers",
+        3,
+        "--output",
+        out,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["accuracy"] >= 0.95
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["alpha", "beta", "delta", "gamma"]

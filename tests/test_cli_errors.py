@@ -120,3 +120,44 @@ def test_good_init_weights_are_accepted(tmp_path, config):
     good = save_weights(tmp_path / "w.npz", layout, init_params(layout, "he", 5, np.float64))
     code, output = invoke(config, "--workers", 0, "--init-weights", good, "--quiet")
     assert code == 0, output
+
+
+def test_a_file_whose_schema_differs_is_named_with_its_column(tmp_path, table):
+    folder = tmp_path / "parts"
+    write_table(table.slice(0, 25), folder / "a.parquet")
+    other = table.slice(25).set_column(1, "x1", pa.array(["oops"] * 25))
+    write_table(other, folder / "b.parquet")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{path: {folder}, features: [x0, x1]}}\n")
+    code, output = invoke(config, "--workers", 0, "--no-tracking")
+    assert_one_line_error(code, output, "b.parquet", "x1")
+
+
+def test_nulls_in_a_feature_are_counted(tmp_path, config, table):
+    x0 = pa.array([None if i in (5, 6) else v for i, v in enumerate(table["x0"].to_pylist())])
+    write_table(table.set_column(0, "x0", x0), tmp_path / "train.parquet")
+    assert_one_line_error(*invoke(config, "--workers", 0), "'x0'", "2 NaN, inf or null", "row 5")
+
+
+def test_labels_that_do_not_fit_the_task(tmp_path, config, table):
+    labels = pa.array(np.arange(50) % 3)
+    write_table(table.set_column(3, "y", labels), tmp_path / "train.parquet")
+    code, output = invoke(config, "--workers", 0, "--set", "data.task=binary")
+    assert_one_line_error(code, output, "'y'", "3 distinct values", "binary needs exactly two")
+    code, output = invoke(
+        config,
+        "--workers",
+        0,
+        "--set",
+        "data.task=regression",
+        "--set",
+        "data.label=city",
+        "--set",
+        "data.features=[x0]",
+    )
+    assert_one_line_error(code, output, "'city'", "regression needs numbers")
+
+
+def test_zero_rows(tmp_path, config, table):
+    write_table(table.slice(0, 0), tmp_path / "train.parquet")
+    assert_one_line_error(*invoke(config, "--workers", 0), "train.parquet", "has no rows")
