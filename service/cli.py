@@ -4,12 +4,16 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from service.config import load_config
+from service.config import Config, load_config
 from service.errors import TrainingError, UserError
+
+if TYPE_CHECKING:  # pyarrow and the estimates load only when a command needs them
+    from service.data import DataPlan
+    from service.estimate import PlanEstimate
 
 app = typer.Typer(
     help="Data-parallel full-batch training on Ray workers, tracked in MLflow.",
@@ -139,3 +143,166 @@ def bench_tracking(
     from service import bench
 
     report([bench.bench_tracking(config, repeats)], json_out)
+
+
+data_app = typer.Typer(help="Datasets as Parquet: the synthetic sets and two real tables.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("make")
+def data_make(
+    name: Annotated[
+        str,
+        typer.Argument(help="moons, circles, blobs, regression, breast-cancer or digits."),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="A .parquet file, or with --files F > 1 a folder of parts.")
+    ],
+    rows: Annotated[
+        int | None, typer.Option(help="Rows; required for synthetic sets (tables: first N).")
+    ] = None,
+    features: Annotated[
+        int | None, typer.Option(help="Feature columns (blobs, regression).")
+    ] = None,
+    files: Annotated[int, typer.Option(help="Split the rows into F part files.")] = 1,
+    noise: Annotated[float | None, typer.Option(help="Noise of a synthetic set (0.2).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of a synthetic set (0).")] = None,
+    classes: Annotated[int | None, typer.Option(help="Classes of blobs (3).")] = None,
+) -> None:
+    """Write dataset NAME as Parquet, file by file, never holding all its rows."""
+    from service.datasets import make_dataset
+
+    with errors_as_exit_codes():
+        written = make_dataset(name, out, rows, features, files, noise, seed, classes)
+    where = str(out) if len(written.files) == 1 else f"{out}/ ({len(written.files)} files)"
+    columns = written.columns
+    shown = ", ".join(columns if len(columns) <= 6 else [*columns[:4], "...", columns[-1]])
+    typer.echo(
+        f"wrote {written.rows:,} rows of {name} to {where}: {written.row_groups} row group(s), "
+        f"{len(columns)} columns ({shown})"
+    )
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML config; every key has a default.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (cluster.workers); 0 = in-process.")
+    ] = None,
+    outputs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Output units to plan for when the labels decide (multiclass)."),
+    ] = None,
+) -> None:
+    """Dry run: rows per worker, memory, all-reduce bytes and FLOPs per step, from metadata."""
+    from service.estimate import estimate_plan, output_units
+    from service.trainer import make_plan
+    from workers.synthetic import SyntheticSpec
+
+    with errors_as_exit_codes():
+        cfg = load_config(config, set_ or [], {"cluster.workers": workers})
+        data_plan = make_plan(cfg)  # footers only: no row is read, no worker started
+        synthetic = cfg.data.synthetic
+        spec = SyntheticSpec(**synthetic.model_dump()) if synthetic else None
+        known = output_units(cfg.data.task, spec)
+        estimate = estimate_plan(
+            data_plan.shards,
+            len(data_plan.features),
+            cfg.model.hidden,
+            outputs or known or 1,
+            cfg.model.dtype,
+            cfg.cluster.workers,
+        )
+    render_plan(cfg, data_plan, estimate, known, outputs)
+
+
+def render_plan(
+    cfg: Config,
+    data_plan: "DataPlan",
+    estimate: "PlanEstimate",
+    known: int | None,
+    outputs: int | None,
+) -> None:
+    """The plan as a table per worker, then the whole step's totals, on stdout."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.estimate import human_bytes
+
+    # soft wrap: a long line stays one line for grep and logs; a terminal folds it anyway
+    console = Console(width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=True)
+    source = data_plan.source
+    if source.synthetic is not None:
+        what = f"synthetic {source.synthetic.name}"
+    else:
+        what = f"{len(source.files)} {source.format} file(s)"
+    console.print(
+        f"data: {what}, {data_plan.total_rows:,} rows, {len(data_plan.features)} features, "
+        f"label {data_plan.label!r}"
+    )
+    if outputs is not None:
+        units = f"{outputs} (--outputs)"
+    elif known is not None:
+        units = str(known)
+    else:
+        units = (
+            "1 (binary/regression) or K (multiclass, K unknown until the workers read the "
+            "labels); the numbers below assume 1, --outputs K plans for K"
+        )
+    console.print(f"output units: {units}")
+    sizes = " -> ".join(str(n) for n in estimate.sizes)
+    console.print(
+        f"network: {sizes} ({cfg.model.activation}, {cfg.model.dtype}), "
+        f"{estimate.n_params:,} parameters"
+    )
+    in_process = cfg.cluster.workers == 0
+    table = Table(title=None, show_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("row range", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("memory", justify="right")
+    table.add_column("loading peak", justify="right")
+    table.add_column("FLOPs/step", justify="right")
+    for shard in estimate.shards:
+        table.add_row(
+            "in-process" if in_process else str(shard.rank),
+            f"{shard.start:,}..{shard.stop:,}",
+            f"{shard.rows:,}",
+            human_bytes(shard.memory.training),
+            human_bytes(shard.memory.loading),
+            f"{shard.flops.total:,}",
+        )
+    console.print(table)
+    first = estimate.shards[0].memory
+    console.print(
+        f"memory per worker (rank 0): batch {human_bytes(first.batch)}, activations "
+        f"{human_bytes(first.activations)}, deltas {human_bytes(first.deltas)}, parameters + "
+        f"gradient {human_bytes(first.parameters)}"
+    )
+    traffic = estimate.traffic
+    if in_process:
+        console.print("all-reduce per step: none (in-process, nothing leaves this process)")
+    else:
+        console.print(
+            f"all-reduce per step: {human_bytes(traffic.total)} = parameters to each of "
+            f"{len(estimate.shards)} workers {human_bytes(traffic.broadcast)} + one gradient "
+            f"vector back from each {human_bytes(traffic.gather)} (an upper bound: workers on "
+            "this machine share the one broadcast copy)"
+        )
+    flops = estimate.flops
+    console.print(
+        f"FLOPs per step: {flops.total:,} (forward {flops.forward:,}, backward dW "
+        f"{flops.backward_weights:,}, backward dA {flops.backward_inputs:,}; GEMMs only)"
+    )
+    if cfg.data.validation_fraction:
+        console.print(
+            f"validation: about {cfg.data.validation_fraction:.0%} of each shard's rows are held "
+            "out, so the gradient FLOPs are that much lower and a forward pass on them runs "
+            f"every {cfg.train.eval_every} steps; the memory is the same"
+        )

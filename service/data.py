@@ -3,15 +3,21 @@
 Planned from metadata only (Parquet and Feather footers; CSV has none, so its rows are
 counted by streaming each file once, without keeping it). No row is ever held on the
 coordinator: the workers read their own ranges through workers.source.Source.
+
+Remote paths (s3://, gs://, hdfs://, ...) take data.filesystem options; the coordinator
+settles them once (environment, URI query, bucket region) and the Source carries the result,
+so every worker builds the same client the plan was made with.
 """
 
 import difflib
 import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -21,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from workers.errors import DataError
-from workers.source import Source
+from workers.source import FilesystemOptions, Source, one_line, open_filesystem
 from workers.synthetic import SyntheticSpec
 from workers.synthetic import schema as synthetic_schema
 
@@ -40,15 +46,26 @@ KNOWN = ".parquet/.pq, .csv, .feather/.arrow/.ipc"
 IGNORED_PREFIXES = (".", "_")  # hidden files, _SUCCESS, _metadata: as Spark and pyarrow do
 PANDAS_INDEX = "__index_level_"  # a DataFrame's index saved by to_parquet: not a feature
 METADATA_THREADS = 16  # footers on object stores are latency-bound: fetch them in parallel
+S3_URI_OPTIONS = ("endpoint_override", "scheme", "region")  # pyarrow's s3:// query keys we map
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # boto3's; pyarrow ignores them
 
 
-def open_source(path: str | None, synthetic: SyntheticSpec | None) -> Source:
-    """A Source for a file, a folder, a glob or a URI of them, or for a synthetic spec."""
+def open_source(
+    path: str | None,
+    synthetic: SyntheticSpec | None,
+    filesystem: Mapping[str, Any] | None = None,
+) -> Source:
+    """A Source for a file, a folder, a glob or a URI of them, or for a synthetic spec.
+
+    `filesystem` is data.filesystem ({endpoint, region, anonymous}; None values: not set); it
+    applies to s3:// and gs:// paths and is ignored for local ones.
+    """
+    options = filesystem_options(filesystem)
     if synthetic is not None and path is None:
         return Source("synthetic", synthetic=synthetic, schema=synthetic_schema(synthetic))
     if path is None or synthetic is not None:
         raise DataError("data: set exactly one of data.path and data.synthetic")
-    filesystem, filesystem_uri, found = _find_files(path)
+    fs, filesystem_uri, options, found = _find_files(path, options)
     files = sorted(file for file in found if _format_of(file) is not None)
     if not files:
         raise DataError(f"data.path: {path}: unknown file type; expected {KNOWN}")
@@ -59,14 +76,26 @@ def open_source(path: str | None, synthetic: SyntheticSpec | None) -> Source:
             f"data.path: {path} mixes formats: {files[0]} and {other}; use one format per folder"
         )
     with ThreadPoolExecutor(min(METADATA_THREADS, len(files))) as pool:
-        metadata = list(pool.map(lambda file: _metadata(filesystem, fmt, file), files))
+        metadata = list(pool.map(lambda file: _metadata(fs, fmt, file), files))
     return Source(
         format=fmt,
         files=tuple(files),
         file_rows=tuple(rows for rows, _ in metadata),
         schema=_unify(files, [schema for _, schema in metadata]),
         filesystem_uri=filesystem_uri,
+        filesystem_options=options,
     )
+
+
+def filesystem_options(filesystem: Mapping[str, Any] | None) -> FilesystemOptions:
+    """data.filesystem as a Source carries it; a key it does not know is a config mistake."""
+    if filesystem is None:
+        return FilesystemOptions()
+    known = [f.name for f in fields(FilesystemOptions)]
+    unknown = sorted(set(filesystem) - set(known))
+    if unknown:
+        raise DataError(f"data.filesystem: unknown key {unknown[0]!r}; expected {', '.join(known)}")
+    return FilesystemOptions(**filesystem)
 
 
 def schema_of(source: Source) -> pa.Schema:
@@ -154,11 +183,12 @@ def plan_data(
     label: str,
     features: Sequence[str] | None,
     workers: int,
+    filesystem: Mapping[str, Any] | None = None,
 ) -> DataPlan:
     """Open the source, check the columns and split the rows; workers=0: one in-process shard."""
     if workers < 0:
         raise DataError(f"cluster.workers: must be >= 0 (0 runs in-process), got {workers}")
-    source = open_source(path, synthetic)
+    source = open_source(path, synthetic, filesystem)
     where = path if path is not None else "the synthetic dataset"
     if source.total_rows == 0:
         raise DataError(f"data.path: {path} has no rows")
@@ -187,8 +217,10 @@ def write_table(table: pa.Table, path: str | os.PathLike, row_group_rows: int = 
     return path
 
 
-def _find_files(path: str) -> tuple[pafs.FileSystem, str | None, list[str]]:
-    """The filesystem, the URI that rebuilds it (None: local) and the files `path` names."""
+def _find_files(
+    path: str, options: FilesystemOptions
+) -> tuple[pafs.FileSystem, str | None, FilesystemOptions, list[str]]:
+    """The filesystem, the URI and options that rebuild it (None: local) and the files named."""
     is_uri = "://" in path
     # a URI's query holds filesystem options (?region=, ?endpoint_override=): not the glob's
     location, _, query = path.partition("?") if is_uri else (path, "", "")
@@ -196,23 +228,27 @@ def _find_files(path: str) -> tuple[pafs.FileSystem, str | None, list[str]]:
     base = location if glob_at < 0 else location[: location.rfind("/", 0, glob_at) + 1]
     pattern = location[len(base) :]
     if is_uri:
-        uri = f"{base}?{query}" if query else base
-        try:
-            filesystem, base_path = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError, OSError) as error:
-            raise DataError(f"data.path: cannot open {path}: {error}") from None
-        filesystem_uri = None if isinstance(filesystem, pafs.LocalFileSystem) else uri
+        uri = base
+        if location.partition("://")[0].lower() == "s3":
+            options = _s3_options(path, base, query, options)
+        elif query:
+            uri = f"{base}?{query}"
+        filesystem, base_path = open_filesystem(uri, options)
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+        filesystem_uri = None if local else uri
     else:
         filesystem, filesystem_uri = pafs.LocalFileSystem(), None
         base_path = os.path.abspath(os.path.expanduser(base or "."))
+    if filesystem_uri is None:
+        options = FilesystemOptions()  # a local path has nothing to configure
     base_path = base_path.rstrip("/") or "/"
     if glob_at >= 0:
-        return filesystem, filesystem_uri, _glob(filesystem, base_path, pattern, path)
+        return filesystem, filesystem_uri, options, _glob(filesystem, base_path, pattern, path)
     info = _info(filesystem, base_path, path)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data.path: no such file or folder: {path}")
     if info.type == pafs.FileType.File:
-        return filesystem, filesystem_uri, [base_path]
+        return filesystem, filesystem_uri, options, [base_path]
     files = [
         f.path
         for f in _listing_of(filesystem, base_path, path)
@@ -220,7 +256,48 @@ def _find_files(path: str) -> tuple[pafs.FileSystem, str | None, list[str]]:
     ]
     if not files:
         raise DataError(f"data.path: folder {path} holds no {KNOWN} files")
-    return filesystem, filesystem_uri, files
+    return filesystem, filesystem_uri, options, files
+
+
+def _s3_options(path: str, uri: str, query: str, options: FilesystemOptions) -> FilesystemOptions:
+    """The options every worker will use for an s3:// path, settled once, on the coordinator.
+
+    pyarrow's URI options (?endpoint_override=&scheme=&region=) fold into data.filesystem; an
+    unset endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (pyarrow ignores those);
+    an unset region on AWS itself is looked up from the bucket, as FileSystem.from_uri does.
+    Settled here, so that the workers read from the very server the plan was made from.
+    """
+    if query:
+        if options.is_set:
+            raise DataError(
+                f"data.path: {path}: filesystem options in the URI and in data.filesystem; "
+                "use one place"
+            )
+        given = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = sorted(set(given) - set(S3_URI_OPTIONS))
+        if unknown:
+            raise DataError(
+                f"data.path: {path}: unknown URI option {unknown[0]!r}; "
+                "set data.filesystem.endpoint / region / anonymous instead"
+            )
+        endpoint = given.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{given.get('scheme', 'https')}://{endpoint}"
+        options = FilesystemOptions(endpoint=endpoint or None, region=given.get("region"))
+    endpoint = options.endpoint or next(
+        (os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None
+    )
+    region = options.region
+    if region is None and endpoint is None:
+        bucket = urlsplit(uri).netloc.rpartition("@")[2]
+        try:
+            region = pafs.resolve_s3_region(bucket)
+        except (OSError, ValueError) as error:
+            raise DataError(
+                f"data.path: {path}: cannot find the region of bucket {bucket!r} "
+                f"({one_line(error)}); set data.filesystem.region"
+            ) from None
+    return replace(options, endpoint=endpoint, region=region)
 
 
 def _glob(filesystem: pafs.FileSystem, base_path: str, pattern: str, path: str) -> list[str]:
@@ -246,7 +323,7 @@ def _info(filesystem: pafs.FileSystem, fs_path: str, path: str) -> pafs.FileInfo
     try:
         return filesystem.get_file_info(fs_path)
     except OSError as error:
-        raise DataError(f"data.path: cannot open {path}: {error}") from None
+        raise DataError(f"data.path: cannot open {path}: {one_line(error)}") from None
 
 
 def _listing_of(
@@ -255,7 +332,7 @@ def _listing_of(
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=recursive))
     except OSError as error:
-        raise DataError(f"data.path: cannot list {path}: {error}") from None
+        raise DataError(f"data.path: cannot list {path}: {one_line(error)}") from None
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
@@ -280,7 +357,9 @@ def _metadata(filesystem: pafs.FileSystem, fmt: str, file: str) -> tuple[int, pa
             return dataset.count_rows(), dataset.schema
         return _csv_metadata(filesystem, file)
     except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"data.path: {file}: not a readable {fmt} file ({error})") from None
+        raise DataError(
+            f"data.path: {file}: not a readable {fmt} file ({one_line(error)})"
+        ) from None
 
 
 def _csv_metadata(filesystem: pafs.FileSystem, file: str) -> tuple[int, pa.Schema]:

@@ -4,11 +4,15 @@ The coordinator builds a Source from file footers alone (service/data.py) and sh
 and picklable, to every worker; each worker then reads only its own rows [start, stop) and
 opens only the files, and for Parquet only the row groups, that hold them. Global row order is
 the order of `files`, then the order of rows inside each file.
+
+Remote files are reached through a filesystem that each process builds for itself from a URI
+and FilesystemOptions (never shipped as an object: a client holds sockets and credentials).
 """
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,15 +24,116 @@ from workers.errors import DataError
 from workers.synthetic import SyntheticSpec, generate
 
 FORMATS = ("parquet", "csv", "feather", "synthetic")
+ERROR_CHARS = 300  # pyarrow's messages can list dozens of paths tried (libjvm): keep the gist
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one short line: the CLI prints user errors on a single line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class FilesystemOptions:
+    """data.filesystem: where an object store answers and how to sign in; None = not set.
+
+    Unset options fall back to pyarrow's defaults and the process's environment
+    (AWS_REGION, ...). Credentials are deliberately not options: every process reads its own
+    (AWS_ACCESS_KEY_ID, ...), so no secret travels inside a pickled Source.
+    """
+
+    endpoint: str | None = None  # scheme://host[:port] of an S3 (or GCS) compatible server
+    region: str | None = None
+    anonymous: bool | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return any(value is not None for value in (self.endpoint, self.region, self.anonymous))
+
+
+def open_filesystem(uri: str, options: FilesystemOptions) -> tuple[pafs.FileSystem, str]:
+    """The filesystem a URI names, built from the URI and the options alone, and the path in it.
+
+    s3:// is always built explicitly, so that the options (and an endpoint without TLS) apply;
+    gs:// too when options are set; everything else (hdfs://, file://, ...) goes through
+    FileSystem.from_uri, whose options live in the URI's query.
+    """
+    scheme = uri.partition("://")[0].lower()
+    try:
+        if scheme == "s3":
+            return pafs.S3FileSystem(**_s3_arguments(uri, options)), _bucket_path(uri)
+        if scheme in ("gs", "gcs") and options.is_set:
+            return pafs.GcsFileSystem(**_gcs_arguments(uri, options)), _bucket_path(uri)
+        if options.is_set and scheme != "file":
+            raise DataError(
+                f"data.filesystem: {scheme}:// takes no endpoint/region/anonymous options "
+                "(they apply to s3:// and gs://); leave data.filesystem unset"
+            )
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as error:
+        raise DataError(f"data.path: cannot open {uri}: {one_line(error)}") from None
+
+
+def _s3_arguments(uri: str, options: FilesystemOptions) -> dict:
+    parts = urlsplit(uri)
+    if parts.query:
+        raise ValueError("put S3 options in data.filesystem, not in the URI's query")
+    credentials, _, _ = parts.netloc.rpartition("@")  # s3://KEY:SECRET@bucket, as pyarrow reads it
+    arguments: dict = {}
+    if credentials:
+        key, _, secret = credentials.partition(":")
+        arguments |= {"access_key": key, "secret_key": secret}
+    if options.endpoint is not None:
+        arguments |= _endpoint_arguments(options.endpoint)
+    if options.region is not None:
+        arguments["region"] = options.region
+    if options.anonymous is not None:
+        arguments["anonymous"] = options.anonymous
+    return arguments
+
+
+def _gcs_arguments(uri: str, options: FilesystemOptions) -> dict:
+    if urlsplit(uri).query:
+        raise ValueError("filesystem options in the URI and in data.filesystem; use one place")
+    if options.region is not None:
+        raise DataError("data.filesystem.region: gs:// buckets have no region option; unset it")
+    arguments: dict = {}
+    if options.endpoint is not None:
+        arguments |= _endpoint_arguments(options.endpoint)
+    if options.anonymous is not None:
+        arguments["anonymous"] = options.anonymous
+    return arguments
+
+
+def _endpoint_arguments(endpoint: str) -> dict:
+    """endpoint_override and scheme from http(s)://host[:port]; a bare host:port keeps https."""
+    scheme, separator, address = endpoint.partition("://")
+    address = address.rstrip("/")
+    if not separator:
+        return {"endpoint_override": endpoint}
+    if scheme.lower() not in ("http", "https") or not address or "/" in address:
+        raise DataError(
+            f"data.filesystem.endpoint: expected http://host:port or https://host:port, "
+            f"got {endpoint!r}"
+        )
+    return {"scheme": scheme.lower(), "endpoint_override": address}
+
+
+def _bucket_path(uri: str) -> str:
+    """bucket/key of s3://[credentials@]bucket/key, as pyarrow's object stores name files."""
+    parts = urlsplit(uri)
+    return (parts.netloc.rpartition("@")[2] + parts.path).rstrip("/")
 
 
 @dataclass(frozen=True)
 class Source:
     """Files in one format (or a synthetic spec), their row counts and their unified schema.
 
-    `files` are paths inside the filesystem that `filesystem_uri` names (None: the local
-    filesystem, and the paths are absolute): a URI, not a filesystem object, travels to the
-    workers, and each builds its own client (credentials come from the worker's environment).
+    `files` are paths inside the filesystem that `filesystem_uri` and `filesystem_options`
+    name (None: the local filesystem, and the paths are absolute): a URI and options, not a
+    filesystem object, travel to the workers, and each builds its own client (credentials
+    come from the worker's environment).
     `schema` is the schema every read is cast to, so all workers see the same types even
     where files differ (CSV types are inferred per file).
     """
@@ -39,6 +144,7 @@ class Source:
     synthetic: SyntheticSpec | None = None
     schema: pa.Schema | None = None
     filesystem_uri: str | None = None
+    filesystem_options: FilesystemOptions = field(default_factory=FilesystemOptions)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -91,7 +197,7 @@ class Source:
         try:
             piece = READERS[self.format](filesystem, file, columns, lo, hi, target)
         except (OSError, pa.ArrowInvalid) as error:
-            raise DataError(f"{file}: cannot read rows [{lo}, {hi}): {error}") from None
+            raise DataError(f"{file}: cannot read rows [{lo}, {hi}): {one_line(error)}") from None
         if piece.num_rows != hi - lo:
             raise DataError(
                 f"{file}: expected rows [{lo}, {hi}) but read {piece.num_rows}; "
@@ -100,10 +206,10 @@ class Source:
         return piece.select(columns).cast(target)
 
     def filesystem(self) -> pafs.FileSystem:
-        """The filesystem the files live in, built where it is used, from the URI."""
+        """The filesystem the files live in, built where it is used, from the URI and options."""
         if self.filesystem_uri is None:
             return pafs.LocalFileSystem()
-        return pafs.FileSystem.from_uri(self.filesystem_uri)[0]
+        return open_filesystem(self.filesystem_uri, self.filesystem_options)[0]
 
     def _target_schema(self, columns: list[str]) -> pa.Schema:
         if self.schema is None:
