@@ -56,7 +56,14 @@ def open_tracker(config: Config) -> Recorder:
 def make_plan(config: Config) -> DataPlan:
     data = config.data
     synthetic = SyntheticSpec(**data.synthetic.model_dump()) if data.synthetic else None
-    return plan_data(data.path, synthetic, data.label, data.features, config.cluster.workers)
+    return plan_data(
+        data.path,
+        synthetic,
+        data.label,
+        data.features,
+        config.cluster.workers,
+        filesystem=data.filesystem.model_dump(),
+    )
 
 
 def initial_parameters(layout: Layout, config: Config, init_weights: Path | None) -> np.ndarray:

@@ -3,6 +3,7 @@
 import gzip
 import itertools
 import pickle
+import socket
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+import workers.source
 from service.data import (
     DataPlan,
     open_source,
@@ -21,7 +23,7 @@ from service.data import (
     write_table,
 )
 from workers.errors import DataError
-from workers.source import Source
+from workers.source import FilesystemOptions, Source
 from workers.synthetic import SyntheticSpec, generate
 
 EXTENSION = {"parquet": "parquet", "csv": "csv", "feather": "feather"}
@@ -367,3 +369,81 @@ def test_read_outside_the_rows_is_a_programming_error(tmp_path):
         source.read(["x0"], 5, 11)
     with pytest.raises(ValueError, match="synthetic"):
         Source("parquet", synthetic=SyntheticSpec("moons", 10))
+
+
+# ---- filesystem options (data.filesystem); a real S3 server: tests/test_data_s3.py ----
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: an unreachable store that fails fast."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def no_cloud_environment(monkeypatch, tmp_path):
+    """No credential lookup or endpoint may reach past loopback."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_filesystem_options_do_not_touch_local_paths(tmp_path):
+    whole = write_folder(tmp_path, "parquet")
+    settings = {"endpoint": "http://127.0.0.1:1", "region": "eu-west-3", "anonymous": True}
+    plan = plan_data(str(tmp_path), None, "y", None, 2, filesystem=settings)
+    assert plan.source.filesystem_uri is None
+    assert plan.source.filesystem_options == FilesystemOptions()
+    assert plan.source.read(["x0"], 0, 4500).equals(whole.select(["x0"]))
+
+
+def test_source_with_filesystem_options_pickles_equal():
+    options = FilesystemOptions(endpoint="http://127.0.0.1:9000", region="r", anonymous=False)
+    source = Source("parquet", ("b/a.parquet",), (3,), None, SCHEMA, "s3://b/", options)
+    assert pickle.loads(pickle.dumps(source)) == source
+
+
+def test_unknown_filesystem_key_is_named():
+    with pytest.raises(DataError, match=r"data\.filesystem: unknown key 'profile'; expected endp"):
+        open_source("s3://bucket/data/", None, {"endpoint": None, "profile": "x"})
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://host:21", "http://", "http://host:9000/bucket"])
+def test_malformed_endpoint_is_named(no_cloud_environment, endpoint):
+    with pytest.raises(DataError, match=r"data\.filesystem\.endpoint: expected http://host:port"):
+        open_source("s3://bucket/data/", None, {"endpoint": endpoint})
+
+
+def test_unknown_s3_uri_option_is_named(no_cloud_environment):
+    with pytest.raises(DataError, match=r"data\.path: s3://b/x\?foo=1: unknown URI option 'foo'"):
+        open_source("s3://b/x?foo=1", None)
+
+
+@pytest.mark.parametrize(
+    ("path", "settings", "message"),
+    [
+        ("s3://bucket/data/", {"anonymous": True}, r"cannot open s3://bucket/data/: .*NETWORK"),
+        ("gs://bucket/data/", {"anonymous": True}, r"cannot open gs://bucket/data/: .*UNAVAIL"),
+        ("hdfs://127.0.0.1:{port}/data/", None, r"cannot open hdfs://127\.0\.0\.1:\d+/data/: "),
+    ],
+)
+def test_unreachable_store_is_one_data_error_line(
+    no_cloud_environment, monkeypatch, path, settings, message
+):
+    port = closed_port()
+    monkeypatch.setattr(workers.source, "GCS_RETRY_SECONDS", 0.2)  # GCS retries, by default
+    if settings is not None:
+        settings = {**settings, "endpoint": f"http://127.0.0.1:{port}"}
+    with pytest.raises(DataError, match=r"data\.path: " + message) as error:
+        open_source(path.format(port=port), None, settings)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 500
+
+
+def test_options_a_filesystem_does_not_take_are_refused(no_cloud_environment):
+    with pytest.raises(DataError, match=r"data\.filesystem: hdfs:// takes no endpoint/region"):
+        open_source("hdfs://127.0.0.1:1/data/", None, {"region": "eu-west-3"})
+    with pytest.raises(DataError, match=r"data\.filesystem\.region: gs:// buckets have no region"):
+        open_source("gs://bucket/data/", None, {"region": "eu-west-3"})

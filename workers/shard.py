@@ -95,7 +95,8 @@ class ShardWorker:
         first = np.where(nonfinite > 0, bad.argmax(axis=1), -1) if m else np.full(len(X), -1)
         train = X[:, ~self._val] if self._val.any() else X  # standardise by training rows only
         mean = train.mean(axis=1) if train.shape[1] else np.zeros(X.shape[0])
-        m2 = ((train - mean[:, None]) ** 2).sum(axis=1)
+        # row by row: a whole (n0, m) temporary would double the shard's memory
+        m2 = np.array([np.dot(row - mu, row - mu) for row, mu in zip(train, mean, strict=True)])
         kind = label_kind(labels)
         valid = pc.drop_null(labels)
         nulls = labels.null_count

@@ -9,6 +9,7 @@ Remote files are reached through a filesystem that each process builds for itsel
 and FilesystemOptions (never shipped as an object: a client holds sockets and credentials).
 """
 
+import datetime
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from workers.synthetic import SyntheticSpec, generate
 
 FORMATS = ("parquet", "csv", "feather", "synthetic")
 ERROR_CHARS = 300  # pyarrow's messages can list dozens of paths tried (libjvm): keep the gist
+GCS_RETRY_SECONDS = 30.0  # GCS's own default retries for 15 minutes before it reports anything
 
 
 def one_line(error: BaseException) -> str:
@@ -57,22 +59,27 @@ def open_filesystem(uri: str, options: FilesystemOptions) -> tuple[pafs.FileSyst
 
     s3:// is always built explicitly, so that the options (and an endpoint without TLS) apply;
     gs:// too when options are set; everything else (hdfs://, file://, ...) goes through
-    FileSystem.from_uri, whose options live in the URI's query.
+    FileSystem.from_uri, whose options live in the URI's query. gs:// retries are bounded
+    (GCS_RETRY_SECONDS), so that an unreachable store fails instead of seeming to hang.
     """
     scheme = uri.partition("://")[0].lower()
+    named = uri
     try:
         if scheme == "s3":
             return pafs.S3FileSystem(**_s3_arguments(uri, options)), _bucket_path(uri)
-        if scheme in ("gs", "gcs") and options.is_set:
-            return pafs.GcsFileSystem(**_gcs_arguments(uri, options)), _bucket_path(uri)
-        if options.is_set and scheme != "file":
+        if scheme in ("gs", "gcs"):
+            if options.is_set:
+                return pafs.GcsFileSystem(**_gcs_arguments(uri, options)), _bucket_path(uri)
+            if "retry_limit_seconds=" not in uri:
+                uri += f"{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_RETRY_SECONDS}"
+        elif options.is_set and scheme != "file":
             raise DataError(
                 f"data.filesystem: {scheme}:// takes no endpoint/region/anonymous options "
                 "(they apply to s3:// and gs://); leave data.filesystem unset"
             )
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError, OSError) as error:
-        raise DataError(f"data.path: cannot open {uri}: {one_line(error)}") from None
+        raise DataError(f"data.path: cannot open {named}: {one_line(error)}") from None
 
 
 def _s3_arguments(uri: str, options: FilesystemOptions) -> dict:
@@ -98,7 +105,7 @@ def _gcs_arguments(uri: str, options: FilesystemOptions) -> dict:
         raise ValueError("filesystem options in the URI and in data.filesystem; use one place")
     if options.region is not None:
         raise DataError("data.filesystem.region: gs:// buckets have no region option; unset it")
-    arguments: dict = {}
+    arguments: dict = {"retry_time_limit": datetime.timedelta(seconds=GCS_RETRY_SECONDS)}
     if options.endpoint is not None:
         arguments |= _endpoint_arguments(options.endpoint)
     if options.anonymous is not None:
@@ -172,7 +179,8 @@ class Source:
         pieces = [target.empty_table()]
         for file, lo, hi in self.spans(start, stop):
             pieces.append(self._read_file(filesystem, file, columns, lo, hi, target))
-        return pa.concat_tables(pieces).combine_chunks()
+        # chunks stay as read: combining them would copy the whole shard once more
+        return pa.concat_tables(pieces)
 
     def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
         """(file, lo, hi) for each file that holds some of global rows [start, stop)."""
