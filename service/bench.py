@@ -77,12 +77,12 @@ def bench_network(
     """One forward+backward step of the network against the same step's GEMMs alone."""
     rng = np.random.default_rng(seed)
     arch = Architecture((features, *hidden, 1), "relu", "binary")
-    net = Network(arch, dtype)
     theta = init_params(arch.layout, "he", seed, dtype)
     X = rng.standard_normal((features, rows)).astype(dtype)
     Y = (rng.random((1, rows)) < 0.5).astype(dtype)
     batch = Batch(X, Y, dtype)
     with threadpool_limits(limits=threads):
+        net = Network(arch, dtype)  # inside the limit: it takes its thread count from BLAS
         step, gemms = Timing.alternating(
             [lambda: net.gradient(theta, batch), gemms_of_step(net, theta, batch)], repeats
         )

@@ -91,15 +91,19 @@ def test_buffers_are_reused_and_results_do_not_change_between_calls():
     assert first.grad is not second.grad
 
 
-def test_threaded_elementwise_passes_give_identical_bits():
-    from workers.network import PARALLEL_MIN_SIZE
+def test_threads_split_the_columns_and_their_sums_add_up_to_the_one_thread_gradient():
+    from workers.network import PART_MIN_ROWS
 
     m = 20_000
-    assert 64 * m >= PARALLEL_MIN_SIZE  # big enough for the threads to be used
-    arch, theta, X, Y = problem("binary", "sigmoid", (64, 64), m=m)
+    assert m >= 3 * PART_MIN_ROWS  # big enough for three parts
+    arch, theta, X, Y = problem("binary", "sigmoid", (64, 33), m=m)
     one = Network(arch, threads=1).gradient(theta, Batch(X, Y))
-    two = Network(arch, threads=2).gradient(theta, Batch(X, Y))
-    assert np.array_equal(one.grad, two.grad)
+    three = Network(arch, threads=3)
+    first = three.gradient(theta, Batch(X, Y))
+    np.testing.assert_allclose(first.grad, one.grad, rtol=1e-12, atol=1e-12)
+    assert first.loss == pytest.approx(one.loss, rel=1e-13)
+    assert first.correct == one.correct
+    assert np.array_equal(three.gradient(theta, Batch(X, Y)).grad, first.grad)  # repeatable
 
 
 def test_float32_parameters_compute_in_float32_close_to_float64():

@@ -6,21 +6,19 @@ extra last row of ones, so Z[l] = [W_l | b_l] @ [A[l-1]; 1] is one GEMM and so i
 every step: fresh multi-hundred-MB arrays cost more than the arithmetic on them.
 """
 
-import itertools
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_info
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 from workers.activations import ACTIVATIONS, DERIVATIVES
 from workers.losses import OUTPUTS
 from workers.params import Layout
 
 TASKS = tuple(OUTPUTS)
-# below this many elements a pass takes less than handing it to threads costs
-PARALLEL_MIN_SIZE = 1 << 20
+# fewer rows than this per part are not worth a thread
+PART_MIN_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -103,23 +101,13 @@ class Network:
             threads = max(
                 (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1
             )
-        # numpy's ufuncs use one core; without this the other cores idle between GEMMs
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self._chunks = 4 * threads
-
-    def _rowwise(self, fn: Callable[..., None], *arrays: np.ndarray) -> None:
-        """Apply an in-place elementwise fn to (n, m) arrays, by blocks of rows, in parallel."""
-        if self._pool is None or arrays[0].size < PARALLEL_MIN_SIZE:
-            fn(*arrays)
-            return
-        n = arrays[0].shape[0]
-        cuts = np.linspace(0, n, min(n, self._chunks) + 1).astype(int)
-        futures = [
-            self._pool.submit(fn, *(a[lo:hi] for a in arrays))
-            for lo, hi in itertools.pairwise(cuts)
-        ]
-        for future in futures:
-            future.result()
+        self.threads = threads
+        # With several threads the batch's columns are cut into one part per thread, each run
+        # through forward and backward by single-threaded BLAS, like workers in one process:
+        # numpy's elementwise passes then use every core too, and no BLAS thread sits
+        # spin-waiting on a core between GEMMs. The parts' sums are added in a fixed order.
+        self._pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
+        self._blas = ThreadpoolController() if threads > 1 else None
 
     def _buffers_for(self, m: int) -> None:
         if m == self._rows:
@@ -146,7 +134,7 @@ class Network:
             Z = outputs[l]  # (n_l, m)
             np.matmul(block, inputs[l], out=Z)
             if l < self.layout.depth - 1:
-                self._rowwise(self._activate, Z)
+                self._activate(Z)
         return [*inputs, self._Z_out]
 
     def _check(self, theta: np.ndarray, batch: Batch) -> None:
@@ -165,24 +153,58 @@ class Network:
         """Forward and backward over the whole batch: the shard's sums."""
         self._check(theta, batch)
         m = batch.rows
-        *inputs, Z_out = self._forward(theta, batch.X1)
-        grad = np.empty_like(theta)
-        blocks = self.layout.blocks(theta)
-        grad_blocks = self.layout.blocks(grad)
+        self._buffers_for(m)
+        parts = min(self.threads, max(1, m // PART_MIN_ROWS))
+        cuts = [m * i // parts for i in range(parts + 1)]
+        grads = [np.empty_like(theta) for _ in range(parts)]
+        if parts == 1:
+            loss, correct = self._backprop(theta, batch, 0, m, grads[0])
+            return ShardSums(grad=grads[0], loss=loss, rows=m, correct=correct)
+        with self._blas.limit(limits=1, user_api="blas"):
+            futures = [
+                self._pool.submit(self._backprop, theta, batch, lo, hi, grad)
+                for lo, hi, grad in zip(cuts[1:-1], cuts[2:], grads[1:], strict=True)
+            ]
+            first = self._backprop(theta, batch, 0, cuts[1], grads[0])
+            results = [first, *(future.result() for future in futures)]
+        grad = grads[0]
+        for part in grads[1:]:
+            grad += part  # in part order: the same bits every call
+        loss = sum(part_loss for part_loss, _ in results)
+        correct = None if first[1] is None else sum(c for _, c in results)
+        return ShardSums(grad=grad, loss=loss, rows=m, correct=correct)
+
+    def _backprop(
+        self, theta: np.ndarray, batch: Batch, lo: int, hi: int, grad: np.ndarray
+    ) -> tuple[float, int | None]:
+        """Forward and backward on columns [lo, hi) of the batch, into the same columns of
+        the buffers; writes the gradient sum into `grad`, returns loss sum and correct count."""
+        m = batch.rows
         L = self.layout.depth
-        dZ = self._delta[L % 2][: Z_out.size].reshape(Z_out.shape)  # (n_L, m)
-        loss = self._output.loss_and_delta(Z_out, batch.Y, dZ)
-        correct = self._output.correct(Z_out, batch.Y)
+        sizes = self.layout.sizes
+        inputs = [batch.X1[:, lo:hi]] + [A1[:, lo:hi] for A1 in self._A1]  # [A[l]; 1]
+        outputs = [A1[:-1] for A1 in inputs[1:]] + [self._Z_out[:, lo:hi]]  # Z[l], then A[l]
+        blocks = self.layout.blocks(theta)
+        for l, block in enumerate(blocks):
+            np.matmul(block, inputs[l], out=outputs[l])
+            if l < L - 1:
+                self._activate(outputs[l])
+        Z_out, Y = outputs[-1], batch.Y[:, lo:hi]
+        # dZ of layer l and dA of layer l-1 alternate between the two delta buffers
+        delta = [buffer.reshape(max(sizes[1:]), m) for buffer in self._delta]
+        dZ = delta[L % 2][: sizes[L], lo:hi]  # (n_L, hi - lo)
+        loss = self._output.loss_and_delta(Z_out, Y, dZ)
+        correct = self._output.correct(Z_out, Y)
+        grad_blocks = self.layout.blocks(grad)
         for l in range(L, 0, -1):
-            A1_prev = inputs[l - 1]  # (n_{l-1} + 1, m)
+            A1_prev = inputs[l - 1]  # (n_{l-1} + 1, hi - lo)
             np.matmul(dZ, A1_prev.T, out=grad_blocks[l - 1])  # [dW_l | db_l]
             if l > 1:
-                W = blocks[l - 1][:, :-1]  # (n_l, n_{l-1})
-                dA = self._delta[(l - 1) % 2][: W.shape[1] * m].reshape(W.shape[1], m)
-                np.matmul(W.T, dZ, out=dA)  # dA[l-1]
-                self._rowwise(self._derivative, A1_prev[:-1], dA)  # now dZ[l-1]
+                dA = delta[(l - 1) % 2][: sizes[l - 1], lo:hi]
+                np.matmul(blocks[l - 1][:, :-1].T, dZ, out=dA)  # W_l^T dZ[l] = dA[l-1]
+                self._derivative(A1_prev[:-1], dA)  # now dZ[l-1]
                 dZ = dA
-        return ShardSums(grad=grad, loss=loss, rows=m, correct=correct)
+        return loss, correct
 
     def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward only: loss sum and correct count (grad is empty)."""
