@@ -148,14 +148,3 @@ def _current_rss() -> int:
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    figures = bench_planning(
-        rows=int(arguments[0]) if arguments else 10_000_000,
-        files=int(arguments[1]) if len(arguments) > 1 else 100,
-        folder=arguments[2] if len(arguments) > 2 else None,
-    )
-    for key, value in figures.items():
-        print(f"{key:28s} {value:,.4g}" if isinstance(value, float) else f"{key:28s} {value:,}")

@@ -133,6 +133,27 @@ def bench_network(
     )
 
 
+@bench_app.command("data")
+def bench_data(
+    rows: Annotated[int, typer.Option(help="Rows of the Parquet dataset.")] = 10_000_000,
+    files: Annotated[int, typer.Option(help="Files it is cut into.")] = 100,
+    folder: Annotated[
+        Path | None, typer.Option(help="Keep the dataset here between runs (default: a temp dir).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+) -> None:
+    """Planning time and coordinator memory for a large Parquet dataset; one worker's read."""
+    from service.bench_data import bench_planning
+
+    figures = bench_planning(rows=rows, files=files, folder=folder)
+    for key, value in figures.items():
+        typer.echo(
+            f"{key:28s} {value:,.4g}" if isinstance(value, float) else f"{key:28s} {value:,}"
+        )
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
 @bench_app.command("tracking")
 def bench_tracking(
     config: Annotated[Path, typer.Argument(help="The job to time.")] = Path("configs/default.yaml"),

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
+import pyarrow as pa
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -354,13 +355,13 @@ class Tracker:
                 )
 
     def log_final(
-        self, weights_path: Path, meta: Mapping[str, Any], input_example: pd.DataFrame
+        self, weights_path: Path, meta: Mapping[str, Any], input_example: pa.Table
     ) -> None:
-        """The end of a run: weights/final.npz and the model."""
+        """The end of a run: weights/final.npz and the model (the example: a few raw rows)."""
         with tempfile.TemporaryDirectory() as tmp:
             final = shutil.copy(weights_path, Path(tmp) / "final.npz")
             self.log_artifact(final, "weights")
-        self.log_model(weights_path, meta, input_example)
+        self.log_model(weights_path, meta, input_example.to_pandas())
 
     @contextmanager
     def _lend_run(self) -> Iterator[None]:

@@ -264,7 +264,7 @@ def train(
 
             meta = model_meta(arch, config, plan, setup)
             write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
-            example = plan.source.read(plan.features, 0, min(5, plan.total_rows)).to_pandas()
+            example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
             logging_model = background.submit(
                 tracker.log_final, output / "weights.npz", meta, example
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import pandas as pd
+import pyarrow as pa
 
 from service.lineage import InputRecord
 
@@ -26,7 +26,7 @@ class Recorder(Protocol):
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
-    def log_final(self, weights_path: Path, meta: dict, input_example: pd.DataFrame) -> None: ...
+    def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None: ...
 
     def __enter__(self) -> Self: ...
 
@@ -52,7 +52,7 @@ class Untracked:
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_final(self, weights_path: Path, meta: dict, input_example: pd.DataFrame) -> None:
+    def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None:
         pass
 
     def __enter__(self) -> Self:
