@@ -61,6 +61,12 @@ def train(
     output: Annotated[
         Path | None, typer.Option(help="Write DIR/weights.npz, DIR/metrics.json, DIR/model.json.")
     ] = None,
+    inject_failure: Annotated[
+        str | None,
+        typer.Option(
+            help="Chaos: kill worker R's process at step S: worker=R,step=S[,times=N][,when=after]."
+        ),
+    ] = None,
     no_tracking: Annotated[
         bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
     ] = False,
@@ -83,6 +89,7 @@ def train(
                 "tracking.experiment": experiment,
                 "tracking.run_name": run_name,
                 "tracking.enabled": False if no_tracking else None,
+                "cluster.inject_failure": inject_failure,
             },
         )
         reporter = Reporter("quiet" if quiet else "auto")

@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ConfigError
+from service.policy import InjectedFailure
 
 
 class Section(BaseModel):
@@ -88,6 +96,22 @@ class ClusterConfig(Section):
     workers: int = Field(2, ge=0)
     address: str | None = None
     cpus_per_worker: int = Field(1, gt=0)
+    max_worker_failures: int = Field(3, ge=0)  # lost workers replaced before the run fails
+    step_timeout: float | None = Field(None, gt=0)  # seconds; a worker silent longer is lost
+    inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=before|after]"
+
+    @field_validator("inject_failure")
+    @classmethod
+    def parses(cls, text: str | None) -> str | None:
+        if text is not None:
+            InjectedFailure.parse(text)  # raises ValueError with what is wrong
+        return text
+
+    @model_validator(mode="after")
+    def injection_needs_workers(self) -> "ClusterConfig":
+        if self.inject_failure and self.workers == 0:
+            raise ValueError("cluster.inject_failure kills a worker process: needs workers >= 1")
+        return self
 
 
 class TrackingConfig(Section):

@@ -10,17 +10,26 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.config import ClusterConfig
 from service.data import DataPlan
-from service.errors import TrainingError
+from service.errors import ConfigError, TrainingError
+from service.policy import Decision, FailurePolicy, InjectedFailure
 from workers.errors import UserError
 from workers.shard import ShardWorker
+
+# calls that build a worker's state: replayed, in order, on a replacement worker
+STATE_METHODS = ("load", "prepare")
 
 
 class WorkerGroup(Protocol):
     size: int
+    restarts: int  # workers replaced so far
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Run a ShardWorker method on every worker; results in rank order."""
+
+    def inject(self, failure: InjectedFailure) -> None:
+        """Arm a chaos failure: the next `gradient` calls on that worker kill its process."""
 
     def close(self) -> None:
         """Stop the workers (and a Ray runtime the group started); safe to call twice."""
@@ -32,53 +41,118 @@ class LocalGroup:
     def __init__(self, plan: DataPlan):
         self.workers = [ShardWorker(0, plan.source, plan.features, plan.label, 0, plan.total_rows)]
         self.size = 1
+        self.restarts = 0
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(worker, method)(*args) for worker in self.workers]
+
+    def inject(self, failure: InjectedFailure) -> None:
+        raise ConfigError("--inject-failure kills a worker process: it needs --workers 1 or more")
 
     def close(self) -> None:
         self.workers.clear()
 
 
 class RayGroup:
-    """One Ray actor per shard, each with `cpus_per_worker` CPUs and as many BLAS threads."""
+    """One Ray actor per shard, each with `cpus_per_worker` CPUs and as many BLAS threads.
 
-    def __init__(self, plan: DataPlan, cpus_per_worker: int, owns_runtime: bool):
+    A worker whose process dies (or that does not answer within `timeout` seconds) is
+    replaced by a new actor that rebuilds the same state from the same calls, and the call is
+    made again, as long as the failure policy allows.
+    """
+
+    def __init__(
+        self,
+        plan: DataPlan,
+        cpus_per_worker: int,
+        owns_runtime: bool,
+        policy: FailurePolicy | None = None,
+        timeout: float | None = None,
+    ):
         import ray
 
         self._ray = ray
-        actor = ray.remote(ShardWorker).options(num_cpus=cpus_per_worker)
-        self.actors = [
-            actor.remote(rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker)
+        self._actor = ray.remote(ShardWorker).options(num_cpus=cpus_per_worker)
+        self._spawn_args = [
+            (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker)
             for rank, (start, stop) in enumerate(plan.shards)
         ]
+        self.actors = [self._actor.remote(*args) for args in self._spawn_args]
         self.size = len(self.actors)
         self._shards = plan.shards
         self._owns_runtime = owns_runtime
+        self._policy = policy or FailurePolicy(max_failures=0)
+        self._timeout = timeout
+        self._state_calls: list[tuple[str, tuple]] = []
+        self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
+
+    @property
+    def restarts(self) -> int:
+        return self._policy.restarts
 
     def call(self, method: str, *args: Any) -> list[Any]:
         # one object-store copy per array, shared by every worker (a broadcast)
         args = tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
-        futures = [getattr(actor, method).remote(*args) for actor in self.actors]
-        try:
-            return self._ray.get(futures)
-        except self._ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, UserError):
-                raise error.cause from None
-            raise
-        except self._ray.exceptions.RayActorError:
-            lost = next(rank for rank, future in enumerate(futures) if self._died(future))
-            start, stop = self._shards[lost]
-            raise TrainingError(
-                f"worker {lost} (rows {start}..{stop}) was lost during {method}()"
-            ) from None
+        results: dict[int, Any] = {}
+        pending = {rank: self._submit(rank, method, args) for rank in range(self.size)}
+        while pending:
+            lost = {}
+            for rank, future in pending.items():
+                try:
+                    results[rank] = self._ray.get(future, timeout=self._timeout_for(method))
+                except self._ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, UserError):
+                        raise error.cause from None
+                    raise
+                except self._ray.exceptions.RayActorError:
+                    lost[rank] = "its process died"
+                except self._ray.exceptions.GetTimeoutError:
+                    lost[rank] = f"no answer within {self._timeout} s"
+            pending = {}
+            for rank, reason in lost.items():
+                self._recover(rank, method, reason)
+                pending[rank] = self._submit(rank, method, args)
+        if method in STATE_METHODS:
+            self._state_calls.append((method, args))
+        return [results[rank] for rank in range(self.size)]
 
-    def _died(self, future: Any) -> bool:
-        try:
-            self._ray.get(future)
-        except self._ray.exceptions.RayActorError:
-            return True
-        return False
+    def _timeout_for(self, method: str) -> float | None:
+        return None if method in STATE_METHODS else self._timeout  # reading data takes long
+
+    def _submit(self, rank: int, method: str, args: tuple) -> Any:
+        if method == "gradient" and self._armed.get(rank):
+            method = self._armed[rank].pop(0)
+        return getattr(self.actors[rank], method).remote(*args)
+
+    def _recover(self, rank: int, method: str, reason: str) -> None:
+        start, stop = self._shards[rank]
+        if self._policy.on_lost(rank, reason) is Decision.RAISE:
+            raise TrainingError(
+                f"worker {rank} (rows {start}..{stop}) was lost during {method}() ({reason}); "
+                f"{len(self._policy.failures)} failures are more than "
+                f"cluster.max_worker_failures={self._policy.max_failures}"
+            )
+        logging.getLogger(__name__).warning(
+            "worker %d (rows %d..%d) lost during %s() (%s): replacing it",
+            rank,
+            start,
+            stop,
+            method,
+            reason,
+        )
+        self._ray.kill(self.actors[rank])  # a hung worker must not linger
+        actor = self._actor.remote(*self._spawn_args[rank])
+        for state_method, state_args in self._state_calls:  # the same rows, the same state
+            self._ray.get(getattr(actor, state_method).remote(*state_args))
+        self.actors[rank] = actor
+
+    def inject(self, failure: InjectedFailure) -> None:
+        if not 0 <= failure.worker < self.size:
+            raise ConfigError(
+                f"--inject-failure worker={failure.worker}: ranks are 0..{self.size - 1}"
+            )
+        instead = "die" if failure.when == "before" else "gradient_then_die"
+        self._armed[failure.worker] = [instead] * failure.times
 
     def close(self) -> None:
         for actor in self.actors:
@@ -109,10 +183,14 @@ def connect_ray(address: str | None, cpus_needed: int) -> bool:
     return True
 
 
-def start_group(
-    plan: DataPlan, workers: int, address: str | None, cpus_per_worker: int
-) -> WorkerGroup:
-    if workers == 0:
+def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
+    if cluster.workers == 0:
         return LocalGroup(plan)
-    started = connect_ray(address, workers * cpus_per_worker)
-    return RayGroup(plan, cpus_per_worker, owns_runtime=started)
+    started = connect_ray(cluster.address, cluster.workers * cluster.cpus_per_worker)
+    return RayGroup(
+        plan,
+        cluster.cpus_per_worker,
+        owns_runtime=started,
+        policy=FailurePolicy(cluster.max_worker_failures),
+        timeout=cluster.step_timeout,
+    )

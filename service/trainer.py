@@ -22,6 +22,7 @@ from service.group import WorkerGroup, start_group
 from service.lineage import input_record, shard_records
 from service.optim import make_optimizer
 from service.plots import plot_history
+from service.policy import InjectedFailure
 from service.prepare import DataSetup, decide
 from service.progress import Reporter
 from service.reduce import BatchMean, batch_mean, reduce_sums
@@ -132,9 +133,14 @@ def fit(
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
     history: dict[str, list[float]] = {}
     last_checkpoint: Path | None = None
+    chaos = config.cluster.inject_failure
+    injected = InjectedFailure.parse(chaos) if chaos else None
+    restarts = 0
     try:
         for step in range(1, train.steps + 1):
             metrics: dict[str, float] = {}
+            if injected and step == injected.step:
+                group.inject(injected)
             if stopper and (step % train.eval_every == 0 or step == train.steps):
                 # measured at the parameters this step's gradient is taken at, as `loss` is
                 metrics = validate(group, theta)
@@ -165,6 +171,8 @@ def fit(
                 + (reduced - gathered),
                 "samples_per_second": mean.rows / step_seconds,
             }
+            if group.restarts != restarts:
+                restarts = metrics["worker_restarts"] = group.restarts
             tracker.log_metrics(step, metrics)
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
@@ -203,9 +211,8 @@ def open_run(
     which mostly waits on other processes: done side by side, the run starts sooner.
     """
     opening = background.submit(open_tracker, config)
-    cluster = config.cluster
     try:
-        group = start_group(plan, cluster.workers, cluster.address, cluster.cpus_per_worker)
+        group = start_group(plan, config.cluster)
     except BaseException as error:
         if opening.exception() is None:
             opening.result().__exit__(type(error), error, error.__traceback__)

@@ -7,6 +7,7 @@ memory for every step.
 """
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -177,6 +178,15 @@ class ShardWorker:
                 return ShardSums(np.empty(0, theta.dtype), 0.0, 0, correct)
             return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
+
+    def die(self, *_: object) -> None:
+        """Chaos testing (--inject-failure): end this process the way `kill -9` does."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def gradient_then_die(self, theta: np.ndarray) -> None:
+        """Chaos testing: compute the step's sums, then die before handing them over."""
+        self.gradient(theta)
+        self.die()
 
     def where(self) -> dict:
         """Which process holds this shard, for the run's records."""
