@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from service.config import Config, load_config
-from service.errors import TrainingError, UserError
+from service.config import Config, config_from, load_config
+from service.errors import ConfigError, TrainingError, UserError
+from service.interrupts import Interrupted
 
 if TYPE_CHECKING:  # pyarrow and the estimates load only when a command needs them
     from service.data import DataPlan
     from service.estimate import PlanEstimate
+    from service.progress import Reporter
+    from service.trainer import RunResult
 
 app = typer.Typer(
     help="Data-parallel full-batch training on Ray workers, tracked in MLflow.",
@@ -35,11 +38,16 @@ def errors_as_exit_codes():
     except TrainingError as error:
         typer.echo(f"failed: {error}", err=True)
         raise typer.Exit(code=1) from None
+    except Interrupted as error:
+        typer.echo(f"interrupted: {error}", err=True)
+        raise typer.Exit(code=error.exit_code) from None
 
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config; every key has a default.")],
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; every key has a default.")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),
@@ -70,15 +78,24 @@ def train(
     no_tracking: Annotated[
         bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Go on with this MLflow run from its last checkpoint (its own config)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
 ) -> None:
     """Train the network of CONFIG on its data, sharded across workers."""
+    if resume:
+        resume_run(resume, tracking_uri, address, output, quiet)
+        return
     # imported here: Ray and MLflow take seconds to import, `--help` should not wait for them
     from service.progress import Reporter
     from service.trainer import train as run_training
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown progress
     with errors_as_exit_codes():
+        if config is None:
+            raise ConfigError("train needs a CONFIG file (or --resume RUN_ID)")
         cfg = load_config(
             config,
             set_ or [],
@@ -94,6 +111,38 @@ def train(
         )
         reporter = Reporter("quiet" if quiet else "auto")
         result = run_training(cfg, init_weights, output, reporter)
+    summarise(result, reporter)
+
+
+@app.command("resume")
+def resume_run(
+    run_id: Annotated[str, typer.Argument(help="The MLflow run to go on with.")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="The store that holds the run (default sqlite:///mlflow.db).")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Where the run's checkpoints are (default: as it logged).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
+) -> None:
+    """Continue a stopped or killed run from its last checkpoint, in the same MLflow run."""
+    from service.progress import Reporter
+    from service.tracking import recall_run
+    from service.trainer import train as run_training
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    with errors_as_exit_codes():
+        logged, logged_output = recall_run(tracking_uri, run_id)
+        logged.get("cluster", {}).pop("inject_failure", None)  # chaos does not come back
+        cfg = config_from(logged, {"tracking.uri": tracking_uri, "cluster.address": address})
+        reporter = Reporter("quiet" if quiet else "auto")
+        result = run_training(cfg, None, output or logged_output, reporter, resume_run=run_id)
+    summarise(result, reporter)
+
+
+def summarise(result: "RunResult", reporter: "Reporter") -> None:
+    """The closing lines: run id, final loss, where the weights are, how to see the run."""
     final = result.final
     accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
     reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
@@ -213,7 +262,9 @@ def data_make(
 
 @app.command()
 def plan(
-    config: Annotated[Path, typer.Argument(help="YAML config; every key has a default.")],
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; every key has a default.")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),

@@ -209,7 +209,13 @@ def load_config(
     path: Path | None, overrides: Sequence[str] = (), flags: dict[str, Any] | None = None
 ) -> Config:
     """The file, then `--set` overrides (YAML values), then dedicated flags (taken as given)."""
-    raw = read_yaml(path) if path is not None else {}
+    return config_from(read_yaml(path) if path is not None else {}, flags, overrides)
+
+
+def config_from(
+    raw: dict[str, Any], flags: dict[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """A config from a mapping (a file's, or a run's logged config.yaml), then overrides."""
     for assignment in overrides:
         key, sep, text = assignment.partition("=")
         if not sep or not key.strip():

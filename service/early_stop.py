@@ -25,3 +25,19 @@ class EarlyStopping:
             return False
         self.waited += 1
         return self.patience is not None and self.waited >= self.patience
+
+    def state(self) -> dict[str, np.ndarray]:
+        """For a checkpoint: resuming must stop where an uninterrupted run would."""
+        best = self.best_theta if self.best_theta is not None else np.empty(0)
+        return {
+            "best_loss": np.array(self.best_loss),
+            "best_step": np.array(-1 if self.best_step is None else self.best_step),
+            "waited": np.array(self.waited),
+            "best_theta": best,
+        }
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.best_loss = float(state["best_loss"])
+        self.best_step = None if int(state["best_step"]) < 0 else int(state["best_step"])
+        self.waited = int(state["waited"])
+        self.best_theta = state["best_theta"].copy() if state["best_theta"].size else None

@@ -181,6 +181,7 @@ class Tracker:
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_step = 0
+        self._logged_through = 0
         self._ended = False
         self._writer = threading.Thread(
             target=self._write_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
@@ -207,6 +208,19 @@ class Tracker:
         run_tags = resolve_tags({key: str(value) for key, value in (tags or {}).items()})
         run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds)
+
+    @classmethod
+    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = 1.0) -> Self:
+        """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
+        it is RUNNING again, and steps it already has metrics for are not logged twice."""
+        tracking_uri = resolve_tracking_uri(uri)
+        client = MlflowClient(tracking_uri)
+        run = _get_run(client, run_id, tracking_uri)
+        client.update_run(run_id, status="RUNNING")
+        logged = client.get_metric_history(run_id, "loss")
+        tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds)
+        tracker._logged_through = max((point.step for point in logged), default=0)
+        return tracker
 
     @property
     def run_uri(self) -> str:
@@ -263,6 +277,8 @@ class Tracker:
         """Queue one step's metrics. The store is not touched here: this runs every step."""
         if self._ended:
             raise RuntimeError(f"run {self.run_id} has ended; its metrics can no longer change")
+        if step <= self._logged_through:
+            return  # a resumed run recomputes these steps: the store has them already
         self._pending.append((step, int(time.time() * 1000), dict(metrics)))
         self._last_step = step
 
@@ -417,7 +433,10 @@ class Tracker:
         if exc is None:
             self.end("FINISHED")
             return
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # a stop the user asked for (Ctrl-C, SIGTERM) is KILLED; anything else FAILED
+        status = (
+            "KILLED" if isinstance(exc, KeyboardInterrupt) else getattr(exc, "run_status", "FAILED")
+        )
         # a process boundary: the exception in flight matters more than a store that fails now
         try:
             if status == "FAILED":
@@ -436,6 +455,26 @@ def _mlflow_type(arrow_type: str) -> str:
     if arrow_type.startswith(("double", "decimal")):
         return "double"
     return {"bool": "boolean"}.get(arrow_type, "string")
+
+
+def _get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except mlflow.MlflowException:
+        raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri}") from None
+
+
+def recall_run(uri: str | None, run_id: str) -> tuple[dict[str, Any], Path | None]:
+    """A run's logged config (config.yaml) and the folder it wrote its checkpoints under."""
+    tracking_uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri)
+    run = _get_run(client, run_id, tracking_uri)
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    except mlflow.MlflowException:
+        raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
+    output = run.data.tags.get("shardprop.output")
+    return yaml.safe_load(text), Path(output) if output else None
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.checkpoint import save_checkpoint
+from service.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from service.config import Config
 from service.data import DataPlan, plan_data
 from service.early_stop import EarlyStopping
 from service.errors import TrainingError
 from service.group import WorkerGroup, start_group
+from service.interrupts import Interrupted, StopRequests, stop_requests
 from service.lineage import input_record, shard_records
 from service.optim import make_optimizer
 from service.plots import plot_history
@@ -45,12 +46,14 @@ class RunResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def open_tracker(config: Config) -> Recorder:
+def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
     track = config.tracking
     if not track.enabled:
         return Untracked()
     from service.tracking import Tracker  # MLflow takes a second to import: only when tracking
 
+    if resume_run:
+        return Tracker.reopen(track.uri, resume_run)
     return Tracker.start(track.uri, track.experiment, track.run_name)
 
 
@@ -108,6 +111,10 @@ def resume_hint(checkpoint: Path | None) -> str:
     return f"; the last good weights are kept: --init-weights {weights} starts from them"
 
 
+def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{key}": value for key, value in arrays.items()}
+
+
 def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
     """val_loss (data term only) and val_accuracy, reduced over the workers' validation rows."""
     mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
@@ -125,19 +132,38 @@ def fit(
     tracker: Recorder,
     reporter: Reporter,
     checkpoints: Path,
+    start: Checkpoint | None = None,
+    stop: StopRequests | None = None,
 ) -> tuple[dict[str, list[float]], EarlyStopping | None]:
     """Full-batch gradient descent; theta is updated in place (to the best weights when early
-    stopping is on). Returns the metric history and the early-stopping record."""
+    stopping is on). From `start`, it goes on exactly as the run that wrote it would have.
+    Returns the metric history and the early-stopping record."""
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
+    first_step = 1
+    if start is not None:
+        theta[...] = start.theta
+        optimizer.load_state(start.part("optimizer"))
+        if stopper:
+            stopper.load_state(start.part("early_stopping"))
+        first_step = start.step + 1
     history: dict[str, list[float]] = {}
-    last_checkpoint: Path | None = None
+    last_checkpoint = start.folder if start is not None else None
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
+
+    def keep(step: int) -> Path:
+        state = prefixed("optimizer", optimizer.state())
+        if stopper:
+            state |= prefixed("early_stopping", stopper.state())
+        folder = save_checkpoint(checkpoints, step, layout, theta, state)
+        tracker.log_artifact(folder, "checkpoints")  # a folder: checkpoints/step-NNNNNN
+        return folder
+
     try:
-        for step in range(1, train.steps + 1):
+        for step in range(first_step, train.steps + 1):
             metrics: dict[str, float] = {}
             if injected and step == injected.step:
                 group.inject(injected)
@@ -177,9 +203,11 @@ def fit(
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
             reporter.update(step, metrics)
-            if train.checkpoint_every and step % train.checkpoint_every == 0:
-                last_checkpoint = save_checkpoint(checkpoints, step, layout, theta, optimizer)
-                tracker.log_artifact(last_checkpoint, "checkpoints")  # a folder: ./step-NNNNNN
+            due = train.checkpoint_every and step % train.checkpoint_every == 0
+            if due or (stop is not None and stop.signum is not None):
+                last_checkpoint = keep(step)
+            if stop is not None and stop.signum is not None:
+                raise Interrupted(stop.signum, f"stopped after step {step}")
     except TrainingError as error:
         raise TrainingError(f"{error}{resume_hint(last_checkpoint)}") from None
     if stopper and train.patience and stopper.best_theta is not None:
@@ -203,14 +231,14 @@ def final_metrics(
 
 
 def open_run(
-    config: Config, plan: DataPlan, background: ThreadPoolExecutor
+    config: Config, plan: DataPlan, background: ThreadPoolExecutor, resume_run: str | None
 ) -> tuple[Recorder, WorkerGroup]:
     """Open the MLflow run and start the workers at once.
 
     MLflow's imports and store set-up take a second or more, and so does Ray's start-up,
     which mostly waits on other processes: done side by side, the run starts sooner.
     """
-    opening = background.submit(open_tracker, config)
+    opening = background.submit(open_tracker, config, resume_run)
     try:
         group = start_group(plan, config.cluster)
     except BaseException as error:
@@ -229,12 +257,15 @@ def train(
     init_weights: Path | None = None,
     output: Path | None = None,
     reporter: Reporter | None = None,
+    resume_run: str | None = None,
 ) -> RunResult:
+    """One training run; with `resume_run`, that run goes on from its last checkpoint in
+    `output` (the same MLflow run, the same config, the same result as if never stopped)."""
     reporter = reporter or Reporter("quiet")
     plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
     with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
-        tracker, group = open_run(config, plan, background)
-        with tracker, closing(group):
+        tracker, group = open_run(config, plan, background, resume_run)
+        with tracker, closing(group), stop_requests() as stop:
             output = output or Path(".shardprop") / "runs" / tracker.run_id
             setup = decide(
                 group.call("load", config.data.validation_fraction, config.train.seed),
@@ -245,25 +276,38 @@ def train(
             arch = Architecture(
                 (len(plan.features), *hidden, setup.outputs), config.model.activation, setup.task
             )
+            start = None
+            if resume_run:
+                start = latest_checkpoint(output / "checkpoints", arch.layout, config.model.dtype)
             theta = initial_parameters(arch.layout, config, init_weights)
             group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
-            tracker.log_config(
-                config.resolved(),
-                {
-                    "n_params": arch.layout.size,
-                    "n_rows": setup.rows,
-                    "n_val_rows": setup.val_rows,
-                    "workers": config.cluster.workers,
-                    "task": setup.task,
-                },
-            )
-            tracker.log_lineage(
-                input_record(plan, config.data.path), shard_records(plan, group.call("where"))
-            )
+            if not resume_run:
+                tracker.set_tags({"shardprop.output": str(output.resolve())})
+                tracker.log_config(
+                    config.resolved(),
+                    {
+                        "n_params": arch.layout.size,
+                        "n_rows": setup.rows,
+                        "n_val_rows": setup.val_rows,
+                        "workers": config.cluster.workers,
+                        "task": setup.task,
+                    },
+                )
+                tracker.log_lineage(
+                    input_record(plan, config.data.path), shard_records(plan, group.call("where"))
+                )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             try:
                 history, stopper = fit(
-                    group, theta, arch.layout, config, tracker, reporter, output / "checkpoints"
+                    group,
+                    theta,
+                    arch.layout,
+                    config,
+                    tracker,
+                    reporter,
+                    output / "checkpoints",
+                    start,
+                    stop,
                 )
             finally:
                 reporter.stop()

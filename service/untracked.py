@@ -22,6 +22,8 @@ class Recorder(Protocol):
 
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None: ...
 
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
@@ -44,6 +46,9 @@ class Untracked:
         pass
 
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
