@@ -287,6 +287,15 @@ class Tracker:
         self._write_pending()
         self._writer_error = None  # whatever the writer failed on has been written now
 
+    def sync(self) -> None:
+        """Write what is queued now, if the store takes it; a checkpoint calls this, so a
+        run resumed from a checkpoint finds every metric up to it. Never raises: a store
+        that is down keeps the queue for later."""
+        try:
+            self.flush()
+        except Exception as error:  # the store's failure must not stop training
+            log.warning("MLflow metrics not written yet, will retry: %s", error)
+
     def _write_loop(self) -> None:
         while not self._stop.wait(self._flush_seconds):
             try:

@@ -158,6 +158,7 @@ def fit(
         state = prefixed("optimizer", optimizer.state())
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
+        tracker.sync()  # metrics first: a checkpoint must never be ahead of the run's record
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
         tracker.log_artifact(folder, "checkpoints")  # a folder: checkpoints/step-NNNNNN
         return folder
@@ -207,7 +208,15 @@ def fit(
             if due or (stop is not None and stop.signum is not None):
                 last_checkpoint = keep(step)
             if stop is not None and stop.signum is not None:
-                raise Interrupted(stop.signum, f"stopped after step {step}")
+                how = (
+                    f"shardprop resume {tracker.run_id} --tracking-uri '{tracker.tracking_uri}'"
+                    if tracker.tracking_uri
+                    else f"--init-weights {last_checkpoint / 'weights.npz'}"
+                )
+                raise Interrupted(
+                    stop.signum,
+                    f"stopped after step {step}; checkpoint {last_checkpoint}; go on with: {how}",
+                )
     except TrainingError as error:
         raise TrainingError(f"{error}{resume_hint(last_checkpoint)}") from None
     if stopper and train.patience and stopper.best_theta is not None:

@@ -26,6 +26,8 @@ class Recorder(Protocol):
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
+    def sync(self) -> None: ...
+
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
     def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None: ...
@@ -52,6 +54,9 @@ class Untracked:
         pass
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:

@@ -9,11 +9,17 @@ import pytest
 def ray_session():
     """A real Ray runtime started on this machine, shared by the tests that need one.
 
-    4 logical CPUs on a 2-core machine, so that 3 single-CPU workers can be scheduled.
+    4 logical CPUs on a 2-core machine, so that 3 single-CPU workers can be scheduled; the
+    dashboard on loopback, because Ray's state API (which actors are alive) is served by it.
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+    )
     yield ray
     ray.shutdown()
 

@@ -97,9 +97,11 @@ def test_parquet_file_end_to_end_and_the_logged_model_predicts_like_the_network(
     assert result.returncode == 0, result.stderr
     run_id = json.loads((out / "metrics.json").read_text())["run_id"]
     files = check_run(uri, run_id, 40, 3, 3001)
-    assert {"checkpoints/step-000020/weights.npz", "checkpoints/step-000040/optimizer.npz"} <= set(
-        files
-    )
+    assert {
+        "checkpoints/step-000020/weights.npz",
+        "checkpoints/step-000040/state.npz",
+        "checkpoints/step-000040/manifest.json",
+    } <= set(files)
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.run_name == "e2e"
 

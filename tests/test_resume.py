@@ -1,0 +1,137 @@
+"""Stopped runs go on to the same weights: a killed coordinator, Ctrl-C, a corrupt checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from service.checkpoint import latest_checkpoint, save_checkpoint
+from workers.params import Layout
+
+CONFIG = """
+data: {synthetic: {name: moons, rows: 4000, noise: 0.3, seed: 3}}
+model: {hidden: [32, 32]}
+train: {steps: 120, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
+cluster: {workers: 2}
+"""
+
+
+def shardprop(*args, cwd):
+    command = [str(Path(sys.executable).parent / "shardprop"), *map(str, args)]
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def only_run(uri):
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+    return client, run
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config):
+    reference = shardprop(
+        "train", config, "--no-tracking", "--output", tmp_path / "ref", cwd=tmp_path
+    )
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
+    wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
+    victim.send_signal(signal.SIGKILL)  # as an operator's kill -9, or a lost node
+    victim.wait(timeout=60)
+    client, run = only_run(uri)
+    assert run.info.status == "RUNNING"  # nobody was left to say otherwise
+
+    resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
+        for name in want.files:
+            assert np.array_equal(got[name], want[name]), name
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 121))  # every step once, none twice
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_marks_the_run_killed_and_leaves_no_actors(
+    ray_session, tmp_path, config
+):
+    from ray.util.state import list_actors
+
+    address = ray_session.get_runtime_context().gcs_address
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    process = shardprop(
+        "train", config, "--address", address, "--tracking-uri", uri, "--output", out, cwd=tmp_path
+    )
+    wait_for(out / "checkpoints" / "step-000010" / "manifest.json", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted: stopped after step" in stderr
+    assert "shardprop resume" in stderr
+    stopped_at = int(stderr.split("stopped after step ")[1].split()[0].rstrip(";"))
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").exists()
+    _, run = only_run(uri)
+    assert run.info.status == "KILLED"
+    alive = [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ShardWorker"
+    ]
+    assert alive == []
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    layout = Layout((2, 3, 1))
+    for step in (10, 20):
+        save_checkpoint(
+            tmp_path,
+            step,
+            layout,
+            np.full(layout.size, float(step)),
+            {"optimizer.m": np.arange(3.0)},
+        )
+    weights = tmp_path / "step-000020" / "weights.npz"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    checkpoint = latest_checkpoint(tmp_path, layout, "float64")
+    assert checkpoint.step == 10
+    assert np.all(checkpoint.theta == 10.0)
+    assert np.array_equal(checkpoint.part("optimizer")["m"], np.arange(3.0))
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    layout = Layout((2, 1))
+    theta = np.zeros(layout.size)
+    theta[0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(tmp_path, 1, layout, theta, {})
+    assert latest_checkpoint(tmp_path, layout, "float64") is None
+    assert os.listdir(tmp_path) == []
