@@ -449,7 +449,9 @@ class Tracker:
         # a process boundary: the exception in flight matters more than a store that fails now
         try:
             if status == "FAILED":
-                self.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+                self.set_tags(
+                    {"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "run_tags", {})}
+                )
             self.end(status)
         except Exception:
             log.exception("could not mark MLflow run %s as %s", self.run_id, status)

@@ -17,7 +17,7 @@ from service.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from service.config import Config
 from service.data import DataPlan, plan_data
 from service.early_stop import EarlyStopping
-from service.errors import TrainingError
+from service.errors import DivergenceError, TrainingError
 from service.group import WorkerGroup, start_group
 from service.interrupts import Interrupted, StopRequests, stop_requests
 from service.lineage import input_record, shard_records
@@ -180,9 +180,10 @@ def fit(
             mean, loss, grad = objective(parts, theta, layout, train.l2)
             reduced = time.perf_counter()
             if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
-                raise TrainingError(
+                raise DivergenceError(
+                    step,
                     f"training diverged at step {step} (loss {loss}); "
-                    "try a lower train.learning_rate"
+                    "try a lower train.learning_rate",
                 )
             optimizer.step(theta, grad)
             step_seconds = time.perf_counter() - started
@@ -218,7 +219,8 @@ def fit(
                     f"stopped after step {step}; checkpoint {last_checkpoint}; go on with: {how}",
                 )
     except TrainingError as error:
-        raise TrainingError(f"{error}{resume_hint(last_checkpoint)}") from None
+        error.args = (f"{error}{resume_hint(last_checkpoint)}",)
+        raise
     if stopper and train.patience and stopper.best_theta is not None:
         theta[...] = stopper.best_theta  # early stopping keeps the best weights
     return history, stopper

@@ -45,6 +45,9 @@ def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
     run = MlflowClient(uri).search_runs(MlflowClient(uri).search_experiments()[0].experiment_id)[0]
     assert run.info.status == "FAILED"
     assert "diverged" in run.data.tags["error"]
+    step = int(message.split("diverged at step ")[1].split()[0])
+    assert run.data.tags["shardprop.diverged_at_step"] == str(step)
+    assert kept.endswith(f"step-{step - 1:06d}/weights.npz")  # the last finite weights
 
 
 @pytest.mark.cluster
