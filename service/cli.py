@@ -43,6 +43,14 @@ def errors_as_exit_codes():
         raise typer.Exit(code=error.exit_code) from None
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines would drown the progress; and its client retries a dead server
+    for minutes per call, where the tracker's own writer retries every second anyway."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -92,7 +100,7 @@ def train(
     from service.progress import Reporter
     from service.trainer import train as run_training
 
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown progress
+    quiet_mlflow()
     with errors_as_exit_codes():
         if config is None:
             raise ConfigError("train needs a CONFIG file (or --resume RUN_ID)")
@@ -131,7 +139,7 @@ def resume_run(
     from service.tracking import recall_run
     from service.trainer import train as run_training
 
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    quiet_mlflow()
     with errors_as_exit_codes():
         logged, logged_output = recall_run(tracking_uri, run_id)
         logged.get("cluster", {}).pop("inject_failure", None)  # chaos does not come back

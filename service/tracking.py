@@ -47,6 +47,7 @@ import workers
 from service.lineage import InputRecord
 from service.serving import load_bundle, predict_frame
 from workers.errors import UserError
+from workers.source import one_line
 
 DEFAULT_DB = "mlflow.db"
 MODEL_NAME = "model"  # the model is at runs:/<run_id>/model
@@ -60,6 +61,7 @@ METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+SYNC_SECONDS = 5.0  # the longest a checkpoint waits for the store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,6 +180,11 @@ class Tracker:
         self._pending: deque[tuple[int, int, dict[str, float]]] = deque()
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # sync(): write now rather than at the next tick
+        self._written = threading.Condition()
+        self._written_through = 0  # every metric up to this step is in the store
+        # checkpoints to upload, written by the writer thread after the metrics before them
+        self._artifacts: deque[tuple[str, str | None]] = deque()
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_step = 0
@@ -287,25 +294,40 @@ class Tracker:
         self._write_pending()
         self._writer_error = None  # whatever the writer failed on has been written now
 
-    def sync(self) -> None:
-        """Write what is queued now, if the store takes it; a checkpoint calls this, so a
-        run resumed from a checkpoint finds every metric up to it. Never raises: a store
-        that is down keeps the queue for later."""
-        try:
-            self.flush()
-        except Exception as error:  # the store's failure must not stop training
-            log.warning("MLflow metrics not written yet, will retry: %s", error)
+    def sync(self, budget_seconds: float = SYNC_SECONDS) -> bool:
+        """Have the writer thread write what is queued now, and wait for it at most
+        `budget_seconds`; a checkpoint calls this so that a run resumed from it finds every
+        metric up to it. A store that is down costs the loop that budget once per call, never
+        more: the queue is kept and written when the store is back. Returns whether it was."""
+        target = self._last_step
+        self._wake.set()
+        with self._written:
+            return self._written.wait_for(lambda: self._written_through >= target, budget_seconds)
+
+    def log_checkpoint(self, folder: Path) -> None:
+        """Upload a checkpoint folder under checkpoints/, from the writer thread."""
+        self._artifacts.append((os.fspath(folder), "checkpoints"))
+        self._wake.set()
 
     def _write_loop(self) -> None:
-        while not self._stop.wait(self._flush_seconds):
+        while not self._stop.is_set():
+            self._wake.wait(self._flush_seconds)
+            self._wake.clear()
             try:
                 self._write_pending()
-            # a thread boundary: an error here would vanish with the thread; the queue keeps
-            # the metrics and flush() / end() retry them and raise
+                while self._artifacts:
+                    self.client.log_artifact(self.run_id, *self._artifacts[0])
+                    self._artifacts.popleft()
+            # a thread boundary: an error here would vanish with the thread; the queues keep
+            # the metrics and checkpoints, and the next tick, flush() or end() retries them
             except Exception as error:
                 if self._writer_error is None:
-                    log.warning("MLflow metrics not written yet, will retry: %s", error)
+                    log.warning("MLflow store unreachable, will retry: %s", one_line(error))
                 self._writer_error = error
+            else:
+                if self._writer_error is not None:
+                    log.warning("MLflow store reachable again: queued metrics written")
+                self._writer_error = None
 
     def _write_pending(self) -> None:
         with self._write_lock:
@@ -325,6 +347,9 @@ class Tracker:
                 except BaseException:
                     self._pending.extendleft(reversed(taken))
                     raise
+                with self._written:
+                    self._written_through = max(self._written_through, taken[-1][0])
+                    self._written.notify_all()
 
     # --- artifacts -------------------------------------------------------------------------
 
@@ -423,9 +448,12 @@ class Tracker:
             return
         self._ended = True
         self._stop.set()
+        self._wake.set()
         self._writer.join()
         try:
             self._write_pending()
+            while self._artifacts:
+                self.client.log_artifact(self.run_id, *self._artifacts.popleft())
         finally:
             self.client.set_terminated(self.run_id, status)
 

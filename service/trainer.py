@@ -27,6 +27,7 @@ from service.policy import InjectedFailure
 from service.prepare import DataSetup, decide
 from service.progress import Reporter
 from service.reduce import BatchMean, batch_mean, reduce_sums
+from service.store_probe import check_reachable
 from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
 from workers.network import Architecture, ShardSums
@@ -160,7 +161,7 @@ def fit(
             state |= prefixed("early_stopping", stopper.state())
         tracker.sync()  # metrics first: a checkpoint must never be ahead of the run's record
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
-        tracker.log_artifact(folder, "checkpoints")  # a folder: checkpoints/step-NNNNNN
+        tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
         return folder
 
     try:
@@ -274,6 +275,8 @@ def train(
     `output` (the same MLflow run, the same config, the same result as if never stopped)."""
     reporter = reporter or Reporter("quiet")
     plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+    if config.tracking.enabled:
+        check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
     with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
         tracker, group = open_run(config, plan, background, resume_run)
         with tracker, closing(group), stop_requests() as stop:

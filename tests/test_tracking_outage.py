@@ -1,0 +1,125 @@
+"""The tracking server going away: refused at the start in seconds, ridden out mid-run.
+
+A real `mlflow server` process on loopback, stopped and started again while a run trains.
+"""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = MlflowServer(tmp_path / "store")
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+def shardprop(*args, cwd):
+    return subprocess.Popen(
+        [str(BIN / "shardprop"), *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_an_unreachable_server_is_refused_in_seconds_before_any_worker(tmp_path):
+    started = time.monotonic()
+    process = shardprop(
+        "train", "/dev/null", "--tracking-uri", f"http://127.0.0.1:{free_port()}", cwd=tmp_path
+    )
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "tracking.uri: the MLflow server at http://127.0.0.1" in stderr
+    assert "Ray" not in stderr and "Traceback" not in stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_server_stopped_and_restarted_mid_run_loses_no_metric(tmp_path, server):
+    config = tmp_path / "slow.yaml"
+    config.write_text(
+        "data: {synthetic: {name: moons, rows: 60000}}\nmodel: {hidden: [128, 128]}\n"
+        "train: {steps: 300, checkpoint_every: 10}\ncluster: {workers: 0}\n"
+    )
+    out = tmp_path / "out"
+    run = shardprop("train", config, "--tracking-uri", server.uri, "--output", out, cwd=tmp_path)
+    checkpoints = out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "step-000020").exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    server.stop()
+    while not (checkpoints / "step-000040").exists():  # training goes on without the store
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    server.start()
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert "unreachable" in stderr  # the user was told, once
+    client = MlflowClient(server.uri)
+    (finished,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+    assert finished.info.status == "FINISHED"
+    steps = [p.step for p in client.get_metric_history(finished.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 301))
+    uploaded = {a.path for a in client.list_artifacts(finished.info.run_id, "checkpoints")}
+    assert "checkpoints/step-000030" in uploaded  # written while the store was down
+    assert (out / "weights.npz").exists()
