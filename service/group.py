@@ -13,7 +13,7 @@ import numpy as np
 from service.config import ClusterConfig
 from service.data import DataPlan
 from service.errors import ConfigError, TrainingError
-from service.policy import Decision, FailurePolicy, InjectedFailure
+from service.policy import WHEN, Decision, FailurePolicy, InjectedFailure
 from workers.errors import UserError
 from workers.shard import ShardWorker
 
@@ -151,8 +151,7 @@ class RayGroup:
             raise ConfigError(
                 f"--inject-failure worker={failure.worker}: ranks are 0..{self.size - 1}"
             )
-        instead = "die" if failure.when == "before" else "gradient_then_die"
-        self._armed[failure.worker] = [instead] * failure.times
+        self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
     def close(self) -> None:
         for actor in self.actors:

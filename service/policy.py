@@ -28,11 +28,16 @@ class FailurePolicy:
         return min(len(self.failures), self.max_failures)
 
 
+# when=... -> the ShardWorker method called instead of `gradient`
+WHEN = {"before": "die", "after": "gradient_then_die", "hang": "hang"}
+
+
 @dataclass
 class InjectedFailure:
-    """`--inject-failure worker=R,step=S[,times=N][,when=before|after]`: kill worker R's
+    """`--inject-failure worker=R,step=S[,times=N][,when=before|after|hang]`: kill worker R's
     process at step S, N times in a row (its replacements too), before it computes the step's
-    gradient or after it computed it but before the coordinator collects it."""
+    gradient or after it computed it but before the coordinator collects it; or make it hang
+    (never answer), which `cluster.step_timeout` turns into a lost worker."""
 
     worker: int
     step: int
@@ -49,10 +54,10 @@ class InjectedFailure:
             fields[key.strip()] = value.strip()
         unknown = set(fields) - {"worker", "step", "times", "when"}
         if unknown or not {"worker", "step"} <= set(fields):
-            raise ValueError("expected worker=R,step=S[,times=N][,when=before|after]")
+            raise ValueError("expected worker=R,step=S[,times=N][,when=before|after|hang]")
         when = fields.get("when", "before")
-        if when not in ("before", "after"):
-            raise ValueError(f"when={when!r}: expected before or after")
+        if when not in WHEN:
+            raise ValueError(f"when={when!r}: expected one of {', '.join(WHEN)}")
         try:
             injected = cls(
                 int(fields["worker"]), int(fields["step"]), int(fields.get("times", 1)), when

@@ -14,12 +14,13 @@ def ray_session():
     """
     import ray
 
-    ray.init(
+    context = ray.init(
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level="WARNING",
     )
+    ray.dashboard_address = f"http://{context.dashboard_url}"  # for ray.util.state calls
     yield ray
     ray.shutdown()
 

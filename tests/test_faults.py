@@ -36,11 +36,12 @@ def unfaulted(ray_session, tmp_path_factory):
     return run(f"sqlite:///{tmp_path_factory.mktemp('ref') / 'mlflow.db'}")
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_a_worker_killed_at_step_17_changes_nothing_in_the_result(
+@pytest.mark.parametrize("when", ["before", "after", "hang"])
+def test_a_worker_lost_at_step_17_changes_nothing_in_the_result(
     ray_session, unfaulted, tracking_uri, when
 ):
-    faulted = run(tracking_uri, 2, f"worker=1,step=17,when={when}")
+    # hang: a worker that never answers is lost after cluster.step_timeout seconds
+    faulted = run(tracking_uri, 2, f"worker=1,step=17,when={when}", "cluster.step_timeout=3")
     assert np.array_equal(faulted.theta, unfaulted.theta)  # bit for bit
     client = MlflowClient(tracking_uri)
     losses = client.get_metric_history(faulted.run_id, "loss")

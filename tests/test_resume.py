@@ -81,8 +81,9 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_marks_the_run_killed_and_leaves_no_actors(
-    ray_session, tmp_path, config
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors(
+    ray_session, tmp_path, config, signum, code
 ):
     from ray.util.state import list_actors
 
@@ -93,9 +94,9 @@ def test_ctrl_c_checkpoints_marks_the_run_killed_and_leaves_no_actors(
         "train", config, "--address", address, "--tracking-uri", uri, "--output", out, cwd=tmp_path
     )
     wait_for(out / "checkpoints" / "step-000010" / "manifest.json", process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "interrupted: stopped after step" in stderr
     assert "shardprop resume" in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split()[0].rstrip(";"))

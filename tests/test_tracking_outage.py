@@ -108,7 +108,7 @@ def test_a_server_stopped_and_restarted_mid_run_loses_no_metric(tmp_path, server
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
     server.stop()
-    while not (checkpoints / "step-000040").exists():  # training goes on without the store
+    while not (checkpoints / "step-000030").exists():  # training goes on without the store
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
     server.start()

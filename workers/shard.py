@@ -9,6 +9,7 @@ memory for every step.
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -187,6 +188,10 @@ class ShardWorker:
         """Chaos testing: compute the step's sums, then die before handing them over."""
         self.gradient(theta)
         self.die()
+
+    def hang(self, *_: object) -> None:
+        """Chaos testing: never answer, as a worker stuck on a dead disk or network would."""
+        threading.Event().wait()
 
     def where(self) -> dict:
         """Which process holds this shard, for the run's records."""
