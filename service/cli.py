@@ -51,18 +51,24 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+# the options `train` and `plan` share
+ConfigArgument = Annotated[
+    Path | None, typer.Argument(help="YAML config; every key has a default.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),
+]
+WorkersOption = Annotated[
+    int | None, typer.Option(help="Ray workers (cluster.workers); 0 = in-process.")
+]
+
+
 @app.command()
 def train(
-    config: Annotated[
-        Path | None, typer.Argument(help="YAML config; every key has a default.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Ray workers (cluster.workers); 0 = in-process.")
-    ] = None,
+    config: ConfigArgument = None,
+    set_: SetOption = None,
+    workers: WorkersOption = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join: auto, host:port, ray://host:10001.")
     ] = None,
@@ -270,16 +276,9 @@ def data_make(
 
 @app.command()
 def plan(
-    config: Annotated[
-        Path | None, typer.Argument(help="YAML config; every key has a default.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key: --set train.steps=100 (YAML value)."),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Ray workers (cluster.workers); 0 = in-process.")
-    ] = None,
+    config: ConfigArgument = None,
+    set_: SetOption = None,
+    workers: WorkersOption = None,
     outputs: Annotated[
         int | None,
         typer.Option(min=1, help="Output units to plan for when the labels decide (multiclass)."),

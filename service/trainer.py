@@ -38,7 +38,7 @@ from workers.synthetic import SyntheticSpec
 @dataclass
 class RunResult:
     run_id: str
-    tracking_uri: str
+    tracking_uri: str | None
     arch: Architecture
     theta: np.ndarray
     setup: DataSetup
