@@ -61,7 +61,6 @@ METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-SYNC_SECONDS = 5.0  # the longest a checkpoint waits for the store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,9 +179,7 @@ class Tracker:
         self._pending: deque[tuple[int, int, dict[str, float]]] = deque()
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
-        self._wake = threading.Event()  # sync(): write now rather than at the next tick
-        self._written = threading.Condition()
-        self._written_through = 0  # every metric up to this step is in the store
+        self._wake = threading.Event()  # write now rather than at the next tick
         # checkpoints to upload, written by the writer thread after the metrics before them
         self._artifacts: deque[tuple[str, str | None]] = deque()
         self._flush_seconds = flush_seconds
@@ -294,16 +291,6 @@ class Tracker:
         self._write_pending()
         self._writer_error = None  # whatever the writer failed on has been written now
 
-    def sync(self, budget_seconds: float = SYNC_SECONDS) -> bool:
-        """Have the writer thread write what is queued now, and wait for it at most
-        `budget_seconds`; a checkpoint calls this so that a run resumed from it finds every
-        metric up to it. A store that is down costs the loop that budget once per call, never
-        more: the queue is kept and written when the store is back. Returns whether it was."""
-        target = self._last_step
-        self._wake.set()
-        with self._written:
-            return self._written.wait_for(lambda: self._written_through >= target, budget_seconds)
-
     def log_checkpoint(self, folder: Path) -> None:
         """Upload a checkpoint folder under checkpoints/, from the writer thread."""
         self._artifacts.append((os.fspath(folder), "checkpoints"))
@@ -347,9 +334,6 @@ class Tracker:
                 except BaseException:
                     self._pending.extendleft(reversed(taken))
                     raise
-                with self._written:
-                    self._written_through = max(self._written_through, taken[-1][0])
-                    self._written.notify_all()
 
     # --- artifacts -------------------------------------------------------------------------
 

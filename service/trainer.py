@@ -116,6 +116,24 @@ def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {f"{prefix}.{key}": value for key, value in arrays.items()}
 
 
+def records_to_arrays(records: list[tuple[int, dict[str, float]]]) -> dict[str, np.ndarray]:
+    """Every step's metrics as columns (NaN where a step has no such metric), for a checkpoint:
+    a resumed run re-logs whatever the store had not received before the crash."""
+    names = sorted({name for _, metrics in records for name in metrics})
+    arrays = {"steps": np.array([step for step, _ in records], dtype=np.int64)}
+    for name in names:
+        arrays[name] = np.array([metrics.get(name, np.nan) for _, metrics in records])
+    return arrays
+
+
+def records_from_arrays(arrays: dict[str, np.ndarray]) -> list[tuple[int, dict[str, float]]]:
+    steps = arrays.pop("steps", np.empty(0, dtype=np.int64))
+    return [
+        (int(step), {name: float(v[i]) for name, v in arrays.items() if not np.isnan(v[i])})
+        for i, step in enumerate(steps)
+    ]
+
+
 def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
     """val_loss (data term only) and val_accuracy, reduced over the workers' validation rows."""
     mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
@@ -149,17 +167,25 @@ def fit(
         if stopper:
             stopper.load_state(start.part("early_stopping"))
         first_step = start.step + 1
+    records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
+    if start is not None:
+        records = records_from_arrays(start.part("metrics"))
     history: dict[str, list[float]] = {}
+    for step, metrics in records:
+        tracker.log_metrics(step, metrics)  # the tracker skips what its store already has
+        for name, value in metrics.items():
+            history.setdefault(name, []).append(value)
     last_checkpoint = start.folder if start is not None else None
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
 
     def keep(step: int) -> Path:
-        state = prefixed("optimizer", optimizer.state())
+        state = prefixed("optimizer", optimizer.state()) | prefixed(
+            "metrics", records_to_arrays(records)
+        )
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
-        tracker.sync()  # metrics first: a checkpoint must never be ahead of the run's record
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
         tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
         return folder
@@ -174,6 +200,7 @@ def fit(
                 metrics = validate(group, theta)
                 if stopper.update(step, metrics["val_loss"], theta):
                     tracker.log_metrics(step, metrics)
+                    records.append((step, metrics))
                     break
             started = time.perf_counter()
             parts = group.call("gradient", theta)
@@ -203,6 +230,7 @@ def fit(
             if group.restarts != restarts:
                 restarts = metrics["worker_restarts"] = group.restarts
             tracker.log_metrics(step, metrics)
+            records.append((step, metrics))
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
             reporter.update(step, metrics)

@@ -26,8 +26,6 @@ class Recorder(Protocol):
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def sync(self) -> bool: ...
-
     def log_checkpoint(self, folder: Path) -> None: ...
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
@@ -57,9 +55,6 @@ class Untracked:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         pass
-
-    def sync(self) -> bool:
-        return True
 
     def log_checkpoint(self, folder: Path) -> None:
         pass

@@ -136,3 +136,11 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
         save_checkpoint(tmp_path, 1, layout, theta, {})
     assert latest_checkpoint(tmp_path, layout, "float64") is None
     assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_carries_every_logged_metric_for_the_store_to_catch_up():
+    from service.trainer import records_from_arrays, records_to_arrays
+
+    records = [(1, {"loss": 0.9}), (2, {"loss": 0.8, "val_loss": 0.85}), (3, {"loss": 0.7})]
+    assert records_from_arrays(records_to_arrays(records)) == records
+    assert records_from_arrays(records_to_arrays([])) == []
