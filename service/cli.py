@@ -44,9 +44,12 @@ def errors_as_exit_codes():
 
 
 def quiet_mlflow() -> None:
-    """MLflow's INFO lines would drown the progress; and its client retries a dead server
-    for minutes per call, where the tracker's own writer retries every second anyway."""
+    """MLflow's INFO lines would drown the progress; its client retries a dead server for
+    minutes per call, where the tracker's own writer retries every second anyway; and its
+    usage telemetry costs the run CPU and reaches for the network (set the variable to
+    false to allow it)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
