@@ -143,6 +143,30 @@ def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+def step_metrics(
+    mean: BatchMean,
+    loss: float,
+    grad: np.ndarray,
+    parts: list[ShardSums],
+    timing: tuple[float, float, float, float],
+) -> dict[str, float]:
+    """The per-step metrics of DESIGN.md §3, from the step's reduce and its clock readings
+    (started, gathered, reduced, updated)."""
+    started, gathered, reduced, updated = timing
+    metrics = {"loss": loss}
+    if mean.accuracy is not None:
+        metrics["accuracy"] = mean.accuracy
+    return metrics | {
+        "grad_norm": float(np.linalg.norm(grad)),
+        "step_seconds": updated - started,
+        # beyond the slowest worker's compute: broadcast, gather and sum
+        "allreduce_seconds": (gathered - started)
+        - max(p.seconds for p in parts)
+        + (reduced - gathered),
+        "samples_per_second": mean.rows / (updated - started),
+    }
+
+
 def fit(
     group: WorkerGroup,
     theta: np.ndarray,
@@ -160,22 +184,24 @@ def fit(
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
-    first_step = 1
+    records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
+    history: dict[str, list[float]] = {}
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(step, metrics)  # a resumed run's tracker skips what it has
+        records.append((step, metrics))
+        for name, value in metrics.items():
+            history.setdefault(name, []).append(value)
+
+    first_step, last_checkpoint = 1, None
     if start is not None:
         theta[...] = start.theta
         optimizer.load_state(start.part("optimizer"))
         if stopper:
             stopper.load_state(start.part("early_stopping"))
-        first_step = start.step + 1
-    records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
-    if start is not None:
-        records = records_from_arrays(start.part("metrics"))
-    history: dict[str, list[float]] = {}
-    for step, metrics in records:
-        tracker.log_metrics(step, metrics)  # the tracker skips what its store already has
-        for name, value in metrics.items():
-            history.setdefault(name, []).append(value)
-    last_checkpoint = start.folder if start is not None else None
+        for step, metrics in records_from_arrays(start.part("metrics")):
+            record(step, metrics)
+        first_step, last_checkpoint = start.step + 1, start.folder
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
@@ -199,8 +225,7 @@ def fit(
                 # measured at the parameters this step's gradient is taken at, as `loss` is
                 metrics = validate(group, theta)
                 if stopper.update(step, metrics["val_loss"], theta):
-                    tracker.log_metrics(step, metrics)
-                    records.append((step, metrics))
+                    record(step, metrics)
                     break
             started = time.perf_counter()
             parts = group.call("gradient", theta)
@@ -214,25 +239,11 @@ def fit(
                     "try a lower train.learning_rate",
                 )
             optimizer.step(theta, grad)
-            step_seconds = time.perf_counter() - started
-            metrics["loss"] = loss
-            if mean.accuracy is not None:
-                metrics["accuracy"] = mean.accuracy
-            metrics |= {
-                "grad_norm": float(np.linalg.norm(grad)),
-                "step_seconds": step_seconds,
-                # beyond the slowest worker's compute: broadcast, gather and sum
-                "allreduce_seconds": (gathered - started)
-                - max(p.seconds for p in parts)
-                + (reduced - gathered),
-                "samples_per_second": mean.rows / step_seconds,
-            }
+            timing = (started, gathered, reduced, time.perf_counter())
+            metrics |= step_metrics(mean, loss, grad, parts, timing)
             if group.restarts != restarts:
                 restarts = metrics["worker_restarts"] = group.restarts
-            tracker.log_metrics(step, metrics)
-            records.append((step, metrics))
-            for name, value in metrics.items():
-                history.setdefault(name, []).append(value)
+            record(step, metrics)
             reporter.update(step, metrics)
             due = train.checkpoint_every and step % train.checkpoint_every == 0
             if due or (stop is not None and stop.signum is not None):
