@@ -15,8 +15,8 @@ from service.checkpoint import latest_checkpoint, save_checkpoint
 from workers.params import Layout
 
 CONFIG = """
-data: {synthetic: {name: moons, rows: 4000, noise: 0.3, seed: 3}}
-model: {hidden: [32, 32]}
+data: {synthetic: {name: moons, rows: 40000, noise: 0.3, seed: 3}}
+model: {hidden: [64, 64]}
 train: {steps: 120, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
 cluster: {workers: 2}
 """
@@ -34,7 +34,7 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
     while not path.exists():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 @pytest.fixture
