@@ -291,6 +291,14 @@ class Tracker:
         self._write_pending()
         self._writer_error = None  # whatever the writer failed on has been written now
 
+    def download_checkpoints(self, destination: Path) -> Path:
+        """The run's uploaded checkpoints, for a resume where its output folder is gone."""
+        destination.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.client.download_artifacts(self.run_id, "checkpoints", destination))
+        except (mlflow.MlflowException, OSError):
+            return destination / "checkpoints"  # none uploaded: an empty place to look
+
     def log_checkpoint(self, folder: Path) -> None:
         """Upload a checkpoint folder under checkpoints/, from the writer thread."""
         self._artifacts.append((os.fspath(folder), "checkpoints"))

@@ -331,7 +331,11 @@ def train(
             )
             start = None
             if resume_run:
-                start = latest_checkpoint(output / "checkpoints", arch.layout, config.model.dtype)
+                layout, dtype = arch.layout, config.model.dtype
+                start = latest_checkpoint(output / "checkpoints", layout, dtype)
+                if start is None:  # the output folder is gone or elsewhere: MLflow has copies
+                    fetched = tracker.download_checkpoints(output / "fetched")
+                    start = latest_checkpoint(fetched, layout, dtype)
             theta = initial_parameters(arch.layout, config, init_weights)
             group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
             if not resume_run:

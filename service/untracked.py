@@ -28,6 +28,8 @@ class Recorder(Protocol):
 
     def log_checkpoint(self, folder: Path) -> None: ...
 
+    def download_checkpoints(self, destination: Path) -> Path: ...
+
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
     def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None: ...
@@ -58,6 +60,9 @@ class Untracked:
 
     def log_checkpoint(self, folder: Path) -> None:
         pass
+
+    def download_checkpoints(self, destination: Path) -> Path:
+        return destination / "checkpoints"
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         pass

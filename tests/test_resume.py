@@ -1,6 +1,7 @@
 """Stopped runs go on to the same weights: a killed coordinator, Ctrl-C, a corrupt checkpoint."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def only_run(uri):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config):
+@pytest.mark.parametrize("from_mlflow", [False, True], ids=["local", "from-mlflow"])
+def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config, from_mlflow):
     reference = shardprop(
         "train", config, "--no-tracking", "--output", tmp_path / "ref", cwd=tmp_path
     )
@@ -67,6 +69,8 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     client, run = only_run(uri)
     assert run.info.status == "RUNNING"  # nobody was left to say otherwise
 
+    if from_mlflow:  # as on another machine: only the run's uploaded checkpoints are left
+        shutil.rmtree(out)
     resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
