@@ -57,7 +57,9 @@ def test_a_lost_worker_is_named(ray_session):
     group = RayGroup(plan, cpus_per_worker=1, owns_runtime=False)
     try:
         group.call("load")
-        ray_session.kill(group.actors[1])
+        # the worker's process ends (as kill -9 would end it); wait until Ray knows
+        with pytest.raises(ray_session.exceptions.RayActorError):
+            ray_session.get(group.actors[1].die.remote())
         with pytest.raises(TrainingError, match=r"worker 1 \(rows 150\.\.300\) was lost"):
             group.call("load")
     finally:
