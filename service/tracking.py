@@ -226,14 +226,6 @@ class Tracker:
         tracker._logged_through = max((point.step for point in logged), default=0)
         return tracker
 
-    @property
-    def run_uri(self) -> str:
-        return f"runs:/{self.run_id}"
-
-    @property
-    def model_uri(self) -> str:
-        return f"runs:/{self.run_id}/{MODEL_NAME}"
-
     # --- params and tags -------------------------------------------------------------------
 
     def log_params(self, params: Mapping[str, Any]) -> None:

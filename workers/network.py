@@ -67,12 +67,6 @@ class Batch:
         if self.Y.ndim != 2 or self.Y.shape[1] != m:
             raise ValueError(f"Y must have shape (n_L, {m}), got {self.Y.shape}")
 
-    @classmethod
-    def from_rows(cls, rows: np.ndarray, targets: np.ndarray, dtype: np.dtype | str) -> "Batch":
-        """From row-major data as tables give it: rows (m, n0), targets (m,) or (m, n_L)."""
-        targets = targets.reshape(len(targets), -1)
-        return cls(rows.T, targets.T, dtype)
-
     @property
     def X(self) -> np.ndarray:
         """The features (n0, m), a view: standardise in place through it."""
@@ -125,17 +119,18 @@ class Network:
         self._delta = [np.empty(widest * m, dtype=self.dtype) for _ in range(2)]
         self._rows = m
 
-    def _forward(self, theta: np.ndarray, X1: np.ndarray) -> list[np.ndarray]:
-        """Fill the buffers; returns [A[0]; 1], ..., [A[L-1]; 1], Z[L]."""
-        self._buffers_for(X1.shape[1])
-        inputs = [X1, *self._A1]
-        outputs = [A1[:-1] for A1 in self._A1] + [self._Z_out]
+    def _forward(
+        self, theta: np.ndarray, X1: np.ndarray, lo: int = 0, hi: int | None = None
+    ) -> list[np.ndarray]:
+        """Fill columns [lo, hi) of the buffers (sized for X1 already); returns views of
+        [A[0]; 1], ..., [A[L-1]; 1], Z[L] on those columns."""
+        inputs = [X1[:, lo:hi]] + [A1[:, lo:hi] for A1 in self._A1]  # [A[l]; 1]
+        outputs = [A1[:-1] for A1 in inputs[1:]] + [self._Z_out[:, lo:hi]]  # Z[l], then A[l]
         for l, block in enumerate(self.layout.blocks(theta)):
-            Z = outputs[l]  # (n_l, m)
-            np.matmul(block, inputs[l], out=Z)
+            np.matmul(block, inputs[l], out=outputs[l])
             if l < self.layout.depth - 1:
-                self._activate(Z)
-        return [*inputs, self._Z_out]
+                self._activate(outputs[l])
+        return [*inputs, outputs[-1]]
 
     def _check(self, theta: np.ndarray, batch: Batch) -> None:
         if theta.dtype != self.dtype or theta.shape != (self.layout.size,):
@@ -182,14 +177,9 @@ class Network:
         m = batch.rows
         L = self.layout.depth
         sizes = self.layout.sizes
-        inputs = [batch.X1[:, lo:hi]] + [A1[:, lo:hi] for A1 in self._A1]  # [A[l]; 1]
-        outputs = [A1[:-1] for A1 in inputs[1:]] + [self._Z_out[:, lo:hi]]  # Z[l], then A[l]
+        *inputs, Z_out = self._forward(theta, batch.X1, lo, hi)
         blocks = self.layout.blocks(theta)
-        for l, block in enumerate(blocks):
-            np.matmul(block, inputs[l], out=outputs[l])
-            if l < L - 1:
-                self._activate(outputs[l])
-        Z_out, Y = outputs[-1], batch.Y[:, lo:hi]
+        Y = batch.Y[:, lo:hi]
         # dZ of layer l and dA of layer l-1 alternate between the two delta buffers
         delta = [buffer.reshape(max(sizes[1:]), m) for buffer in self._delta]
         dZ = delta[L % 2][: sizes[L], lo:hi]  # (n_L, hi - lo)
@@ -209,6 +199,7 @@ class Network:
     def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward only: loss sum and correct count (grad is empty)."""
         self._check(theta, batch)
+        self._buffers_for(batch.rows)
         *_, Z_out = self._forward(theta, batch.X1)
         dZ = np.empty_like(Z_out)
         loss = self._output.loss_and_delta(Z_out, batch.Y, dZ)
@@ -219,5 +210,6 @@ class Network:
         """Output activations (n_L, m) for features X (n0, m): probabilities or values."""
         batch = Batch(X, np.empty((self.layout.sizes[-1], X.shape[1])), self.dtype)
         self._check(theta, batch)
+        self._buffers_for(batch.rows)
         *_, Z_out = self._forward(theta, batch.X1)
         return self._output.predict(Z_out)
