@@ -155,18 +155,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def sizes_of(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
     """The layer sizes (n0, ..., nL) a weights file describes, checked for consistency."""
     depth = sum(1 for name in arrays if name.startswith("W"))
-    if depth == 0 or "W1" not in arrays or arrays["W1"].ndim != 2:
-        raise WeightsFileError(f"{path}: no 2-d array 'W1'; expected arrays W1..WL and b1..bL")
-    sizes = (
-        arrays["W1"].shape[1],
-        *(
-            arrays[f"W{l}"].shape[0]
-            for l in range(1, depth + 1)
-            if f"W{l}" in arrays and arrays[f"W{l}"].ndim == 2
-        ),
-    )
-    if len(sizes) != depth + 1:
-        raise WeightsFileError(f"{path}: weights arrays must be W1..W{depth}, all 2-d")
+    weights = [arrays.get(f"W{l}") for l in range(1, depth + 1)]
+    if depth == 0 or any(W is None or W.ndim != 2 for W in weights):
+        raise WeightsFileError(f"{path}: expected 2-d arrays W1..WL and b1..bL")
+    sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
     check_shapes(path, arrays, Layout(sizes))
     return sizes
 
