@@ -169,6 +169,44 @@ def resume_run(
     skip_last_collection()
 
 
+@app.command()
+def submit(
+    config: ConfigArgument = None,
+    address: Annotated[
+        str, typer.Option(help="The cluster's Jobs API (dashboard): http://HEAD:8265.")
+    ] = "http://127.0.0.1:8265",
+    set_: SetOption = None,
+    workers: WorkersOption = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI as the cluster sees it: http://mlflow:5000."),
+    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Stream the job's logs and exit with its status.")
+    ] = True,
+) -> None:
+    """Run `train CONFIG` on a Ray cluster as a Ray Job, with this version of the code."""
+    from service.submit import submit as submit_job
+
+    with errors_as_exit_codes():
+        if config is None:
+            raise ConfigError("submit needs a CONFIG file")
+        cfg = load_config(
+            config,
+            set_ or [],
+            {
+                "cluster.workers": workers,
+                "tracking.uri": tracking_uri,
+                "tracking.experiment": experiment,
+                "tracking.run_name": run_name,
+            },
+        )
+        code = submit_job(cfg, address, wait, say=typer.echo)
+    raise typer.Exit(code)
+
+
 def summarise(result: "RunResult", reporter: "Reporter") -> None:
     """The closing lines: run id, final loss, where the weights are, how to see the run."""
     final = result.final

@@ -99,6 +99,12 @@ class ClusterConfig(Section):
     max_worker_failures: int = Field(3, ge=0)  # lost workers replaced before the run fails
     step_timeout: float | None = Field(None, gt=0)  # seconds; a worker silent longer is lost
     inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=before|after]"
+    # spread: shards over as many nodes as have room (Ray's SPREAD); pack: fill nodes in turn
+    placement: Literal["spread", "pack"] = "spread"
+    worker_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
+    # send workers/ to the nodes with the job (runtime_env py_modules); auto: when joining a
+    # cluster, whose nodes may have another version installed, or none
+    ship_code: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("inject_failure")
     @classmethod

@@ -14,6 +14,7 @@ from service.config import ClusterConfig
 from service.data import DataPlan
 from service.errors import ConfigError, TrainingError
 from service.policy import WHEN, Decision, FailurePolicy, InjectedFailure
+from service.ray_auth import TOKEN_VARIABLE, check_token
 from workers.errors import UserError
 from workers.shard import ShardWorker
 
@@ -68,11 +69,17 @@ class RayGroup:
         owns_runtime: bool,
         policy: FailurePolicy | None = None,
         timeout: float | None = None,
+        placement: str = "spread",
+        resources: dict[str, float] | None = None,
     ):
         import ray
 
         self._ray = ray
-        self._actor = ray.remote(ShardWorker).options(num_cpus=cpus_per_worker)
+        self._actor = ray.remote(ShardWorker).options(
+            num_cpus=cpus_per_worker,
+            resources=resources or {},
+            scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
+        )
         self._spawn_args = [
             (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker)
             for rank, (start, stop) in enumerate(plan.shards)
@@ -162,7 +169,30 @@ class RayGroup:
             self._ray.shutdown()
 
 
-def connect_ray(address: str | None, cpus_needed: int) -> bool:
+def code_to_ship(cluster: ClusterConfig) -> dict[str, Any] | None:
+    """The runtime_env that sends this version of workers/ to the nodes, or None.
+
+    Workers import only `workers` (the math) and its numpy/pyarrow/threadpoolctl; the
+    coordinator keeps `service`. Shipped modules come first on the workers' sys.path, so a
+    node with another shardprop installed still runs the coordinator's version.
+    """
+    ship = cluster.ship_code
+    if ship == "never" or (ship == "auto" and cluster.address is None):
+        return None
+    import workers
+
+    return {"py_modules": [package_folder(workers)]}
+
+
+def package_folder(package: Any) -> str:
+    """A package's folder: what runtime_env py_modules takes everywhere (module objects
+    cannot travel through Ray Client or the Jobs API)."""
+    return os.path.dirname(package.__file__)
+
+
+def connect_ray(
+    address: str | None, cpus_needed: int, runtime_env: dict[str, Any] | None = None
+) -> bool:
     """Join the cluster at `address`, or start Ray on this machine when there is none.
 
     A local start declares at least as many CPUs as the workers ask for, so `--workers 3`
@@ -174,22 +204,43 @@ def connect_ray(address: str | None, cpus_needed: int) -> bool:
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     if address is None:
         options["num_cpus"] = max(os.cpu_count() or 1, cpus_needed)
     else:
         options["address"] = address
-    ray.init(**options)
+        check_token(address)
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        if address is None:
+            raise
+        raise ConfigError(unreachable_cluster(address, error)) from None
     return True
+
+
+def unreachable_cluster(address: str, error: Exception) -> str:
+    """One line for a cluster this client cannot join."""
+    text = " ".join(str(error).split())
+    return (
+        f"cluster.address: cannot join the Ray cluster at {address}: {text[:300]} "
+        f"(is it up, and does it need a token? {TOKEN_VARIABLE} sets one)"
+    )
 
 
 def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
     if cluster.workers == 0:
         return LocalGroup(plan)
-    started = connect_ray(cluster.address, cluster.workers * cluster.cpus_per_worker)
+    started = connect_ray(
+        cluster.address, cluster.workers * cluster.cpus_per_worker, code_to_ship(cluster)
+    )
     return RayGroup(
         plan,
         cluster.cpus_per_worker,
         owns_runtime=started,
         policy=FailurePolicy(cluster.max_worker_failures),
         timeout=cluster.step_timeout,
+        placement=cluster.placement,
+        resources=cluster.worker_resources,
     )

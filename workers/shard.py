@@ -9,6 +9,7 @@ memory for every step.
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -194,10 +195,18 @@ class ShardWorker:
         threading.Event().wait()
 
     def where(self) -> dict:
-        """Which process holds this shard, for the run's records."""
-        return {
+        """Which node and process hold this shard, for the run's records."""
+        record = {
             "rank": self.rank,
             "rows": [self.start, self.stop],
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "node_id": None,
+            "node_ip": None,
+            "code": os.path.dirname(os.path.dirname(__file__)),  # where workers/ came from
         }
+        ray = sys.modules.get("ray")  # loaded in a Ray worker; never imported by the math
+        if ray is not None and ray.is_initialized():
+            record["node_id"] = ray.get_runtime_context().get_node_id()
+            record["node_ip"] = ray.util.get_node_ip_address()
+        return record

@@ -1,0 +1,184 @@
+"""Real servers for the tests, on loopback: an `mlflow server` and a multi-node Ray cluster
+made of `ray start` processes. Each is torn down with its whole process group, also when a
+test fails, and never touches another Ray runtime on the machine (no `ray stop`)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(ready: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {seconds} s")
+
+
+def answers(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def stop_group(process: subprocess.Popen, seconds: float = 10) -> None:
+    """SIGTERM the process's whole group (a `ray start --block` takes its node down with
+    it), SIGKILL what is left after `seconds`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            time.sleep(0.5)  # the group's other processes end a moment after their leader
+
+
+class MlflowServer:
+    """`mlflow server` with a sqlite backend and served artifacts (clients need no shared
+    disk: artifacts go through the server)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_until(lambda: answers(f"{self.uri}/health"), 60, "mlflow server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+
+
+class RayCluster:
+    """A head and more nodes, each a `ray start --block` process group on 127.0.0.1.
+
+    `env` goes to every node (e.g. RAY_AUTH_MODE=token with RAY_AUTH_TOKEN); each node gets
+    `resources` (a custom resource per node makes shards land on every node).
+    """
+
+    def __init__(self, env: dict[str, str], cpus_per_node: int = 1, resources: dict | None = None):
+        # the nodes' `python` is the one with shardprop's dependencies, as in the image
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0", **env}
+        self.cpus = cpus_per_node
+        self.resources = resources or {}
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.client_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.jobs_address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.client_address = f"ray://127.0.0.1:{self.client_port}"
+        # short: Ray's socket paths live under it and must stay under 108 characters
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        self.nodes: list[subprocess.Popen] = []
+
+    def _start(self, *args: str) -> None:
+        command = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            "--num-cpus",
+            str(self.cpus),
+            "--resources",
+            json.dumps(self.resources),
+            "--node-ip-address",
+            "127.0.0.1",
+            *args,
+        ]
+        log = open(Path(self.temp_dir) / f"node-{len(self.nodes)}.log", "w")  # noqa: SIM115
+        self.nodes.append(
+            subprocess.Popen(command, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        )
+
+    def start(self, nodes: int = 2) -> None:
+        self._start(
+            "--head",
+            "--port",
+            str(self.port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--ray-client-server-port",
+            str(self.client_port),
+            "--temp-dir",
+            self.temp_dir,
+            "--disable-usage-stats",
+        )
+        wait_until(self._head_ready, 90, "ray head")
+        for _ in range(nodes - 1):
+            self._start("--address", self.address)
+        wait_until(lambda: self.alive_nodes() == nodes, 90, f"{nodes} ray nodes")
+
+    def _head_ready(self) -> bool:
+        if self.nodes[0].poll() is not None:
+            raise RuntimeError(f"ray head exited: {self.log(0)}")
+        return self.alive_nodes() >= 1
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the cluster's own CLI reports them (through GCS, with the token)."""
+        result = subprocess.run(
+            [str(BIN / "ray"), "list", "nodes", "--address", self.jobs_address, "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            return 0
+        try:
+            return sum(node["state"] == "ALIVE" for node in json.loads(result.stdout))
+        except (ValueError, KeyError, TypeError):
+            return 0
+
+    def log(self, index: int) -> str:
+        return (Path(self.temp_dir) / f"node-{index}.log").read_text()[-3000:]
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            stop_group(node, seconds=5)

@@ -1,0 +1,258 @@
+"""A real multi-node cluster on loopback: `ray start` processes (a head and a second node),
+a real `mlflow server` with served artifacts, and the `shardprop` CLI as a user runs it.
+
+Each node offers one `shard_slot` and each worker asks for one, so two shards must land on
+two nodes. The same topology as docker-compose.yml, without Docker.
+"""
+
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tests.processes import BIN, MlflowServer, RayCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+CONFIG = """\
+data: {synthetic: {name: moons, rows: 2001, seed: 3}}
+model: {hidden: [8, 8]}
+train: {steps: 15, checkpoint_every: 5}
+cluster: {workers: 2, worker_resources: {shard_slot: 1}}
+"""
+
+
+def client_env(**changes: str | None) -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def shardprop(*args, cwd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "shardprop"), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
+    try:
+        cluster.start(nodes=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def token_cluster():
+    token = secrets.token_hex(32)
+    cluster = RayCluster(
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, resources={"shard_slot": 1}
+    )
+    cluster.token = token
+    try:
+        cluster.start(nodes=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def finished_run(server: MlflowServer, stdout: str):
+    run_id = next(
+        line.split()[1].rstrip(":") for line in stdout.splitlines() if line.startswith("run ")
+    )
+    return MlflowClient(server.uri).get_run(run_id)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found.add(item.path)
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+    return found
+
+
+class TestTwoNodesAndATrackingServer:
+    def test_a_run_spreads_its_shards_over_both_nodes_and_uploads_through_the_server(
+        self, cluster, mlflow_server, config, tmp_path
+    ):
+        result = shardprop(
+            "train",
+            config,
+            "--address",
+            cluster.address,
+            "--tracking-uri",
+            mlflow_server.uri,
+            "--output",
+            tmp_path / "out",
+            cwd=tmp_path,
+            env=client_env(RAY_AUTH_MODE="disabled"),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = finished_run(mlflow_server, result.stdout)
+        assert run.info.status == "FINISHED"
+        # artifacts went through the server, into its own artifact folder
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        client = MlflowClient(mlflow_server.uri)
+        paths = artifact_paths(client, run.info.run_id)
+        assert {"weights/final.npz", "shards.json", "config.yaml"} <= paths
+        assert any(p.startswith("checkpoints/step-000015") for p in paths)
+        stored = mlflow_server.folder / "artifacts"
+        assert list(stored.rglob("final.npz")) and list(stored.rglob("MLmodel"))
+        # the model loads back through the server (MLflow 3 keeps it as a logged model)
+        mlflow.set_tracking_uri(mlflow_server.uri)
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        frame = pd.DataFrame({"x0": [0.0, 1.0], "x1": [0.5, -0.5]})
+        assert model.predict(frame).shape[0] == 2
+
+        shards_file = Path(client.download_artifacts(run.info.run_id, "shards.json", tmp_path))
+        shards = json.loads(shards_file.read_text())["shards"]
+        assert [s["rank"] for s in shards] == [0, 1]
+        assert len({s["node_id"] for s in shards}) == 2  # one shard on each node
+        assert [s["rows"] for s in shards] == [[0, 1001], [1001, 2001]]
+        # joining a cluster ships this version of workers/ with the job (runtime_env)
+        assert all("_ray_pkg_" in s["code"] for s in shards), shards
+
+    def test_the_cluster_run_gives_the_in_process_weights(self, cluster, config, tmp_path):
+        """Equivalence across machines: two nodes reached through Ray Client (ray://)."""
+        env = client_env(RAY_AUTH_MODE="disabled")
+        remote = shardprop(
+            "train",
+            config,
+            "--address",
+            cluster.client_address,
+            "--no-tracking",
+            "--output",
+            tmp_path / "remote",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        local = shardprop(
+            "train",
+            config,
+            "--workers",
+            "0",
+            "--no-tracking",
+            "--output",
+            tmp_path / "local",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert local.returncode == 0, local.stderr[-3000:]
+        with (
+            np.load(tmp_path / "remote" / "weights.npz") as a,
+            np.load(tmp_path / "local" / "weights.npz") as b,
+        ):
+            assert a.files == b.files
+            for name in a.files:
+                np.testing.assert_allclose(a[name], b[name], rtol=1e-10, atol=1e-12)
+
+    def test_submit_runs_the_training_as_a_ray_job_tracked_on_the_server(
+        self, cluster, mlflow_server, config, tmp_path
+    ):
+        result = shardprop(
+            "submit",
+            config,
+            "--address",
+            cluster.jobs_address,
+            "--tracking-uri",
+            mlflow_server.uri,
+            "--run-name",
+            "submitted",
+            cwd=tmp_path,
+            env=client_env(RAY_AUTH_MODE="disabled"),
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert "SUCCEEDED" in result.stdout
+        assert "step 15/15" in result.stdout  # the job's logs are streamed
+        run = finished_run(mlflow_server, result.stdout)
+        assert run.info.status == "FINISHED" and run.info.run_name == "submitted"
+
+
+class TestTokenAuthentication:
+    def test_a_client_with_the_token_trains(self, token_cluster, config, tmp_path):
+        env = client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token_cluster.token)
+        result = shardprop(
+            "train",
+            config,
+            "--address",
+            token_cluster.address,
+            "--no-tracking",
+            "--output",
+            tmp_path / "out",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "out" / "weights.npz").exists()
+
+    def test_a_client_without_it_is_refused_with_one_clear_line(
+        self, token_cluster, config, tmp_path
+    ):
+        # no token anywhere: not in the environment, not in ~/.ray/auth_token
+        env = client_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
+        env["HOME"] = str(tmp_path)
+        result = shardprop(
+            "train",
+            config,
+            "--address",
+            token_cluster.address,
+            "--no-tracking",
+            cwd=tmp_path,
+            env=env,
+            timeout=180,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "requires token authentication" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_the_jobs_api_refuses_a_client_without_the_token(self, token_cluster, config, tmp_path):
+        env = client_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
+        env["HOME"] = str(tmp_path)
+        result = shardprop(
+            "submit",
+            config,
+            "--address",
+            token_cluster.jobs_address,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+        assert "requires token authentication" in result.stderr
