@@ -242,6 +242,34 @@ class TestTokenAuthentication:
         assert "requires token authentication" in result.stderr
         assert "Traceback" not in result.stderr
 
+    def test_submit_with_the_token_file_runs_the_job(self, token_cluster, config, tmp_path):
+        token_file = tmp_path / "ray_token"
+        token_file.write_text(token_cluster.token + "\n")  # as the README's one-liner writes it
+        env = client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=None)
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+        result = shardprop(
+            "submit",
+            config,
+            "--address",
+            token_cluster.jobs_address,
+            "--no-wait",
+            "--set",
+            "tracking.enabled=false",
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        job_id = result.stdout.split()[2]
+        status = subprocess.run(
+            [str(BIN / "ray"), "job", "status", job_id, "--address", token_cluster.jobs_address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0 and job_id in status.stdout + status.stderr
+
     def test_the_jobs_api_refuses_a_client_without_the_token(self, token_cluster, config, tmp_path):
         env = client_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
         env["HOME"] = str(tmp_path)
