@@ -105,6 +105,8 @@ class ClusterConfig(Section):
     # send workers/ to the nodes with the job (runtime_env py_modules); auto: when joining a
     # cluster, whose nodes may have another version installed, or none
     ship_code: Literal["auto", "always", "never"] = "auto"
+    # the step's gradient call through a Ray Compiled Graph (~0.6 ms instead of ~4 ms a step)
+    compiled_graph: bool = True
 
     @field_validator("inject_failure")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.compiled import BrokenStepError, CompiledStep, compile_step
 from service.config import ClusterConfig
 from service.data import DataPlan
 from service.errors import ConfigError, TrainingError
@@ -71,6 +72,7 @@ class RayGroup:
         timeout: float | None = None,
         placement: str = "spread",
         resources: dict[str, float] | None = None,
+        compiled: bool = True,
     ):
         import ray
 
@@ -92,12 +94,19 @@ class RayGroup:
         self._timeout = timeout
         self._state_calls: list[tuple[str, tuple]] = []
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
+        self._compiled = compiled  # the gradient through a Ray Compiled Graph, when possible
+        self._step: CompiledStep | None = None
+        self._expected = 0.0  # seconds every worker's gradient takes, as last measured
 
     @property
     def restarts(self) -> int:
         return self._policy.restarts
 
     def call(self, method: str, *args: Any) -> list[Any]:
+        if method == "gradient" and self._compiled and not any(self._armed.values()):
+            results = self._call_compiled(method, args)
+            if results is not None:
+                return results
         # one object-store copy per array, shared by every worker (a broadcast)
         args = tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
         results: dict[int, Any] = {}
@@ -123,6 +132,36 @@ class RayGroup:
             self._state_calls.append((method, args))
         return [results[rank] for rank in range(self.size)]
 
+    def _call_compiled(self, method: str, args: tuple) -> list[Any] | None:
+        """The call through the compiled graph; None when it could not be made (no graph, or
+        a failure on it): the plain road then makes the call, and finds any dead worker."""
+        if self._step is None:
+            (theta,) = args
+            self._step = compile_step(self._ray, self.actors, method, 2 * theta.nbytes + 2**20)
+            if self._step is None:
+                self._compiled = False
+                return None
+        try:
+            results = self._step(*args, timeout=self._timeout, expected=self._expected)
+        except BrokenStepError as broken:
+            self._drop_step()  # the others' results went with the graph: the plain road redoes it
+            if broken.silent is not None:
+                self._ray.kill(self.actors[broken.silent])  # a silent worker must not linger
+                self._recover(broken.silent, method, broken.reason)
+            return None
+        except self._ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, UserError):
+                raise error.cause from None
+            raise
+        # the next step's compute is this one's, to within noise: sleep through 90 % of it
+        self._expected = 0.9 * min(getattr(r, "seconds", 0.0) for r in results)
+        return results
+
+    def _drop_step(self) -> None:
+        if self._step is not None:
+            self._step.close()
+            self._step = None
+
     def _timeout_for(self, method: str) -> float | None:
         return None if method in STATE_METHODS else self._timeout  # reading data takes long
 
@@ -132,6 +171,7 @@ class RayGroup:
         return getattr(self.actors[rank], method).remote(*args)
 
     def _recover(self, rank: int, method: str, reason: str) -> None:
+        self._drop_step()  # compiled for the lost actor: compiled again for its replacement
         start, stop = self._shards[rank]
         if self._policy.on_lost(rank, reason) is Decision.RAISE:
             raise TrainingError(
@@ -161,6 +201,7 @@ class RayGroup:
         self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
     def close(self) -> None:
+        self._drop_step()
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors.clear()
@@ -243,4 +284,5 @@ def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
         timeout=cluster.step_timeout,
         placement=cluster.placement,
         resources=cluster.worker_resources,
+        compiled=cluster.compiled_graph,
     )

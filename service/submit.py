@@ -26,6 +26,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # what Ray's job SDK raises for one thing, "the cluster did not take it": unreachable,
 # refused (ray.exceptions.AuthenticationError is a RayError), or a runtime_env it rejects
 SUBMIT_ERRORS = (ConnectionError, RuntimeError, ValueError, RayError)
+AGENT_WAIT_SECONDS = 60
 
 
 def entrypoint(config: Config) -> str:
@@ -82,14 +83,13 @@ def submit(
 ) -> int:
     """Submit the training job; with `wait`, stream its logs and return 0 if it succeeded."""
     client = job_client(address)
-    try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint(config),
-            runtime_env=job_runtime_env(config.cluster.ship_code),
-            metadata={"shardprop.experiment": config.tracking.experiment},
-        )
-    except SUBMIT_ERRORS as error:
-        raise ConfigError(refused(address, error)) from None
+    job_id = submit_job(
+        client,
+        address,
+        entrypoint=entrypoint(config),
+        runtime_env=job_runtime_env(config.cluster.ship_code),
+        metadata={"shardprop.experiment": config.tracking.experiment},
+    )
     say(f"submitted job {job_id} to {address}")
     if not wait:
         say(f"follow it with: ray job logs --follow {job_id} --address {address}")
@@ -105,6 +105,19 @@ def submit(
         status = str(client.get_job_status(job_id).value)
     say(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def submit_job(client: JobSubmissionClient, address: str, **job: Any) -> str:
+    """Submit, waiting out a head whose job agent is still starting (Ray answers 500 "No
+    available agent to submit job, please try again later" for its first seconds)."""
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return client.submit_job(**job)
+        except SUBMIT_ERRORS as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise ConfigError(refused(address, error)) from None
+        time.sleep(1)
 
 
 async def stream_logs(client: JobSubmissionClient, job_id: str) -> None:

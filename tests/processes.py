@@ -128,6 +128,15 @@ class RayCluster:
             json.dumps(self.resources),
             "--node-ip-address",
             "127.0.0.1",
+            # every node's agents on ports of their own: several nodes share this machine
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
             *args,
         ]
         log = open(Path(self.temp_dir) / f"node-{len(self.nodes)}.log", "w")  # noqa: SIM115

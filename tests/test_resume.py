@@ -108,7 +108,11 @@ def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors
     _, run = only_run(uri)
     assert run.info.status == "KILLED"
     alive = [
-        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ShardWorker"
+        actor
+        for actor in list_actors(
+            address=ray_session.dashboard_address, filters=[("state", "=", "ALIVE")]
+        )
+        if actor.class_name == "ShardWorker"
     ]
     assert alive == []
 
