@@ -219,8 +219,46 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
         reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
 
 
-bench_app = typer.Typer(help="Benchmarks: ratios measured within one run, never absolute.")
+bench_app = typer.Typer(
+    help="Benchmarks: ratios measured within one run, never absolute.",
+    invoke_without_command=True,
+)
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench_steps(
+    ctx: typer.Context,
+    rows: Annotated[int, typer.Option(help="Rows of the workload.")] = 200_000,
+    features: Annotated[int, typer.Option(help="Input features.")] = 64,
+    hidden: Annotated[str, typer.Option(help="Hidden widths, comma-separated.")] = "256,256",
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    threads: Annotated[int, typer.Option(help="BLAS threads of the in-process step.")] = 2,
+    workers: Annotated[str, typer.Option(help="Ray worker counts, comma-separated.")] = "1,2,4",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
+    peers: Annotated[bool, typer.Option(help="Also time scikit-learn, if installed.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+    track: Annotated[bool, typer.Option(help="Log the table to MLflow as a run.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store for --track.")] = None,
+) -> None:
+    """The standard workload's step: in-process, on Ray workers, its GEMMs, Ray alone."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from service import bench_steps as suite
+
+    quiet_mlflow()
+    workload = suite.Workload(
+        rows, features, tuple(int(w) for w in hidden.split(",")), dtype, threads
+    )
+    counts = tuple(int(k) for k in workers.split(",") if k.strip())
+    with errors_as_exit_codes():
+        result = suite.bench_steps(workload, counts, repeats, peers)
+    for line in suite.render(result):
+        typer.echo(line)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if track:
+        typer.echo(f"logged as MLflow run {suite.track(result, tracking_uri)}")
 
 
 def report(results: list[dict], json_out: Path | None) -> None:

@@ -34,6 +34,7 @@ class CompiledStep:
         from ray.dag import InputNode, MultiOutputNode
 
         self._ray = ray
+        self.method = method
         with InputNode() as theta:
             dag = MultiOutputNode([getattr(actor, method).bind(theta) for actor in actors])
         # the channels grow on their own when a message is bigger; start with room enough

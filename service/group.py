@@ -21,6 +21,8 @@ from workers.shard import ShardWorker
 
 # calls that build a worker's state: replayed, in order, on a replacement worker
 STATE_METHODS = ("load", "prepare")
+# the per-step calls, worth a compiled graph
+STEP_METHODS = ("gradient", "null_gradient")
 
 
 class WorkerGroup(Protocol):
@@ -103,7 +105,7 @@ class RayGroup:
         return self._policy.restarts
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        if method == "gradient" and self._compiled and not any(self._armed.values()):
+        if method in STEP_METHODS and self._compiled and not any(self._armed.values()):
             results = self._call_compiled(method, args)
             if results is not None:
                 return results
@@ -135,6 +137,8 @@ class RayGroup:
     def _call_compiled(self, method: str, args: tuple) -> list[Any] | None:
         """The call through the compiled graph; None when it could not be made (no graph, or
         a failure on it): the plain road then makes the call, and finds any dead worker."""
+        if self._step is not None and self._step.method != method:
+            self._drop_step()  # an actor runs one compiled graph at a time
         if self._step is None:
             (theta,) = args
             self._step = compile_step(self._ray, self.actors, method, 2 * theta.nbytes + 2**20)

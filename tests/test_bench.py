@@ -51,3 +51,28 @@ def test_bench_tracking_times_tracked_and_untracked_runs(tmp_path):
     assert result.exit_code == 0, result.output
     (r,) = json.loads(out.read_text())
     assert r["tracked"]["median"] > 0 and r["untracked"]["median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray_session, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--rows", "3000", "--features", "8", "--hidden", "16,8", "--repeats", "2"]
+    args += ["--workers", "1,2", "--json", str(out), "--track", "--tracking-uri"]
+    result = CliRunner().invoke(app, [*args, f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    assert set(table["seconds"]) >= {
+        "in-process step",
+        "GEMMs alone",
+        "1 Ray worker(s)",
+        "2 Ray worker(s)",
+        "Ray alone, 2 workers, compiled graph",
+        "Ray alone, 2 workers, plain actor calls",
+        "scikit-learn MLPClassifier epoch",
+    }
+    for t in table["seconds"].values():
+        assert 0 < t["low"] <= t["median"] <= t["high"]
+    # the same computation: scikit-learn's loss from the same weights on the same rows
+    assert table["losses"]["scikit-learn"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
+    assert "logged as MLflow run" in result.output

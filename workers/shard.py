@@ -172,6 +172,11 @@ class ShardWorker:
         sums.seconds = time.perf_counter() - start
         return sums
 
+    def null_gradient(self, theta: np.ndarray) -> ShardSums:
+        """The gradient call minus the math: sums of the real size, all zero. What moving a
+        step's parameters and sums costs on its own (`shardprop bench`)."""
+        return ShardSums(np.zeros_like(theta), 0.0, self.stop - self.start, 0)
+
     def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums:
         """Loss sum and correct count on the training or the validation rows."""
         if split == "validation":

@@ -1,0 +1,212 @@
+"""`shardprop bench`: one full-batch step of the standard workload, in this process and on 1,
+2 and 4 Ray workers, against the same step's matrix products alone and against Ray alone
+(a step without the math); scikit-learn's full-batch epoch beside it when installed.
+
+Every figure is a median over repeats (with min and max), and every comparison is a ratio
+between figures taken in the same run: the machines are noisy, their ratios much less so.
+"""
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from service.bench import Timing, gemms_of_step
+from service.config import Config, load_config
+from service.group import WorkerGroup, connect_ray, start_group
+from service.prepare import decide
+from service.reduce import batch_mean, reduce_sums
+from service.trainer import make_plan
+from workers.network import Architecture
+from workers.params import init_params
+
+LEARNING_RATE = 0.1
+
+
+@dataclass(frozen=True)
+class Workload:
+    rows: int = 200_000
+    features: int = 64
+    hidden: tuple[int, ...] = (256, 256)
+    dtype: str = "float64"
+    threads: int = 2  # BLAS threads of the in-process step (and of the peers)
+    seed: int = 0
+
+    def config(self, workers: int, compiled: bool = True) -> Config:
+        data = (
+            f"data.synthetic={{name: blobs, rows: {self.rows}, features: {self.features}, "
+            f"classes: 2, seed: {self.seed}}}"
+        )
+        return load_config(
+            None,
+            [data, f"model.hidden={list(self.hidden)}", f"model.dtype={self.dtype}"],
+            {
+                "cluster.workers": workers,
+                "cluster.cpus_per_worker": 1,
+                "cluster.compiled_graph": compiled,
+                "tracking.enabled": False,
+            },
+        )
+
+
+@dataclass
+class Prepared:
+    group: WorkerGroup
+    theta: np.ndarray
+    arch: Architecture
+
+
+def prepare(config: Config, seed: int) -> Prepared:
+    """Workers holding their shards and networks, as a run has them before its first step."""
+    plan = make_plan(config)
+    group = start_group(plan, config.cluster)
+    setup = decide(group.call("load", 0.0, seed), plan.features, config.data)
+    hidden = tuple(config.model.hidden)
+    arch = Architecture((len(plan.features), *hidden, setup.outputs), "relu", setup.task)
+    group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+    return Prepared(group, init_params(arch.layout, "he", seed, config.model.dtype), arch)
+
+
+def step(prepared: Prepared, method: str = "gradient") -> Callable[[], float]:
+    """What the coordinator does per step before the optimizer: call, gather, reduce."""
+
+    def run() -> float:
+        return batch_mean(reduce_sums(prepared.group.call(method, prepared.theta))).loss
+
+    return run
+
+
+def timed(prepared: Prepared, repeats: int, method: str = "gradient") -> Timing:
+    try:
+        return Timing.alternating([step(prepared, method)], repeats)[0]
+    finally:
+        prepared.group.close()
+
+
+def bench_steps(
+    workload: Workload, workers: tuple[int, ...], repeats: int, peers: bool = True
+) -> dict[str, Any]:
+    """Every figure of the table, in seconds, plus the losses the peers reached."""
+    timings: dict[str, Timing] = {}
+    losses: dict[str, float] = {}
+    with threadpool_limits(limits=workload.threads):
+        local = prepare(workload.config(0), workload.seed)
+        worker = local.group.workers[0]
+        timings["in-process step"], timings["GEMMs alone"] = Timing.alternating(
+            [step(local), gemms_of_step(worker.network, local.theta, worker.batch)], repeats
+        )
+        losses["shardprop"] = step(local)()
+        if peers:
+            losses |= bench_sklearn(local, workload, repeats, timings)
+        local.group.close()
+    started_ray = connect_ray(None, max(workers, default=2))  # once for every group below
+    try:
+        for k in workers:
+            if k:
+                timings[f"{k} Ray worker(s)"] = timed(prepare(workload.config(k), 0), repeats)
+        for compiled in (True, False):
+            road = "compiled graph" if compiled else "plain actor calls"
+            timings[f"Ray alone, 2 workers, {road}"] = timed(
+                prepare(workload.config(2, compiled), 0), max(repeats, 50), "null_gradient"
+            )
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return {
+        "workload": asdict(workload),
+        "seconds": {name: asdict(t) for name, t in timings.items()},
+        "ratios": ratios({name: t.median for name, t in timings.items()}),
+        "losses": losses,
+    }
+
+
+def ratios(median: dict[str, float]) -> dict[str, float]:
+    """The comparisons the targets are stated in."""
+    local = median["in-process step"]
+    out = {"in-process step / GEMMs alone": local / median["GEMMs alone"]}
+    for name, seconds in median.items():
+        if name.endswith("Ray worker(s)") or name.startswith("scikit-learn"):
+            out[f"{name} / in-process step"] = seconds / local
+        if name.startswith("scikit-learn"):
+            out[f"in-process step / {name}"] = local / seconds
+    return out
+
+
+def bench_sklearn(
+    local: Prepared, workload: Workload, repeats: int, timings: dict[str, Timing]
+) -> dict[str, float]:
+    """scikit-learn's MLPClassifier, one full-batch SGD epoch (batch_size = all rows,
+    momentum 0, no L2) from the same weights on the same standardised rows."""
+    try:
+        from sklearn.neural_network import MLPClassifier
+    except ImportError:
+        return {}
+    batch = local.group.workers[0].batch
+    X = np.ascontiguousarray(batch.X1[:-1].T)  # (rows, features), as scikit-learn wants
+    y = batch.Y[0].astype(np.int64)
+    model = MLPClassifier(
+        hidden_layer_sizes=workload.hidden,
+        activation="relu",
+        solver="sgd",
+        batch_size=len(y),
+        learning_rate_init=LEARNING_RATE,
+        momentum=0.0,
+        alpha=0.0,
+        shuffle=False,
+    )
+    model.partial_fit(X[:2], y[:2], classes=[0, 1])  # shapes and dtypes only
+    blocks = local.arch.layout.blocks(local.theta)
+
+    def start_from_ours() -> None:
+        model.coefs_ = [block[:, :-1].T.astype(X.dtype) for block in blocks]
+        model.intercepts_ = [block[:, -1].astype(X.dtype) for block in blocks]
+
+    def epoch() -> None:
+        start_from_ours()
+        model.partial_fit(X, y)
+
+    timings["scikit-learn MLPClassifier epoch"] = Timing.alternating([epoch], repeats)[0]
+    epoch()
+    return {"scikit-learn": float(model.loss_)}
+
+
+def track(result: dict[str, Any], uri: str | None) -> str:
+    """The table as an MLflow run of its own (experiment shardprop-bench): the workload as
+    params, medians and ratios as metrics, everything as bench.json."""
+    from service.tracking import Tracker
+
+    with Tracker.start(uri, "shardprop-bench", None) as tracker:
+        tracker.log_params(result["workload"])
+        metrics = {f"seconds.{k}": v["median"] for k, v in result["seconds"].items()}
+        metrics |= {f"ratio.{k}": v for k, v in result["ratios"].items()}
+        tracker.log_metrics(0, {metric_name(k): v for k, v in metrics.items()})
+        tracker.log_dict(result, "bench.json")
+        return tracker.run_id
+
+
+def metric_name(text: str) -> str:
+    """MLflow metric names take letters, digits and _ - . / and spaces only."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text)
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    w = result["workload"]
+    lines = [
+        f"workload: {w['rows']:,} rows x {w['features']} -> {list(w['hidden'])} -> 1, "
+        f"{w['dtype']}, {w['threads']} BLAS threads in-process, 1 per Ray worker",
+        f"{'':44} {'median':>10} {'min':>10} {'max':>10}",
+    ]
+    for name, t in result["seconds"].items():
+        lines.append(
+            f"{name:44} {t['median'] * 1e3:8.2f}ms {t['low'] * 1e3:8.2f}ms {t['high'] * 1e3:8.2f}ms"
+        )
+    lines += [f"{name:64} {value:6.3f}" for name, value in result["ratios"].items()]
+    lines += [
+        f"loss after the same first step's forward pass, {k}: {v:.12f}"
+        for k, v in result["losses"].items()
+    ]
+    return lines
