@@ -1,8 +1,11 @@
-"""Training curves as a PNG, for the run's artifacts (plots/loss.png)."""
+"""Training curves and where a step's time goes, as PNGs for the run's artifacts
+(plots/loss.png, plots/timing.png)."""
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -32,6 +35,58 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> Pa
         ax.set_ylabel(names[0])
         ax.grid(alpha=0.3)
         ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+WORKER_METRIC = re.compile(r"worker_(\d+)\.(forward|backward|wait)_seconds")
+
+
+def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
+    """Left: each step split into the slowest worker's compute, the all-reduce and the
+    coordinator's own work. Right: per worker, its mean forward, backward and wait."""
+    parts: dict[int, dict[str, float]] = {}
+    for name, values in history.items():
+        if match := WORKER_METRIC.fullmatch(name):
+            rank, phase = int(match[1]), match[2]
+            parts.setdefault(rank, {})[phase] = float(np.mean(values))
+    step = np.asarray(history.get("step_seconds", []))
+    figure = Figure(figsize=(10, 3.5), layout="tight")
+    FigureCanvasAgg(figure)
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    if len(step) and parts:
+        compute = np.max(
+            [
+                np.asarray(history[f"worker_{r}.forward_seconds"])
+                + np.asarray(history[f"worker_{r}.backward_seconds"])
+                for r in parts
+            ],
+            axis=0,
+        )
+        allreduce = np.asarray(history["allreduce_seconds"])
+        rest = np.clip(step - compute - allreduce, 0, None)
+        steps = np.arange(1, len(step) + 1)
+        left.stackplot(
+            steps,
+            compute * 1e3,
+            allreduce * 1e3,
+            rest * 1e3,
+            labels=["slowest worker's compute", "all-reduce", "coordinator"],
+        )
+        left.legend(loc="upper right")
+        ranks = sorted(parts)
+        bottom = np.zeros(len(ranks))
+        for phase in ("forward", "backward", "wait"):
+            heights = np.array([parts[r].get(phase, 0.0) for r in ranks]) * 1e3
+            right.bar([str(r) for r in ranks], heights, bottom=bottom, label=phase)
+            bottom += heights
+        right.legend()
+    left.set_xlabel("step")
+    left.set_ylabel("ms")
+    right.set_xlabel("worker")
+    right.set_ylabel("mean ms per step")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)

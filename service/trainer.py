@@ -22,7 +22,7 @@ from service.group import WorkerGroup, start_group
 from service.interrupts import Interrupted, StopRequests, stop_requests
 from service.lineage import input_record, shard_records
 from service.optim import make_optimizer
-from service.plots import plot_history
+from service.plots import plot_history, plot_timing
 from service.policy import InjectedFailure
 from service.prepare import DataSetup, decide
 from service.progress import Reporter
@@ -156,15 +156,27 @@ def step_metrics(
     metrics = {"loss": loss}
     if mean.accuracy is not None:
         metrics["accuracy"] = mean.accuracy
-    return metrics | {
+    computes = [p.seconds for p in parts]
+    metrics |= {
         "grad_norm": float(np.linalg.norm(grad)),
         "step_seconds": updated - started,
         # beyond the slowest worker's compute: broadcast, gather and sum
-        "allreduce_seconds": (gathered - started)
-        - max(p.seconds for p in parts)
-        + (reduced - gathered),
+        "allreduce_seconds": (gathered - started) - max(computes) + (reduced - gathered),
         "samples_per_second": mean.rows / (updated - started),
+        "straggler_ratio": max(computes) / max(float(np.median(computes)), 1e-12),
     }
+    return metrics | worker_timings(parts, gathered - started)
+
+
+def worker_timings(parts: list[ShardSums], gather_seconds: float) -> dict[str, float]:
+    """Where each worker's step went: forward, backward, and waiting for the slowest one
+    (with the transfers): `worker_R.forward_seconds`, `.backward_seconds`, `.wait_seconds`."""
+    timings = {}
+    for rank, part in enumerate(parts):
+        timings[f"worker_{rank}.forward_seconds"] = part.forward_seconds
+        timings[f"worker_{rank}.backward_seconds"] = part.seconds - part.forward_seconds
+        timings[f"worker_{rank}.wait_seconds"] = max(0.0, gather_seconds - part.seconds)
+    return timings
 
 
 def fit(
@@ -320,11 +332,8 @@ def train(
         tracker, group = open_run(config, plan, background, resume_run)
         with tracker, closing(group), stop_requests() as stop:
             output = output or Path(".shardprop") / "runs" / tracker.run_id
-            setup = decide(
-                group.call("load", config.data.validation_fraction, config.train.seed),
-                plan.features,
-                config.data,
-            )
+            loaded = group.call("load", config.data.validation_fraction, config.train.seed)
+            setup = decide(loaded, plan.features, config.data)
             hidden = tuple(config.model.hidden)
             arch = Architecture(
                 (len(plan.features), *hidden, setup.outputs), config.model.activation, setup.task
@@ -348,6 +357,10 @@ def train(
                         "n_val_rows": setup.val_rows,
                         "workers": config.cluster.workers,
                         "task": setup.task,
+                    }
+                    | {
+                        f"worker_{r}.read_seconds": part.read_seconds
+                        for r, part in enumerate(loaded)
                     },
                 )
                 tracker.log_lineage(
@@ -379,6 +392,7 @@ def train(
             group.close()  # Ray's shutdown overlaps MLflow's model logging
             logging_model.result()
             tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+            tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
     return RunResult(
         tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
     )

@@ -6,6 +6,7 @@ extra last row of ones, so Z[l] = [W_l | b_l] @ [A[l-1]; 1] is one GEMM and so i
 every step: fresh multi-hundred-MB arrays cost more than the arithmetic on them.
 """
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ class ShardSums:
     rows: int
     correct: int | None  # correctly classified rows; None for regression
     seconds: float = 0.0  # the worker's compute time, to tell compute from communication
+    forward_seconds: float = 0.0  # the forward pass's part of it
 
 
 class Batch:
@@ -96,6 +98,7 @@ class Network:
                 (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1
             )
         self.threads = threads
+        self._forward_seconds = 0.0  # of the last gradient call
         # With several threads the batch's columns are cut into one part per thread, each run
         # through forward and backward by single-threaded BLAS, like workers in one process:
         # numpy's elementwise passes then use every core too, and no BLAS thread sits
@@ -154,7 +157,7 @@ class Network:
         grads = [np.empty_like(theta) for _ in range(parts)]
         if parts == 1:
             loss, correct = self._backprop(theta, batch, 0, m, grads[0])
-            return ShardSums(grad=grads[0], loss=loss, rows=m, correct=correct)
+            return ShardSums(grads[0], loss, m, correct, forward_seconds=self._forward_seconds)
         with self._blas.limit(limits=1, user_api="blas"):
             futures = [
                 self._pool.submit(self._backprop, theta, batch, lo, hi, grad)
@@ -167,7 +170,7 @@ class Network:
             grad += part  # in part order: the same bits every call
         loss = sum(part_loss for part_loss, _ in results)
         correct = None if first[1] is None else sum(c for _, c in results)
-        return ShardSums(grad=grad, loss=loss, rows=m, correct=correct)
+        return ShardSums(grad, loss, m, correct, forward_seconds=self._forward_seconds)
 
     def _backprop(
         self, theta: np.ndarray, batch: Batch, lo: int, hi: int, grad: np.ndarray
@@ -177,7 +180,10 @@ class Network:
         m = batch.rows
         L = self.layout.depth
         sizes = self.layout.sizes
+        started = time.perf_counter()
         *inputs, Z_out = self._forward(theta, batch.X1, lo, hi)
+        if lo == 0:  # the parts run side by side: the first one's clock is the step's
+            self._forward_seconds = time.perf_counter() - started
         blocks = self.layout.blocks(theta)
         Y = batch.Y[:, lo:hi]
         # dZ of layer l and dA of layer l-1 alternate between the two delta buffers

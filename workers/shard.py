@@ -42,6 +42,7 @@ class ShardStats:
     label_kind: str  # "integer" | "float" | "bool" | "string"
     label_fractional: bool  # some float label has a fractional part: not a class label
     label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
+    read_seconds: float = 0.0  # reading and decoding the shard's rows
 
 
 def label_kind(column: pa.ChunkedArray) -> str:
@@ -79,6 +80,7 @@ class ShardWorker:
 
     def load(self, validation_fraction: float = 0.0, seed: int = 0) -> ShardStats:
         """Read this shard's rows (once), set its validation rows aside, describe them."""
+        started = time.perf_counter()
         features, label = self._features, self._label
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
         table = self._source.read([*features, label], self.start, self.stop)
@@ -88,7 +90,9 @@ class ShardWorker:
             # nulls become NaN: counted by stats() and refused before training
             self._X[i] = pc.cast(table.column(name), pa.float64()).to_numpy()
         self._labels = table.column(label)
-        return self._stats()
+        stats = self._stats()
+        stats.read_seconds = time.perf_counter() - started
+        return stats
 
     def _stats(self) -> ShardStats:
         X, labels = self._X, self._labels
