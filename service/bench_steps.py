@@ -206,7 +206,7 @@ def render(result: dict[str, Any]) -> list[str]:
         )
     lines += [f"{name:64} {value:6.3f}" for name, value in result["ratios"].items()]
     lines += [
-        f"loss after the same first step's forward pass, {k}: {v:.12f}"
+        f"loss at the starting weights (the step's forward pass), {k}: {v:.12f}"
         for k, v in result["losses"].items()
     ]
     return lines
