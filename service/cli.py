@@ -63,6 +63,10 @@ def skip_last_collection() -> None:
     gc.freeze()
 
 
+def tracking_flags(uri: str | None, experiment: str | None, run_name: str | None) -> dict:
+    return {"tracking.uri": uri, "tracking.experiment": experiment, "tracking.run_name": run_name}
+
+
 # the options `train` and `plan` share
 ConfigArgument = Annotated[
     Path | None, typer.Argument(help="YAML config; every key has a default.")
@@ -128,9 +132,7 @@ def train(
             {
                 "cluster.workers": workers,
                 "cluster.address": address,
-                "tracking.uri": tracking_uri,
-                "tracking.experiment": experiment,
-                "tracking.run_name": run_name,
+                **tracking_flags(tracking_uri, experiment, run_name),
                 "tracking.enabled": False if no_tracking else None,
                 "cluster.inject_failure": inject_failure,
             },
@@ -196,12 +198,7 @@ def submit(
         cfg = load_config(
             config,
             set_ or [],
-            {
-                "cluster.workers": workers,
-                "tracking.uri": tracking_uri,
-                "tracking.experiment": experiment,
-                "tracking.run_name": run_name,
-            },
+            {"cluster.workers": workers, **tracking_flags(tracking_uri, experiment, run_name)},
         )
         code = submit_job(cfg, address, wait, say=typer.echo)
     raise typer.Exit(code)
