@@ -34,7 +34,7 @@ class Workload:
     threads: int = 2  # BLAS threads of the in-process step (and of the peers)
     seed: int = 0
 
-    def config(self, workers: int, compiled: bool = True) -> Config:
+    def config(self, workers: int, compiled: bool = True, allreduce: str = "star") -> Config:
         data = (
             f"data.synthetic={{name: blobs, rows: {self.rows}, features: {self.features}, "
             f"classes: 2, seed: {self.seed}}}"
@@ -46,6 +46,7 @@ class Workload:
                 "cluster.workers": workers,
                 "cluster.cpus_per_worker": 1,
                 "cluster.compiled_graph": compiled,
+                "cluster.allreduce": allreduce,
                 "tracking.enabled": False,
             },
         )
@@ -86,7 +87,11 @@ def timed(prepared: Prepared, repeats: int, method: str = "gradient") -> Timing:
 
 
 def bench_steps(
-    workload: Workload, workers: tuple[int, ...], repeats: int, peers: bool = True
+    workload: Workload,
+    workers: tuple[int, ...],
+    repeats: int,
+    peers: bool = True,
+    tree_workers: tuple[int, ...] = (8,),
 ) -> dict[str, Any]:
     """Every figure of the table, in seconds, plus the losses the peers reached."""
     timings: dict[str, Timing] = {}
@@ -101,16 +106,25 @@ def bench_steps(
         if peers:
             losses |= bench_sklearn(local, workload, repeats, timings)
         local.group.close()
-    started_ray = connect_ray(None, max(workers, default=2))  # once for every group below
+    started_ray = connect_ray(
+        None, max((*workers, *tree_workers), default=2)
+    )  # once for every group below
     try:
         for k in workers:
             if k:
                 timings[f"{k} Ray worker(s)"] = timed(prepare(workload.config(k), 0), repeats)
+        null_repeats = max(repeats, 50)
         for compiled in (True, False):
             road = "compiled graph" if compiled else "plain actor calls"
             timings[f"Ray alone, 2 workers, {road}"] = timed(
-                prepare(workload.config(2, compiled), 0), max(repeats, 50), "null_gradient"
+                prepare(workload.config(2, compiled), 0), null_repeats, "null_gradient"
             )
+        for k in tree_workers:  # the coordinator receives k gradients, or one
+            for allreduce in ("star", "tree"):
+                config = workload.config(k, compiled=False, allreduce=allreduce)
+                timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
+                    prepare(config, 0), null_repeats, "null_gradient"
+                )
     finally:
         if started_ray:
             import ray

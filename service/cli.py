@@ -232,6 +232,9 @@ def bench_steps(
     dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
     threads: Annotated[int, typer.Option(help="BLAS threads of the in-process step.")] = 2,
     workers: Annotated[str, typer.Option(help="Ray worker counts, comma-separated.")] = "1,2,4",
+    tree_workers: Annotated[
+        str, typer.Option(help="Worker counts for star vs tree all-reduce alone.")
+    ] = "8",
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
     peers: Annotated[bool, typer.Option(help="Also time scikit-learn, if installed.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
@@ -248,8 +251,9 @@ def bench_steps(
         rows, features, tuple(int(w) for w in hidden.split(",")), dtype, threads
     )
     counts = tuple(int(k) for k in workers.split(",") if k.strip())
+    trees = tuple(int(k) for k in tree_workers.split(",") if k.strip())
     with errors_as_exit_codes():
-        result = suite.bench_steps(workload, counts, repeats, peers)
+        result = suite.bench_steps(workload, counts, repeats, peers, trees)
     for line in suite.render(result):
         typer.echo(line)
     if json_out:

@@ -50,7 +50,10 @@ class CompiledStep:
         """
         ray = self._ray
         started = time.monotonic()
-        refs = self._graph.execute(theta)
+        try:
+            refs = self._graph.execute(theta)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as error:
+            raise BrokenStepError(type(error).__name__) from None  # shut down by a death
         if expected > 0:
             time.sleep(expected)
         results = []

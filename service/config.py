@@ -107,6 +107,9 @@ class ClusterConfig(Section):
     ship_code: Literal["auto", "always", "never"] = "auto"
     # the step's gradient call through a Ray Compiled Graph (~0.6 ms instead of ~4 ms a step)
     compiled_graph: bool = True
+    # star: every worker's sums to the coordinator, added in rank order; tree: added pairwise
+    # on the workers, the coordinator receives one (plain actor calls, no compiled graph)
+    allreduce: Literal["star", "tree"] = "star"
 
     @field_validator("inject_failure")
     @classmethod

@@ -75,6 +75,7 @@ class RayGroup:
         placement: str = "spread",
         resources: dict[str, float] | None = None,
         compiled: bool = True,
+        allreduce: str = "star",
     ):
         import ray
 
@@ -99,12 +100,17 @@ class RayGroup:
         self._compiled = compiled  # the gradient through a Ray Compiled Graph, when possible
         self._step: CompiledStep | None = None
         self._expected = 0.0  # seconds every worker's gradient takes, as last measured
+        self._tree = allreduce == "tree"  # step sums added on the workers, pairwise
 
     @property
     def restarts(self) -> int:
         return self._policy.restarts
 
     def call(self, method: str, *args: Any) -> list[Any]:
+        if method in STEP_METHODS and self._tree and not any(self._armed.values()):
+            total = self._call_tree(method, args)
+            if total is not None:
+                return [total]
         if method in STEP_METHODS and self._compiled and not any(self._armed.values()):
             results = self._call_compiled(method, args)
             if results is not None:
@@ -133,6 +139,30 @@ class RayGroup:
         if method in STATE_METHODS:
             self._state_calls.append((method, args))
         return [results[rank] for rank in range(self.size)]
+
+    def _call_tree(self, method: str, args: tuple) -> Any | None:
+        """The step's sums added along a binary tree over the ranks, on the workers: rank r
+        adds rank r + s's subtree for s = 1, 2, 4, ..., so the coordinator receives one
+        gradient instead of one per worker, and no worker more than log2(k). The partial
+        sums travel worker to worker through the object store, never through here.
+        None on a lost worker: the plain road then makes the call and replaces it."""
+        args = tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
+        refs = [self._submit(rank, method, args) for rank in range(self.size)]
+        stride = 1
+        while stride < self.size:
+            for rank in range(0, self.size - stride, 2 * stride):
+                refs[rank] = self.actors[rank].add_sums.remote(refs[rank], refs[rank + stride])
+            stride *= 2
+        try:
+            return self._ray.get(refs[0], timeout=self._timeout)
+        except self._ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, UserError):
+                raise error.cause from None
+            if isinstance(error.cause, self._ray.exceptions.RayActorError):
+                return None  # a subtree's worker died under an inner node
+            raise
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
+            return None
 
     def _call_compiled(self, method: str, args: tuple) -> list[Any] | None:
         """The call through the compiled graph; None when it could not be made (no graph, or
@@ -289,4 +319,5 @@ def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
         placement=cluster.placement,
         resources=cluster.worker_resources,
         compiled=cluster.compiled_graph,
+        allreduce=cluster.allreduce,
     )

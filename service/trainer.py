@@ -156,7 +156,8 @@ def step_metrics(
     metrics = {"loss": loss}
     if mean.accuracy is not None:
         metrics["accuracy"] = mean.accuracy
-    computes = [p.seconds for p in parts]
+    timings = [timing for part in parts for timing in part.timings()]  # per rank
+    computes = [seconds for seconds, _ in timings]
     metrics |= {
         "grad_norm": float(np.linalg.norm(grad)),
         "step_seconds": updated - started,
@@ -165,18 +166,18 @@ def step_metrics(
         "samples_per_second": mean.rows / (updated - started),
         "straggler_ratio": max(computes) / max(float(np.median(computes)), 1e-12),
     }
-    return metrics | worker_timings(parts, gathered - started)
+    return metrics | worker_timings(timings, gathered - started)
 
 
-def worker_timings(parts: list[ShardSums], gather_seconds: float) -> dict[str, float]:
+def worker_timings(timings: list[tuple[float, float]], gather_seconds: float) -> dict[str, float]:
     """Where each worker's step went: forward, backward, and waiting for the slowest one
     (with the transfers): `worker_R.forward_seconds`, `.backward_seconds`, `.wait_seconds`."""
-    timings = {}
-    for rank, part in enumerate(parts):
-        timings[f"worker_{rank}.forward_seconds"] = part.forward_seconds
-        timings[f"worker_{rank}.backward_seconds"] = part.seconds - part.forward_seconds
-        timings[f"worker_{rank}.wait_seconds"] = max(0.0, gather_seconds - part.seconds)
-    return timings
+    out = {}
+    for rank, (seconds, forward) in enumerate(timings):
+        out[f"worker_{rank}.forward_seconds"] = forward
+        out[f"worker_{rank}.backward_seconds"] = seconds - forward
+        out[f"worker_{rank}.wait_seconds"] = max(0.0, gather_seconds - seconds)
+    return out
 
 
 def fit(

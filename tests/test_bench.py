@@ -58,7 +58,8 @@ def test_bench_tracking_times_tracked_and_untracked_runs(tmp_path):
 def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray_session, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--rows", "3000", "--features", "8", "--hidden", "16,8", "--repeats", "2"]
-    args += ["--workers", "1,2", "--json", str(out), "--track", "--tracking-uri"]
+    args += ["--workers", "1,2", "--tree-workers", "3", "--json", str(out)]
+    args += ["--track", "--tracking-uri"]
     result = CliRunner().invoke(app, [*args, f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert result.exit_code == 0, result.output
     table = json.loads(out.read_text())
@@ -69,6 +70,8 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
         "2 Ray worker(s)",
         "Ray alone, 2 workers, compiled graph",
         "Ray alone, 2 workers, plain actor calls",
+        "Ray alone, 3 workers, star all-reduce",
+        "Ray alone, 3 workers, tree all-reduce",
         "scikit-learn MLPClassifier epoch",
     }
     for t in table["seconds"].values():

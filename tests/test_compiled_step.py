@@ -1,5 +1,8 @@
-"""The gradient through a Ray Compiled Graph: the same bits as plain actor calls, and a worker
-killed behind its back is replaced as on the plain road."""
+"""The step's other roads: through a Ray Compiled Graph (the same bits as plain actor calls)
+and through a tree all-reduce on the workers; on both, a worker killed behind the group's
+back is replaced as on the plain road."""
+
+import time
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import pytest
 from service.config import load_config
 from service.group import RayGroup, start_group
 from service.prepare import decide
+from service.reduce import reduce_sums
 from service.trainer import make_plan
 from workers.network import Architecture
 from workers.params import init_params
@@ -16,16 +20,31 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
 
 
-def prepared_group(compiled: bool, workers: int = 2) -> tuple[RayGroup, np.ndarray]:
-    config = load_config(
-        None, SETS, {"cluster.workers": workers, "cluster.compiled_graph": compiled}
-    )
+def prepared_group(
+    compiled: bool, workers: int = 2, allreduce: str = "star"
+) -> tuple[RayGroup, np.ndarray]:
+    flags = {"cluster.workers": workers, "cluster.compiled_graph": compiled}
+    config = load_config(None, [*SETS, f"cluster.allreduce={allreduce}"], flags)
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
     setup = decide(group.call("load", 0.0, 0), plan.features, config.data)
     arch = Architecture((len(plan.features), 16, 8, setup.outputs), "relu", setup.task)
     group.call("prepare", arch, "float64", setup.classes, setup.mean, setup.std)
     return group, init_params(arch.layout, "he", 0, "float64")
+
+
+def kill_and_wait(ray, actor) -> None:
+    """Kill the worker's process behind the group's back; ray.kill is asynchronous, so wait
+    until Ray knows it is dead."""
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed worker still answers")
 
 
 def test_compiled_and_plain_calls_return_the_same_bits(ray_session):
@@ -48,7 +67,7 @@ def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
     group, theta = prepared_group(compiled=True)
     try:
         before = group.call("gradient", theta)
-        ray_session.kill(group.actors[1])  # out of band: the graph learns it on its next step
+        kill_and_wait(ray_session, group.actors[1])  # the graph learns it on its next step
         after = group.call("gradient", theta)
         assert group.restarts == 1
         for a, b in zip(before, after, strict=True):
@@ -56,5 +75,20 @@ def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
         again = group.call("gradient", theta)  # compiled anew, for the replacement
         assert group._step is not None
         assert all(np.array_equal(a.grad, b.grad) for a, b in zip(before, again, strict=True))
+    finally:
+        group.close()
+
+
+def test_a_tree_all_reduce_survives_a_killed_worker(ray_session):
+    group, theta = prepared_group(compiled=False, workers=3, allreduce="tree")
+    try:
+        (before,) = group.call("gradient", theta)  # one sum: the tree's root
+        kill_and_wait(ray_session, group.actors[2])
+        after = reduce_sums(group.call("gradient", theta))  # the plain road recovers rank 2
+        assert group.restarts == 1
+        np.testing.assert_allclose(after.grad, before.grad, rtol=1e-12, atol=1e-15)
+        (again,) = group.call("gradient", theta)  # back on the tree
+        assert np.array_equal(again.grad, before.grad) and again.rows == before.rows
+        assert len(again.timings()) == 3
     finally:
         group.close()

@@ -53,6 +53,24 @@ class ShardSums:
     correct: int | None  # correctly classified rows; None for regression
     seconds: float = 0.0  # the worker's compute time, to tell compute from communication
     forward_seconds: float = 0.0  # the forward pass's part of it
+    # (seconds, forward_seconds) per rank, in rank order, when these are several shards' sums
+    per_rank: tuple[tuple[float, float], ...] = ()
+
+    def timings(self) -> tuple[tuple[float, float], ...]:
+        return self.per_rank or ((self.seconds, self.forward_seconds),)
+
+    def __add__(self, other: "ShardSums") -> "ShardSums":
+        """Two shards' (or subtrees') sums as one; `other` holds the later ranks."""
+        correct = None if self.correct is None else self.correct + other.correct
+        return ShardSums(
+            self.grad + other.grad,
+            self.loss + other.loss,
+            self.rows + other.rows,
+            correct,
+            max(self.seconds, other.seconds),
+            max(self.forward_seconds, other.forward_seconds),
+            self.timings() + other.timings(),
+        )
 
 
 class Batch:

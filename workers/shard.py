@@ -176,6 +176,11 @@ class ShardWorker:
         sums.seconds = time.perf_counter() - start
         return sums
 
+    def add_sums(self, first: ShardSums, second: ShardSums) -> ShardSums:
+        """An inner node of a tree all-reduce: two subtrees' sums as one (`first` holds the
+        lower ranks). Run on a worker so that the coordinator receives one gradient."""
+        return first + second
+
     def null_gradient(self, theta: np.ndarray) -> ShardSums:
         """The gradient call minus the math: sums of the real size, all zero. What moving a
         step's parameters and sums costs on its own (`shardprop bench`)."""
