@@ -6,7 +6,7 @@ never imports Ray, and `--workers 0` runs the very same loop in-process.
 
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -125,9 +125,7 @@ class RayGroup:
                 try:
                     results[rank] = self._ray.get(future, timeout=self._timeout_for(method))
                 except self._ray.exceptions.RayTaskError as error:
-                    if isinstance(error.cause, UserError):
-                        raise error.cause from None
-                    raise
+                    raise_user_error(error)
                 except self._ray.exceptions.RayActorError:
                     lost[rank] = "its process died"
                 except self._ray.exceptions.GetTimeoutError:
@@ -156,11 +154,9 @@ class RayGroup:
         try:
             return self._ray.get(refs[0], timeout=self._timeout)
         except self._ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, UserError):
-                raise error.cause from None
             if isinstance(error.cause, self._ray.exceptions.RayActorError):
                 return None  # a subtree's worker died under an inner node
-            raise
+            raise_user_error(error)
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
             return None
 
@@ -184,9 +180,7 @@ class RayGroup:
                 self._recover(broken.silent, method, broken.reason)
             return None
         except self._ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, UserError):
-                raise error.cause from None
-            raise
+            raise_user_error(error)
         # the next step's compute is this one's, to within noise: sleep through 90 % of it
         self._expected = 0.9 * min(getattr(r, "seconds", 0.0) for r in results)
         return results
@@ -242,6 +236,14 @@ class RayGroup:
         if self._owns_runtime:
             self._owns_runtime = False
             self._ray.shutdown()
+
+
+def raise_user_error(error: Exception) -> NoReturn:
+    """A worker's task failed: the user's mistake it found (bad data...) as itself, one clear
+    line, rather than wrapped in Ray's traceback; anything else as it came."""
+    if isinstance(getattr(error, "cause", None), UserError):
+        raise error.cause from None
+    raise error
 
 
 def code_to_ship(cluster: ClusterConfig) -> dict[str, Any] | None:
