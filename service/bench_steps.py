@@ -1,6 +1,7 @@
 """`shardprop bench`: one full-batch step of the standard workload, in this process and on 1,
 2 and 4 Ray workers, against the same step's matrix products alone and against Ray alone
-(a step without the math); scikit-learn's full-batch epoch beside it when installed.
+(a step without the math); scikit-learn's full-batch epoch and PyTorch's eager step beside
+it when they are installed.
 
 Every figure is a median over repeats (with min and max), and every comparison is a ratio
 between figures taken in the same run: the machines are noisy, their ratios much less so.
@@ -8,6 +9,7 @@ between figures taken in the same run: the machines are noisy, their ratios much
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -105,6 +107,7 @@ def bench_steps(
         losses["shardprop"] = step(local)()
         if peers:
             losses |= bench_sklearn(local, workload, repeats, timings)
+            losses |= bench_torch(local, workload, repeats, timings)
         local.group.close()
     started_ray = connect_ray(
         None, max((*workers, *tree_workers), default=2)
@@ -143,10 +146,10 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
     local = median["in-process step"]
     out = {"in-process step / GEMMs alone": local / median["GEMMs alone"]}
     for name, seconds in median.items():
-        if name.endswith("Ray worker(s)") or name.startswith("scikit-learn"):
-            out[f"{name} / in-process step"] = seconds / local
-        if name.startswith("scikit-learn"):
+        if name.startswith(("scikit-learn", "PyTorch")):
             out[f"in-process step / {name}"] = local / seconds
+        elif name.endswith("Ray worker(s)"):
+            out[f"{name} / in-process step"] = seconds / local
     return out
 
 
@@ -205,6 +208,45 @@ def track(result: dict[str, Any], uri: str | None) -> str:
 def metric_name(text: str) -> str:
     """MLflow metric names take letters, digits and _ - . / and spaces only."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text)
+
+
+def bench_torch(
+    local: Prepared, workload: Workload, repeats: int, timings: dict[str, Timing]
+) -> dict[str, float]:
+    """PyTorch CPU eager, the same model, one full-batch SGD step from the same weights on
+    the same rows, as many threads (when PyTorch is installed)."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(workload.threads)
+    dtype = torch.float64 if workload.dtype == "float64" else torch.float32
+    batch = local.group.workers[0].batch
+    X = torch.from_numpy(np.ascontiguousarray(batch.X1[:-1].T))
+    y = torch.from_numpy(np.ascontiguousarray(batch.Y[0]))
+    sizes = local.arch.sizes
+    linears = [torch.nn.Linear(a, b, dtype=dtype) for a, b in pairwise(sizes)]
+    layers: list[torch.nn.Module] = []
+    for linear in linears:
+        layers += [linear, torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.0)
+    loss_of = torch.nn.BCEWithLogitsLoss()
+    blocks = local.arch.layout.blocks(local.theta)
+
+    def one_step() -> float:
+        with torch.no_grad():
+            for linear, block in zip(linears, blocks, strict=True):
+                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(block[:, :-1])))
+                linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(block[:, -1])))
+        optimizer.zero_grad()
+        loss = loss_of(model(X).squeeze(1), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    timings["PyTorch CPU eager step"] = Timing.alternating([one_step], repeats)[0]
+    return {"PyTorch": one_step()}
 
 
 def render(result: dict[str, Any]) -> list[str]:
