@@ -18,9 +18,8 @@ from threadpoolctl import threadpool_limits
 from service.bench import Timing, gemms_of_step
 from service.config import Config, load_config
 from service.group import WorkerGroup, connect_ray, start_group
-from service.prepare import decide
 from service.reduce import batch_mean, reduce_sums
-from service.trainer import make_plan
+from service.trainer import make_plan, set_up_workers
 from workers.network import Architecture
 from workers.params import init_params
 
@@ -65,10 +64,7 @@ def prepare(config: Config, seed: int) -> Prepared:
     """Workers holding their shards and networks, as a run has them before its first step."""
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
-    setup = decide(group.call("load", 0.0, seed), plan.features, config.data)
-    hidden = tuple(config.model.hidden)
-    arch = Architecture((len(plan.features), *hidden, setup.outputs), "relu", setup.task)
-    group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+    _, _, arch = set_up_workers(group, plan, config)
     return Prepared(group, init_params(arch.layout, "he", seed, config.model.dtype), arch)
 
 

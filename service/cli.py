@@ -63,6 +63,16 @@ def skip_last_collection() -> None:
     gc.freeze()
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers, as the bench options give widths and worker counts."""
+    return tuple(int(item) for item in text.split(",") if item.strip())
+
+
+def write_json(path: Path | None, data: object) -> None:
+    if path:
+        path.write_text(json.dumps(data, indent=2))
+
+
 def tracking_flags(uri: str | None, experiment: str | None, run_name: str | None) -> dict:
     return {"tracking.uri": uri, "tracking.experiment": experiment, "tracking.run_name": run_name}
 
@@ -78,6 +88,9 @@ SetOption = Annotated[
 WorkersOption = Annotated[
     int | None, typer.Option(help="Ray workers (cluster.workers); 0 = in-process.")
 ]
+# and the ones `train` and `submit` share
+ExperimentOption = Annotated[str | None, typer.Option(help="MLflow experiment name.")]
+RunNameOption = Annotated[str | None, typer.Option(help="MLflow run name.")]
 
 
 @app.command()
@@ -91,8 +104,8 @@ def train(
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db).")
     ] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
-    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+    experiment: ExperimentOption = None,
+    run_name: RunNameOption = None,
     init_weights: Annotated[
         Path | None, typer.Option(help="Start from these weights (.npz: W1..WL, b1..bL).")
     ] = None,
@@ -183,8 +196,8 @@ def submit(
         str | None,
         typer.Option(help="MLflow tracking URI as the cluster sees it: http://mlflow:5000."),
     ] = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
-    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+    experiment: ExperimentOption = None,
+    run_name: RunNameOption = None,
     wait: Annotated[
         bool, typer.Option(help="Stream the job's logs and exit with its status.")
     ] = True,
@@ -236,7 +249,9 @@ def bench_steps(
         str, typer.Option(help="Worker counts for star vs tree all-reduce alone.")
     ] = "8",
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
-    peers: Annotated[bool, typer.Option(help="Also time scikit-learn, if installed.")] = True,
+    peers: Annotated[
+        bool, typer.Option(help="Also time scikit-learn and PyTorch, where installed.")
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
     track: Annotated[bool, typer.Option(help="Log the table to MLflow as a run.")] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow store for --track.")] = None,
@@ -247,17 +262,14 @@ def bench_steps(
     from service import bench_steps as suite
 
     quiet_mlflow()
-    workload = suite.Workload(
-        rows, features, tuple(int(w) for w in hidden.split(",")), dtype, threads
-    )
-    counts = tuple(int(k) for k in workers.split(",") if k.strip())
-    trees = tuple(int(k) for k in tree_workers.split(",") if k.strip())
+    workload = suite.Workload(rows, features, int_list(hidden), dtype, threads)
     with errors_as_exit_codes():
-        result = suite.bench_steps(workload, counts, repeats, peers, trees)
+        result = suite.bench_steps(
+            workload, int_list(workers), repeats, peers, int_list(tree_workers)
+        )
     for line in suite.render(result):
         typer.echo(line)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+    write_json(json_out, result)
     if track:
         typer.echo(f"logged as MLflow run {suite.track(result, tracking_uri)}")
 
@@ -269,8 +281,7 @@ def report(results: list[dict], json_out: Path | None) -> None:
             for key, label in r["timings"]
         ]
         typer.echo(", ".join(parts) + f", ratio {r['ratio']:.3f}")
-    if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+    write_json(json_out, results)
 
 
 @bench_app.command("network")
@@ -286,7 +297,7 @@ def bench_network(
     """One forward+backward step against the same step's matrix products alone."""
     from service import bench
 
-    widths = tuple(int(w) for w in hidden.split(",") if w.strip())
+    widths = int_list(hidden)
     dtypes = dtype or ["float64", "float32"]
     report(
         [bench.bench_network(rows, features, widths, dt, threads, repeats) for dt in dtypes],
@@ -311,8 +322,7 @@ def bench_data(
         typer.echo(
             f"{key:28s} {value:,.4g}" if isinstance(value, float) else f"{key:28s} {value:,}"
         )
-    if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+    write_json(json_out, figures)
 
 
 @bench_app.command("tracking")

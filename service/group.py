@@ -107,16 +107,13 @@ class RayGroup:
         return self._policy.restarts
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        if method in STEP_METHODS and self._tree and not any(self._armed.values()):
-            total = self._call_tree(method, args)
-            if total is not None:
+        # a step's faster roads; an armed chaos failure takes the plain one
+        if method in STEP_METHODS and not any(self._armed.values()):
+            if self._tree and (total := self._call_tree(method, args)) is not None:
                 return [total]
-        if method in STEP_METHODS and self._compiled and not any(self._armed.values()):
-            results = self._call_compiled(method, args)
-            if results is not None:
+            if self._compiled and (results := self._call_compiled(method, args)) is not None:
                 return results
-        # one object-store copy per array, shared by every worker (a broadcast)
-        args = tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
+        args = self._broadcast(args)
         results: dict[int, Any] = {}
         pending = {rank: self._submit(rank, method, args) for rank in range(self.size)}
         while pending:
@@ -144,7 +141,7 @@ class RayGroup:
         gradient instead of one per worker, and no worker more than log2(k). The partial
         sums travel worker to worker through the object store, never through here.
         None on a lost worker: the plain road then makes the call and replaces it."""
-        args = tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
+        args = self._broadcast(args)
         refs = [self._submit(rank, method, args) for rank in range(self.size)]
         stride = 1
         while stride < self.size:
@@ -159,6 +156,10 @@ class RayGroup:
             raise_user_error(error)
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
             return None
+
+    def _broadcast(self, args: tuple) -> tuple:
+        """One object-store copy per array, shared by every worker."""
+        return tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
 
     def _call_compiled(self, method: str, args: tuple) -> list[Any] | None:
         """The call through the compiled graph; None when it could not be made (no graph, or
@@ -182,7 +183,7 @@ class RayGroup:
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
         # the next step's compute is this one's, to within noise: sleep through 90 % of it
-        self._expected = 0.9 * min(getattr(r, "seconds", 0.0) for r in results)
+        self._expected = 0.9 * min(r.seconds for r in results)
         return results
 
     def _drop_step(self) -> None:

@@ -23,12 +23,11 @@ class BatchMean:
 
 
 def reduce_sums(parts: Sequence[ShardSums]) -> ShardSums:
-    """Sum the shards' sums, rank 0 first."""
-    grad = parts[0].grad.copy()
+    """Sum the shards' sums, rank 0 first, into one new gradient."""
+    total = parts[0].copy()
     for part in parts[1:]:
-        grad += part.grad
-    correct = None if parts[0].correct is None else sum(p.correct for p in parts)
-    return ShardSums(grad, sum(p.loss for p in parts), sum(p.rows for p in parts), correct)
+        total += part
+    return total
 
 
 def batch_mean(total: ShardSums) -> BatchMean:

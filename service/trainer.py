@@ -32,6 +32,7 @@ from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
 from workers.network import Architecture, ShardSums
 from workers.params import Layout, init_params, load_weights, save_weights
+from workers.shard import ShardStats
 from workers.synthetic import SyntheticSpec
 
 
@@ -69,6 +70,19 @@ def make_plan(config: Config) -> DataPlan:
         config.cluster.workers,
         filesystem=data.filesystem.model_dump(),
     )
+
+
+def set_up_workers(
+    group: WorkerGroup, plan: DataPlan, config: Config
+) -> tuple[list[ShardStats], DataSetup, Architecture]:
+    """Each worker reads its rows; the task, classes and standardisation are decided from
+    all of them together; then each worker builds its network on its rows."""
+    loaded = group.call("load", config.data.validation_fraction, config.train.seed)
+    setup = decide(loaded, plan.features, config.data)
+    sizes = (len(plan.features), *config.model.hidden, setup.outputs)
+    arch = Architecture(sizes, config.model.activation, setup.task)
+    group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+    return loaded, setup, arch
 
 
 def initial_parameters(layout: Layout, config: Config, init_weights: Path | None) -> np.ndarray:
@@ -258,10 +272,10 @@ def fit(
                 restarts = metrics["worker_restarts"] = group.restarts
             record(step, metrics)
             reporter.update(step, metrics)
-            due = train.checkpoint_every and step % train.checkpoint_every == 0
-            if due or (stop is not None and stop.signum is not None):
+            stopping = stop is not None and stop.signum is not None
+            if stopping or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 last_checkpoint = keep(step)
-            if stop is not None and stop.signum is not None:
+            if stopping:
                 how = (
                     f"shardprop resume {tracker.run_id} --tracking-uri '{tracker.tracking_uri}'"
                     if tracker.tracking_uri
@@ -333,12 +347,7 @@ def train(
         tracker, group = open_run(config, plan, background, resume_run)
         with tracker, closing(group), stop_requests() as stop:
             output = output or Path(".shardprop") / "runs" / tracker.run_id
-            loaded = group.call("load", config.data.validation_fraction, config.train.seed)
-            setup = decide(loaded, plan.features, config.data)
-            hidden = tuple(config.model.hidden)
-            arch = Architecture(
-                (len(plan.features), *hidden, setup.outputs), config.model.activation, setup.task
-            )
+            loaded, setup, arch = set_up_workers(group, plan, config)
             start = None
             if resume_run:
                 layout, dtype = arch.layout, config.model.dtype
@@ -347,7 +356,6 @@ def train(
                     fetched = tracker.download_checkpoints(output / "fetched")
                     start = latest_checkpoint(fetched, layout, dtype)
             theta = initial_parameters(arch.layout, config, init_weights)
-            group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
             if not resume_run:
                 tracker.set_tags({"shardprop.output": str(output.resolve())})
                 tracker.log_config(

@@ -9,10 +9,8 @@ import pytest
 
 from service.config import load_config
 from service.group import RayGroup, start_group
-from service.prepare import decide
 from service.reduce import reduce_sums
-from service.trainer import make_plan
-from workers.network import Architecture
+from service.trainer import make_plan, set_up_workers
 from workers.params import init_params
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -27,9 +25,7 @@ def prepared_group(
     config = load_config(None, [*SETS, f"cluster.allreduce={allreduce}"], flags)
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
-    setup = decide(group.call("load", 0.0, 0), plan.features, config.data)
-    arch = Architecture((len(plan.features), 16, 8, setup.outputs), "relu", setup.task)
-    group.call("prepare", arch, "float64", setup.classes, setup.mean, setup.std)
+    _, _, arch = set_up_workers(group, plan, config)
     return group, init_params(arch.layout, "he", 0, "float64")
 
 

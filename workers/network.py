@@ -8,7 +8,7 @@ every step: fresh multi-hundred-MB arrays cost more than the arithmetic on them.
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info
@@ -59,18 +59,26 @@ class ShardSums:
     def timings(self) -> tuple[tuple[float, float], ...]:
         return self.per_rank or ((self.seconds, self.forward_seconds),)
 
+    def __iadd__(self, other: "ShardSums") -> "ShardSums":
+        """Add the sums of `other`, which holds the later ranks; the gradient in place."""
+        self.grad += other.grad
+        self.loss += other.loss
+        self.rows += other.rows
+        if self.correct is not None:
+            self.correct += other.correct
+        self.per_rank = self.timings() + other.timings()
+        self.seconds = max(self.seconds, other.seconds)
+        self.forward_seconds = max(self.forward_seconds, other.forward_seconds)
+        return self
+
+    def copy(self) -> "ShardSums":
+        """The same sums with a gradient of their own, to add others into."""
+        return replace(self, grad=self.grad.copy(), per_rank=self.timings())
+
     def __add__(self, other: "ShardSums") -> "ShardSums":
-        """Two shards' (or subtrees') sums as one; `other` holds the later ranks."""
-        correct = None if self.correct is None else self.correct + other.correct
-        return ShardSums(
-            self.grad + other.grad,
-            self.loss + other.loss,
-            self.rows + other.rows,
-            correct,
-            max(self.seconds, other.seconds),
-            max(self.forward_seconds, other.forward_seconds),
-            self.timings() + other.timings(),
-        )
+        total = self.copy()
+        total += other
+        return total
 
 
 class Batch:
