@@ -90,6 +90,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, ge=0)
     eval_every: int = Field(10, gt=0)  # steps between validation metrics
     patience: int | None = Field(None, gt=0)  # stop after this many evals without a better val_loss
+    # exact: row blocks summed along one fixed tree, the same bits for any worker count;
+    # rank_order: each worker's rows in one sum, the workers' sums added in rank order
+    reduction: Literal["exact", "rank_order"] = "rank_order"
+    block_rows: int | None = Field(None, gt=0)  # rows per block of `exact`; null: by row count
 
 
 class ClusterConfig(Section):
