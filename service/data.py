@@ -26,6 +26,7 @@ import pyarrow.feather as feather
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.blocktree import BlockGrid
 from workers.errors import DataError
 from workers.source import FilesystemOptions, Source, one_line, open_filesystem
 from workers.synthetic import SyntheticSpec
@@ -171,6 +172,7 @@ class DataPlan:
     features: tuple[str, ...]
     label: str
     shards: tuple[tuple[int, int], ...]  # (start, stop) of global rows, one per rank
+    grid: BlockGrid | None = None  # the row blocks of the exact reduction; None: rank order
 
     @property
     def total_rows(self) -> int:
@@ -184,8 +186,12 @@ def plan_data(
     features: Sequence[str] | None,
     workers: int,
     filesystem: Mapping[str, Any] | None = None,
+    exact: bool = False,
+    block_rows: int | None = None,
 ) -> DataPlan:
-    """Open the source, check the columns and split the rows; workers=0: one in-process shard."""
+    """Open the source, check the columns and split the rows; workers=0: one in-process shard.
+    `exact`: the rows are cut into blocks (of `block_rows`, None: by the row count) and each
+    rank gets whole blocks, for the exact reduction."""
     if workers < 0:
         raise DataError(f"cluster.workers: must be >= 0 (0 runs in-process), got {workers}")
     source = open_source(path, synthetic, filesystem)
@@ -193,12 +199,9 @@ def plan_data(
     if source.total_rows == 0:
         raise DataError(f"data.path: {path} has no rows")
     columns = resolve_columns(schema_of(source), label, features, where=where)
-    return DataPlan(
-        source=source,
-        features=tuple(columns),
-        label=label,
-        shards=tuple(split_rows(source.total_rows, max(workers, 1))),
-    )
+    grid = BlockGrid.for_rows(source.total_rows, block_rows) if exact else None
+    shards = grid.split(max(workers, 1)) if grid else split_rows(source.total_rows, max(workers, 1))
+    return DataPlan(source, tuple(columns), label, tuple(shards), grid)
 
 
 def write_table(table: pa.Table, path: str | os.PathLike, row_group_rows: int = 65536) -> Path:

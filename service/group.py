@@ -43,7 +43,11 @@ class LocalGroup:
     """One ShardWorker holding every row, in this process: the reference run."""
 
     def __init__(self, plan: DataPlan):
-        self.workers = [ShardWorker(0, plan.source, plan.features, plan.label, 0, plan.total_rows)]
+        self.workers = [
+            ShardWorker(
+                0, plan.source, plan.features, plan.label, 0, plan.total_rows, grid=plan.grid
+            )
+        ]
         self.size = 1
         self.restarts = 0
 
@@ -86,7 +90,7 @@ class RayGroup:
             scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
         )
         self._spawn_args = [
-            (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker)
+            (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker, plan.grid)
             for rank, (start, stop) in enumerate(plan.shards)
         ]
         self.actors = [self._actor.remote(*args) for args in self._spawn_args]

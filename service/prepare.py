@@ -28,22 +28,33 @@ class DataSetup:
         return len(self.classes) if self.task == "multiclass" else 1
 
 
-def merge_moments(parts: Sequence[ShardStats]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Rows, mean and sum of squared deviations of all rows (Chan et al.'s pairwise update).
+def merge_moments(
+    parts: Sequence[tuple[int, np.ndarray, np.ndarray]],
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Rows, mean and sum of squared deviations of all rows, from each part's (rows, mean,
+    m2), in the given order (Chan et al.'s pairwise update).
 
-    Merging per-shard means and deviations keeps the precision that raw sums of squares
+    Merging per-part means and deviations keeps the precision that raw sums of squares
     would lose on features with a large offset.
     """
-    rows, mean, m2 = 0, np.zeros_like(parts[0].mean), np.zeros_like(parts[0].m2)
-    for part in parts:
-        if part.rows == 0:
+    rows, mean, m2 = 0, np.zeros_like(parts[0][1]), np.zeros_like(parts[0][2])
+    for part_rows, part_mean, part_m2 in parts:
+        if part_rows == 0:
             continue
-        total = rows + part.rows
-        delta = part.mean - mean
-        mean = mean + delta * (part.rows / total)
-        m2 = m2 + part.m2 + delta**2 * (rows * part.rows / total)
+        total = rows + part_rows
+        delta = part_mean - mean
+        mean = mean + delta * (part_rows / total)
+        m2 = m2 + part_m2 + delta**2 * (rows * part_rows / total)
         rows = total
     return rows, mean, m2
+
+
+def moments_of(parts: Sequence[ShardStats]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per block in block order when the shards are whole blocks (the exact reduction: the
+    same statistics, to the bit, for any worker count), else per shard in rank order."""
+    if all(part.blocks is not None for part in parts):
+        return [block for part in parts for block in part.blocks]
+    return [(part.rows, part.mean, part.m2) for part in parts]
 
 
 def check_finite(parts: Sequence[ShardStats], features: Sequence[str], label: str) -> None:
@@ -90,7 +101,7 @@ def decide_task(parts: Sequence[ShardStats], config: DataConfig) -> tuple[str, l
 
 def decide(parts: Sequence[ShardStats], features: Sequence[str], config: DataConfig) -> DataSetup:
     check_finite(parts, features, config.label)
-    rows, mean, m2 = merge_moments(parts)
+    rows, mean, m2 = merge_moments(moments_of(parts))
     val_rows = sum(part.val_rows for part in parts)
     if rows == 0:
         raise DataError("the training data has no rows")

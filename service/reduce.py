@@ -3,7 +3,9 @@
     g = (G_1 + ... + G_k) / (m_1 + ... + m_k)
 
 is the full-batch mean gradient for any split; a mean of per-worker means is not, as soon as
-shards differ in size. Adding in rank order makes a run bitwise repeatable.
+shards differ in size. Adding in rank order makes a run bitwise repeatable; adding row
+blocks along a fixed tree (`train.reduction: exact`, workers.blocktree) makes it the same
+bits for any number of workers.
 """
 
 from collections.abc import Sequence
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.network import ShardSums
+from workers.sums import BlockSums, ShardSums
 
 
 @dataclass
@@ -22,12 +24,13 @@ class BatchMean:
     accuracy: float | None
 
 
-def reduce_sums(parts: Sequence[ShardSums]) -> ShardSums:
-    """Sum the shards' sums, rank 0 first, into one new gradient."""
+def reduce_sums(parts: Sequence[ShardSums | BlockSums]) -> ShardSums:
+    """Sum the shards' sums, rank 0 first, into one new gradient; block sums along the
+    block tree."""
     total = parts[0].copy()
     for part in parts[1:]:
         total += part
-    return total
+    return total.total() if isinstance(total, BlockSums) else total
 
 
 def batch_mean(total: ShardSums) -> BatchMean:

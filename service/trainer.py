@@ -30,9 +30,10 @@ from service.reduce import BatchMean, batch_mean, reduce_sums
 from service.store_probe import check_reachable
 from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
-from workers.network import Architecture, ShardSums
+from workers.network import Architecture
 from workers.params import Layout, init_params, load_weights, save_weights
 from workers.shard import ShardStats
+from workers.sums import ShardSums
 from workers.synthetic import SyntheticSpec
 
 
@@ -69,6 +70,8 @@ def make_plan(config: Config) -> DataPlan:
         data.features,
         config.cluster.workers,
         filesystem=data.filesystem.model_dump(),
+        exact=config.train.reduction == "exact",
+        block_rows=config.train.block_rows,
     )
 
 

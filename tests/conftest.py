@@ -9,13 +9,13 @@ import pytest
 def ray_session():
     """A real Ray runtime started on this machine, shared by the tests that need one.
 
-    4 logical CPUs on a 2-core machine, so that 3 single-CPU workers can be scheduled; the
+    6 logical CPUs on a 2-core machine, so that 5 single-CPU workers can be scheduled; the
     dashboard on loopback, because Ray's state API (which actors are alive) is served by it.
     """
     import ray
 
     context = ray.init(
-        num_cpus=4,
+        num_cpus=6,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         logging_level="WARNING",

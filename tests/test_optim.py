@@ -6,7 +6,7 @@ import pytest
 from service.config import TrainConfig
 from service.optim import make_optimizer
 from service.reduce import batch_mean, reduce_sums
-from workers.network import ShardSums
+from workers.sums import ShardSums
 
 
 def test_gradient_descent_step():

@@ -7,17 +7,23 @@ every step: fresh multi-hundred-MB arrays cost more than the arithmetic on them.
 """
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from workers.activations import ACTIVATIONS, DERIVATIVES
+from workers.blocktree import BlockGrid, Node, add_node
 from workers.losses import OUTPUTS
 from workers.params import Layout
+from workers.sums import BlockSums, ShardSums, Sums
 
 TASKS = tuple(OUTPUTS)
+T = TypeVar("T")
 # fewer rows than this per part are not worth a thread
 PART_MIN_ROWS = 2048
 
@@ -41,44 +47,6 @@ class Architecture:
     @property
     def layout(self) -> Layout:
         return Layout(tuple(int(n) for n in self.sizes))
-
-
-@dataclass
-class ShardSums:
-    """The shard contract: SUMS over the shard's rows, never means."""
-
-    grad: np.ndarray  # gradient sum, flat, in the parameter layout
-    loss: float  # loss sum
-    rows: int
-    correct: int | None  # correctly classified rows; None for regression
-    seconds: float = 0.0  # the worker's compute time, to tell compute from communication
-    forward_seconds: float = 0.0  # the forward pass's part of it
-    # (seconds, forward_seconds) per rank, in rank order, when these are several shards' sums
-    per_rank: tuple[tuple[float, float], ...] = ()
-
-    def timings(self) -> tuple[tuple[float, float], ...]:
-        return self.per_rank or ((self.seconds, self.forward_seconds),)
-
-    def __iadd__(self, other: "ShardSums") -> "ShardSums":
-        """Add the sums of `other`, which holds the later ranks; the gradient in place."""
-        self.grad += other.grad
-        self.loss += other.loss
-        self.rows += other.rows
-        if self.correct is not None:
-            self.correct += other.correct
-        self.per_rank = self.timings() + other.timings()
-        self.seconds = max(self.seconds, other.seconds)
-        self.forward_seconds = max(self.forward_seconds, other.forward_seconds)
-        return self
-
-    def copy(self) -> "ShardSums":
-        """The same sums with a gradient of their own, to add others into."""
-        return replace(self, grad=self.grad.copy(), per_rank=self.timings())
-
-    def __add__(self, other: "ShardSums") -> "ShardSums":
-        total = self.copy()
-        total += other
-        return total
 
 
 class Batch:
@@ -124,7 +92,6 @@ class Network:
                 (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1
             )
         self.threads = threads
-        self._forward_seconds = 0.0  # of the last gradient call
         # With several threads the batch's columns are cut into one part per thread, each run
         # through forward and backward by single-threaded BLAS, like workers in one process:
         # numpy's elementwise passes then use every core too, and no BLAS thread sits
@@ -173,50 +140,115 @@ class Network:
                 f"got {batch.X1.shape[0] - 1} {batch.X1.dtype}"
             )
 
+    def _side_by_side(self, run: Callable[[int, int], T], count: int, parts: int) -> list[T]:
+        """run(lo, hi) over [0, count) cut into `parts` contiguous ranges, the first in this
+        thread and the others on the pool, all on single-threaded BLAS; results in order."""
+        cuts = [count * i // parts for i in range(parts + 1)]
+        if parts == 1:
+            return [run(0, count)]
+        with self._blas.limit(limits=1, user_api="blas"):
+            futures = [self._pool.submit(run, lo, hi) for lo, hi in pairwise(cuts[1:])]
+            return [run(0, cuts[1]), *(future.result() for future in futures)]
+
     def gradient(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward and backward over the whole batch: the shard's sums."""
         self._check(theta, batch)
         m = batch.rows
         self._buffers_for(m)
-        parts = min(self.threads, max(1, m // PART_MIN_ROWS))
-        cuts = [m * i // parts for i in range(parts + 1)]
-        grads = [np.empty_like(theta) for _ in range(parts)]
-        if parts == 1:
-            loss, correct = self._backprop(theta, batch, 0, m, grads[0])
-            return ShardSums(grads[0], loss, m, correct, forward_seconds=self._forward_seconds)
-        with self._blas.limit(limits=1, user_api="blas"):
-            futures = [
-                self._pool.submit(self._backprop, theta, batch, lo, hi, grad)
-                for lo, hi, grad in zip(cuts[1:-1], cuts[2:], grads[1:], strict=True)
-            ]
-            first = self._backprop(theta, batch, 0, cuts[1], grads[0])
-            results = [first, *(future.result() for future in futures)]
-        grad = grads[0]
-        for part in grads[1:]:
-            grad += part  # in part order: the same bits every call
-        loss = sum(part_loss for part_loss, _ in results)
-        correct = None if first[1] is None else sum(c for _, c in results)
-        return ShardSums(grad, loss, m, correct, forward_seconds=self._forward_seconds)
+
+        def part(lo: int, hi: int) -> tuple[Sums, float]:
+            grad = np.empty_like(theta)
+            return self._backprop(theta, batch, lo, hi, grad)
+
+        parts = self._side_by_side(part, m, min(self.threads, max(1, m // PART_MIN_ROWS)))
+        total = parts[0][0]
+        for sums, _ in parts[1:]:
+            total.grad += sums.grad  # in part order: the same bits every call
+            total.loss += sums.loss
+            if total.correct is not None:
+                total.correct += sums.correct
+        forward_seconds = parts[0][1]  # the parts ran side by side: the first one's clock
+        return ShardSums(total.grad, total.loss, m, total.correct, forward_seconds=forward_seconds)
+
+    def block_gradient(
+        self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
+    ) -> BlockSums:
+        """The exact reduction's sums (workers.blocktree): block j of the batch, columns
+        [bounds[j], bounds[j + 1]), is the dataset's block first + j; each block on its own,
+        on single-threaded BLAS whatever the thread count, so its bits are the same in any
+        worker; the blocks added up into the whole subtrees they make."""
+        self._check(theta, batch)
+        self._buffers_for(batch.rows)
+
+        def block(j: int) -> tuple[Sums, float]:
+            return self._backprop(theta, batch, bounds[j], bounds[j + 1], np.empty_like(theta))
+
+        return self._blocks(block, len(bounds) - 1, first, grid)
+
+    def block_evaluate(
+        self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
+    ) -> BlockSums:
+        """`evaluate` block by block, added along the block tree like `block_gradient`."""
+        self._check(theta, batch)
+        self._buffers_for(batch.rows)
+        empty = np.empty(0, self.dtype)
+
+        def block(j: int) -> tuple[Sums, float]:
+            lo, hi = bounds[j], bounds[j + 1]
+            *_, Z_out = self._forward(theta, batch.X1, lo, hi)
+            loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], lo, hi, batch.rows)
+            return Sums(empty, loss, hi - lo, correct), 0.0
+
+        return self._blocks(block, len(bounds) - 1, first, grid)
+
+    def _blocks(
+        self, block: Callable[[int], tuple[Sums, float]], count: int, first: int, grid: BlockGrid
+    ) -> BlockSums:
+        """block(j) for each of the batch's `count` blocks, one contiguous range of blocks
+        per thread, folded into the block tree as they come."""
+
+        def blocks(lo: int, hi: int) -> tuple[dict[Node, Sums], float]:
+            nodes: dict[Node, Sums] = {}
+            forward_seconds = 0.0
+            for j in range(lo, hi):
+                sums, seconds = block(j)
+                add_node(nodes, (0, first + j), sums, grid)
+                forward_seconds += seconds
+            return nodes, forward_seconds
+
+        parts = self._side_by_side(blocks, count, min(self.threads, count))
+        total = BlockSums(forward_seconds=parts[0][1], grid=grid)
+        for nodes, _ in parts:
+            for node, sums in nodes.items():
+                add_node(total.nodes, node, sums, grid)
+        return total
+
+    def _loss(
+        self, Z_out: np.ndarray, Y: np.ndarray, lo: int, hi: int, m: int
+    ) -> tuple[float, int | None]:
+        """Loss sum and correct count of columns [lo, hi) of a batch of m; their dZ[L] lands
+        in the delta buffer that back-propagation starts from."""
+        L, sizes = self.layout.depth, self.layout.sizes
+        dZ = self._delta[L % 2].reshape(max(sizes[1:]), m)[: sizes[L], lo:hi]
+        return self._output.loss_and_delta(Z_out, Y, dZ), self._output.correct(Z_out, Y)
 
     def _backprop(
         self, theta: np.ndarray, batch: Batch, lo: int, hi: int, grad: np.ndarray
-    ) -> tuple[float, int | None]:
+    ) -> tuple[Sums, float]:
         """Forward and backward on columns [lo, hi) of the batch, into the same columns of
-        the buffers; writes the gradient sum into `grad`, returns loss sum and correct count."""
+        the buffers; the gradient sum goes into `grad`. Returns the sums over those columns
+        and the forward pass's seconds."""
         m = batch.rows
         L = self.layout.depth
         sizes = self.layout.sizes
         started = time.perf_counter()
         *inputs, Z_out = self._forward(theta, batch.X1, lo, hi)
-        if lo == 0:  # the parts run side by side: the first one's clock is the step's
-            self._forward_seconds = time.perf_counter() - started
+        forward_seconds = time.perf_counter() - started
         blocks = self.layout.blocks(theta)
-        Y = batch.Y[:, lo:hi]
+        loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], lo, hi, m)
         # dZ of layer l and dA of layer l-1 alternate between the two delta buffers
         delta = [buffer.reshape(max(sizes[1:]), m) for buffer in self._delta]
-        dZ = delta[L % 2][: sizes[L], lo:hi]  # (n_L, hi - lo)
-        loss = self._output.loss_and_delta(Z_out, Y, dZ)
-        correct = self._output.correct(Z_out, Y)
+        dZ = delta[L % 2][: sizes[L], lo:hi]  # (n_L, hi - lo), as _loss left it
         grad_blocks = self.layout.blocks(grad)
         for l in range(L, 0, -1):
             A1_prev = inputs[l - 1]  # (n_{l-1} + 1, hi - lo)
@@ -226,16 +258,14 @@ class Network:
                 np.matmul(blocks[l - 1][:, :-1].T, dZ, out=dA)  # W_l^T dZ[l] = dA[l-1]
                 self._derivative(A1_prev[:-1], dA)  # now dZ[l-1]
                 dZ = dA
-        return loss, correct
+        return Sums(grad, loss, hi - lo, correct), forward_seconds
 
     def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward only: loss sum and correct count (grad is empty)."""
         self._check(theta, batch)
         self._buffers_for(batch.rows)
         *_, Z_out = self._forward(theta, batch.X1)
-        dZ = np.empty_like(Z_out)
-        loss = self._output.loss_and_delta(Z_out, batch.Y, dZ)
-        correct = self._output.correct(Z_out, batch.Y)
+        loss, correct = self._loss(Z_out, batch.Y, 0, batch.rows, batch.rows)
         return ShardSums(grad=np.empty(0, self.dtype), loss=loss, rows=batch.rows, correct=correct)
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:

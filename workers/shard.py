@@ -13,16 +13,19 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from threadpoolctl import threadpool_limits
 
+from workers.blocktree import BlockGrid
 from workers.errors import DataError
-from workers.network import Architecture, Batch, Network, ShardSums
+from workers.network import Architecture, Batch, Network
 from workers.source import Source
 from workers.split import validation_mask
+from workers.sums import BlockSums, ShardSums
 
 MAX_LABEL_VALUES = 1000  # more distinct labels than this is not a classification task
 
@@ -43,6 +46,17 @@ class ShardStats:
     label_fractional: bool  # some float label has a fractional part: not a class label
     label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
     read_seconds: float = 0.0  # reading and decoding the shard's rows
+    # (rows, mean, m2) of each block's training rows, in block order: the exact reduction's
+    # statistics, the same bits for any split of the blocks
+    blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+
+
+def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and sum of squared deviations of a block's columns."""
+    if not X.shape[1]:
+        return np.zeros(X.shape[0]), np.zeros(X.shape[0])
+    mean = X.mean(axis=1)
+    return mean, np.square(X - mean[:, None]).sum(axis=1)
 
 
 def label_kind(column: pa.ChunkedArray) -> str:
@@ -68,10 +82,13 @@ class ShardWorker:
         start: int,
         stop: int,
         threads: int | None = None,
+        grid: BlockGrid | None = None,
     ):
+        """`grid`: the exact reduction's blocks, of which rows [start, stop) are whole ones."""
         if threads is not None:
             threadpool_limits(limits=threads)  # this process's BLAS: one pool per CPU granted
         self.rank, self.start, self.stop, self.threads = rank, start, stop, threads
+        self.grid = grid
         self._source, self._features, self._label = source, features, label
         self.batch: Batch | None = None
         self.network: Network | None = None
@@ -83,6 +100,12 @@ class ShardWorker:
         started = time.perf_counter()
         features, label = self._features, self._label
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
+        if self.grid:  # each block's columns among the training rows and the validation rows
+            bounds = self.grid.bounds(self.start, self.stop)
+            before = np.concatenate([[0], np.cumsum(self._val)])[bounds]
+            self._val_bounds = before.tolist()
+            self._train_bounds = (np.asarray(bounds) - before).tolist()
+            self._first_block = self.start // self.grid.block_rows
         table = self._source.read([*features, label], self.start, self.stop)
         m = table.num_rows
         self._X = np.empty((len(features), m), dtype=np.float64)  # (n0, m)
@@ -104,6 +127,12 @@ class ShardWorker:
         mean = train.mean(axis=1) if train.shape[1] else np.zeros(X.shape[0])
         # row by row: a whole (n0, m) temporary would double the shard's memory
         m2 = np.array([np.dot(row - mu, row - mu) for row, mu in zip(train, mean, strict=True)])
+        blocks = None
+        if self.grid:  # numpy's own sums, never BLAS (whose threads change the bits)
+            blocks = [
+                (hi - lo, *block_moments(train[:, lo:hi]))
+                for lo, hi in pairwise(self._train_bounds)
+            ]
         kind = label_kind(labels)
         valid = pc.drop_null(labels)
         nulls = labels.null_count
@@ -130,6 +159,7 @@ class ShardWorker:
             kind,
             fractional,
             distinct,
+            blocks=blocks,
         )
 
     def prepare(
@@ -146,7 +176,7 @@ class ShardWorker:
         if mean is not None and std is not None:
             X -= mean[:, None]
             X /= std[:, None]
-        if val.any():
+        if val.any() or self.grid:  # exact: every block answers, with no rows if need be
             self.val_batch = Batch(X[:, val], Y[:, val], dtype)
             self.val_network = Network(arch, dtype, threads=self.threads)
             X, Y = X[:, ~val], Y[:, ~val]
@@ -170,9 +200,14 @@ class ShardWorker:
             return index.reshape(1, -1).astype(np.float64)
         return np.eye(len(classes))[index].T  # (K, m)
 
-    def gradient(self, theta: np.ndarray) -> ShardSums:
+    def gradient(self, theta: np.ndarray) -> ShardSums | BlockSums:
         start = time.perf_counter()
-        sums = self.network.gradient(theta, self.batch)
+        if self.grid:
+            sums = self.network.block_gradient(
+                theta, self.batch, self._train_bounds, self._first_block, self.grid
+            )
+        else:
+            sums = self.network.gradient(theta, self.batch)
         sums.seconds = time.perf_counter() - start
         return sums
 
@@ -186,8 +221,15 @@ class ShardWorker:
         step's parameters and sums costs on its own (`shardprop bench`)."""
         return ShardSums(np.zeros_like(theta), 0.0, self.stop - self.start, 0)
 
-    def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums:
+    def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums | BlockSums:
         """Loss sum and correct count on the training or the validation rows."""
+        if self.grid:
+            network, batch, bounds = (
+                (self.val_network, self.val_batch, self._val_bounds)
+                if split == "validation"
+                else (self.network, self.batch, self._train_bounds)
+            )
+            return network.block_evaluate(theta, batch, bounds, self._first_block, self.grid)
         if split == "validation":
             if self.val_batch is None:  # no validation row landed in this shard
                 correct = None if self.network.arch.task == "regression" else 0

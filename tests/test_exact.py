@@ -1,0 +1,172 @@
+"""The exact reduction: the same bits for any number of workers, and after a worker is lost.
+
+The block tree alone (any split, any arrival order), then whole training runs on a real
+local Ray runtime.
+"""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from service.config import load_config
+from service.errors import DataError
+from service.reduce import reduce_sums
+from service.trainer import train
+from workers.blocktree import BlockGrid, auto_block_rows
+from workers.network import Architecture, Batch, Network
+from workers.params import init_params
+from workers.sums import BlockSums
+
+
+def shard_sums(grid, workers, X, Y, arch, theta, threads=1):
+    """Each shard's block sums, computed the way a worker computes them."""
+    parts = []
+    for start, stop in grid.split(workers):
+        batch = Batch(X[:, start:stop], Y[:, start:stop])
+        network = Network(arch, np.float64, threads=threads)
+        first = start // grid.block_rows
+        parts.append(network.block_gradient(theta, batch, grid.bounds(start, stop), first, grid))
+    return parts
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(3)
+    m = 1001
+    X = rng.normal(size=(3, m)) * [[1.0], [1e3], [1e-3]]  # scales far apart: rounding shows
+    Y = (rng.random((1, m)) > 0.5).astype(np.float64)
+    arch = Architecture((3, 16, 8, 1), "tanh", "binary")
+    return X, Y, arch, init_params(arch.layout, "he", 0, np.float64)
+
+
+@pytest.mark.parametrize("block_rows", [143, 64, 1])
+def test_block_tree_gives_the_same_bits_for_any_split_and_arrival_order(problem, block_rows):
+    X, Y, arch, theta = problem
+    grid = BlockGrid(X.shape[1], block_rows)
+    reference = reduce_sums(shard_sums(grid, 1, X, Y, arch, theta))
+    for workers in (2, 3, 5, 7):
+        parts = shard_sums(grid, workers, X, Y, arch, theta, threads=2)
+        random.Random(workers).shuffle(parts)  # subtrees arriving in any order
+        total = reduce_sums(parts)
+        assert np.array_equal(total.grad, reference.grad), f"{workers} workers"
+        assert (total.loss, total.rows, total.correct) == (
+            reference.loss,
+            reference.rows,
+            reference.correct,
+        )
+
+
+def test_rank_order_sums_differ_in_the_last_bits_which_is_what_exact_removes(problem):
+    """The test above could not fail if plain sums were already the same bits."""
+    X, Y, arch, theta = problem
+    network = Network(arch, np.float64, threads=1)
+    whole = network.gradient(theta, Batch(X, Y)).grad
+    cuts = [0, 333, 1001]
+    parts = [
+        network.gradient(theta, Batch(X[:, a:b], Y[:, a:b])) for a, b in itertools.pairwise(cuts)
+    ]
+    split = reduce_sums(parts).grad
+    assert np.allclose(split, whole, rtol=1e-12, atol=0)
+    assert not np.array_equal(split, whole)
+
+
+def test_a_worker_returns_a_handful_of_subtrees():
+    grid = BlockGrid(200_000, auto_block_rows(200_000))
+    assert grid.blocks == 64
+    theta = np.zeros(3)
+    for start, stop in grid.split(3):
+        sums = BlockSums(grid=grid)
+        for block in range(start // grid.block_rows, -(-stop // grid.block_rows)):
+            sums += leaf(grid, block, theta)
+        assert len(sums.nodes) <= 2 * grid.top
+
+
+def leaf(grid, block, theta):
+    from workers.sums import Sums
+
+    return BlockSums(grid=grid, nodes={(0, block): Sums(theta + block, 1.0, 1, 0)})
+
+
+def test_an_incomplete_tree_is_refused():
+    grid = BlockGrid(10, 2)
+    sums = leaf(grid, 0, np.zeros(2)) + leaf(grid, 2, np.zeros(2))
+    with pytest.raises(ValueError, match="incomplete"):
+        sums.total()
+
+
+def test_block_sizes_depend_on_the_row_count_only():
+    assert auto_block_rows(1001) == 126  # 8 blocks: small data still splits
+    assert auto_block_rows(20_000) == 1024
+    assert auto_block_rows(200_000) == 3125  # 64 blocks
+    assert auto_block_rows(10_000_000) == 8192
+    assert BlockGrid(1001, 126).split(3) == [(0, 378), (378, 756), (756, 1001)]
+
+
+def test_more_workers_than_blocks_names_the_key():
+    with pytest.raises(DataError, match=r"train\.block_rows"):
+        BlockGrid(1001, 500).split(4)
+
+
+# whole runs ---------------------------------------------------------------------------------
+
+DATA = "data.synthetic={name: moons, rows: 1001, noise: 0.3, seed: 7}"
+
+
+def run(workers, *sets, **flags):
+    overrides = [
+        DATA,
+        "model.hidden=[16, 8]",
+        "train.steps=30",
+        "train.reduction=exact",
+        "train.checkpoint_every=0",
+        *sets,
+    ]
+    config = load_config(
+        None, overrides, {"cluster.workers": workers, "tracking.enabled": False} | flags
+    )
+    return train(config)
+
+
+CASES = {
+    "whole blocks": ("train.block_rows=143",),
+    "partial last block": (),  # 8 blocks of 126 rows, the last of 119
+    "validation and adam": (
+        "data.validation_fraction=0.2",
+        "train.patience=2",
+        "train.optimizer=adam",
+        "train.learning_rate=0.05",
+    ),
+}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_exact_weights_after_30_steps_are_bitwise_equal_for_workers_0_1_2_3_5(ray_session, case):
+    reference = run(0, *CASES[case])
+    assert reference.history["loss"][-1] < reference.history["loss"][0]  # it trained at all
+    for workers in (1, 2, 3, 5):
+        result = run(workers, *CASES[case])
+        assert np.array_equal(result.theta, reference.theta), f"{workers} workers"
+        assert result.final == reference.final
+        assert result.history["loss"] == reference.history["loss"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_exact_weights_survive_a_worker_killed_mid_run(ray_session):
+    reference = run(0)
+    for workers in (2, 3):
+        result = run(workers, **{"cluster.inject_failure": "worker=1,step=10"})
+        assert result.history["worker_restarts"] == [1]
+        assert np.array_equal(result.theta, reference.theta), f"{workers} workers"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_exact_on_the_tree_all_reduce_and_without_a_compiled_graph(ray_session):
+    reference = run(0)
+    for flags in ({"cluster.allreduce": "tree"}, {"cluster.compiled_graph": False}):
+        assert np.array_equal(run(3, **flags).theta, reference.theta), flags
