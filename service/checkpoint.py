@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.errors import WeightsFileError
-from workers.params import Layout, load_weights, save_weights
+from workers.params import Layout, fingerprint, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 FILES = ("weights.npz", "state.npz")
@@ -57,7 +57,11 @@ def save_checkpoint(
     save_weights(staging / "weights.npz", layout, theta)
     with open(staging / "state.npz", "wb") as file:
         np.savez(file, step=np.array(step), **state)
-    manifest = {"step": step, "sha256": {name: sha256(staging / name) for name in FILES}}
+    manifest = {
+        "step": step,
+        "weights_sha256": fingerprint(theta),
+        "sha256": {name: sha256(staging / name) for name in FILES},
+    }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -180,8 +180,9 @@ class Tracker:
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # write now rather than at the next tick
-        # checkpoints to upload, written by the writer thread after the metrics before them
-        self._artifacts: deque[tuple[str, str | None]] = deque()
+        # checkpoints to upload (folder, artifact path, tags to set once it is up), written by
+        # the writer thread after the metrics before them
+        self._artifacts: deque[tuple[str, str, dict[str, str]]] = deque()
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_step = 0
@@ -291,10 +292,19 @@ class Tracker:
         except (mlflow.MlflowException, OSError):
             return destination / "checkpoints"  # none uploaded: an empty place to look
 
-    def log_checkpoint(self, folder: Path) -> None:
-        """Upload a checkpoint folder under checkpoints/, from the writer thread."""
-        self._artifacts.append((os.fspath(folder), "checkpoints"))
+    def log_checkpoint(self, folder: Path, fingerprint: str) -> None:
+        """Upload a checkpoint folder under checkpoints/ and tag the run with its weights'
+        fingerprint (`weights_sha256.step-NNNNNN`), from the writer thread."""
+        tags = {f"weights_sha256.{folder.name}": fingerprint}
+        self._artifacts.append((os.fspath(folder), "checkpoints", tags))
         self._wake.set()
+
+    def _upload_checkpoints(self) -> None:
+        while self._artifacts:
+            folder, artifact_path, tags = self._artifacts[0]
+            self.client.log_artifact(self.run_id, folder, artifact_path)
+            self.set_tags(tags)
+            self._artifacts.popleft()
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -302,9 +312,7 @@ class Tracker:
             self._wake.clear()
             try:
                 self._write_pending()
-                while self._artifacts:
-                    self.client.log_artifact(self.run_id, *self._artifacts[0])
-                    self._artifacts.popleft()
+                self._upload_checkpoints()
             # a thread boundary: an error here would vanish with the thread; the queues keep
             # the metrics and checkpoints, and the next tick, flush() or end() retries them
             except Exception as error:
@@ -436,8 +444,7 @@ class Tracker:
         self._writer.join()
         try:
             self._write_pending()
-            while self._artifacts:
-                self.client.log_artifact(self.run_id, *self._artifacts.popleft())
+            self._upload_checkpoints()
         finally:
             self.client.set_terminated(self.run_id, status)
 

@@ -31,7 +31,7 @@ from service.store_probe import check_reachable
 from service.untracked import Recorder, Untracked
 from workers.losses import l2_penalty
 from workers.network import Architecture
-from workers.params import Layout, init_params, load_weights, save_weights
+from workers.params import Layout, fingerprint, init_params, load_weights, save_weights
 from workers.shard import ShardStats
 from workers.sums import ShardSums
 from workers.synthetic import SyntheticSpec
@@ -243,7 +243,7 @@ def fit(
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
-        tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
+        tracker.log_checkpoint(folder, fingerprint(theta))  # by the tracker's writer, off here
         return folder
 
     try:
@@ -360,6 +360,7 @@ def train(
                     start = latest_checkpoint(fetched, layout, dtype)
             theta = initial_parameters(arch.layout, config, init_weights)
             if not resume_run:
+                placements = group.call("where")
                 tracker.set_tags({"shardprop.output": str(output.resolve())})
                 tracker.log_config(
                     config.resolved(),
@@ -373,10 +374,11 @@ def train(
                     | {
                         f"worker_{r}.read_seconds": part.read_seconds
                         for r, part in enumerate(loaded)
-                    },
+                    }
+                    | {f"worker_{r}.blas": where["blas"] for r, where in enumerate(placements)},
                 )
                 tracker.log_lineage(
-                    input_record(plan, config.data.path), shard_records(plan, group.call("where"))
+                    input_record(plan, config.data.path), shard_records(plan, placements)
                 )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             try:
@@ -394,9 +396,12 @@ def train(
             finally:
                 reporter.stop()
             final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
+            weights_sha256 = fingerprint(theta)
+            tracker.set_tags({"weights_sha256": weights_sha256})
 
             meta = model_meta(arch, config, plan, setup)
-            write_outputs(output, arch.layout, theta, meta, final | {"run_id": tracker.run_id})
+            outcome = final | {"run_id": tracker.run_id, "weights_sha256": weights_sha256}
+            write_outputs(output, arch.layout, theta, meta, outcome)
             example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
             logging_model = background.submit(
                 tracker.log_final, output / "weights.npz", meta, example

@@ -5,6 +5,7 @@ local Ray runtime.
 """
 
 import itertools
+import json
 import random
 
 import numpy as np
@@ -170,3 +171,31 @@ def test_exact_on_the_tree_all_reduce_and_without_a_compiled_graph(ray_session):
     reference = run(0)
     for flags in ({"cluster.allreduce": "tree"}, {"cluster.compiled_graph": False}):
         assert np.array_equal(run(3, **flags).theta, reference.theta), flags
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_runs_with_the_same_weights_carry_the_same_fingerprint_in_mlflow(
+    ray_session, tracking_uri, tmp_path
+):
+    """`weights_sha256` at the end and per checkpoint, and each worker's BLAS, in the run."""
+    from mlflow import MlflowClient
+
+    from workers.params import fingerprint, load_weights
+
+    sets = ("train.checkpoint_every=10",)
+    tracked = {"tracking.enabled": True, "tracking.uri": tracking_uri}
+    runs = [run(workers, *sets, **tracked) for workers in (0, 2)]
+    client = MlflowClient(tracking_uri)
+    tags = [client.get_run(result.run_id).data.tags for result in runs]
+    assert tags[0]["weights_sha256"] == tags[1]["weights_sha256"]
+    _, theta = load_weights(runs[1].output / "weights.npz")
+    assert tags[1]["weights_sha256"] == fingerprint(theta)
+    for step in (10, 20, 30):
+        name = f"weights_sha256.step-{step:06d}"
+        assert tags[0][name] == tags[1][name]
+    assert tags[0]["weights_sha256.step-000030"] == tags[0]["weights_sha256"]
+    params = client.get_run(runs[1].run_id).data.params
+    assert all("1 thread(s)" in params[f"worker_{rank}.blas"] for rank in (0, 1))
+    metrics = json.loads((runs[1].output / "metrics.json").read_text())
+    assert metrics["weights_sha256"] == tags[1]["weights_sha256"]

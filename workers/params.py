@@ -6,6 +6,7 @@ GEMM against activations that carry a row of ones compute W A + b in the forward
 [dW | db] in the backward pass, with no separate bias pass over the data.
 """
 
+import hashlib
 import os
 import tempfile
 import zipfile
@@ -111,6 +112,11 @@ def from_arrays(layout: Layout, arrays: dict[str, np.ndarray], dtype: np.dtype |
         W[...] = arrays[f"W{l}"]
         b[...] = arrays[f"b{l}"]
     return theta
+
+
+def fingerprint(theta: np.ndarray) -> str:
+    """sha256 of the parameters' bytes: equal for two runs exactly when their weights are."""
+    return hashlib.sha256(np.ascontiguousarray(theta).tobytes()).hexdigest()
 
 
 def save_weights(path: str | os.PathLike, layout: Layout, theta: np.ndarray) -> Path:

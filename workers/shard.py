@@ -18,7 +18,7 @@ from itertools import pairwise
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from workers.blocktree import BlockGrid
 from workers.errors import DataError
@@ -57,6 +57,17 @@ def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(X.shape[0]), np.zeros(X.shape[0])
     mean = X.mean(axis=1)
     return mean, np.square(X - mean[:, None]).sum(axis=1)
+
+
+def blas_build() -> str:
+    """The BLAS this process runs, and its threads: the same build and thread count on every
+    node is what makes the exact reduction's bits the same across nodes."""
+    return "; ".join(
+        f"{i['internal_api']} {i['version']} {i.get('architecture') or ''} "
+        f"{i.get('threading_layer') or ''}, {i['num_threads']} thread(s)"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    )
 
 
 def label_kind(column: pa.ChunkedArray) -> str:
@@ -260,6 +271,7 @@ class ShardWorker:
             "node_id": None,
             "node_ip": None,
             "code": os.path.dirname(os.path.dirname(__file__)),  # where workers/ came from
+            "blas": blas_build(),
         }
         ray = sys.modules.get("ray")  # loaded in a Ray worker; never imported by the math
         if ray is not None and ray.is_initialized():
