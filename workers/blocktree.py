@@ -11,11 +11,15 @@ blocks over workers, and any order in which the pieces arrive, gives the same bi
 """
 
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from workers.errors import DataError
 
 Node = tuple[int, int]  # (level k, index i): blocks [i 2^k, (i + 1) 2^k)
+S = TypeVar("S")
 
 # block sizes for `block_rows: null`: about TARGET_BLOCKS blocks, so that workers balance to
 # a block's rows, but no smaller than MIN_BLOCK_ROWS rows (each block costs a dozen numpy
@@ -76,28 +80,35 @@ class BlockGrid:
         return [*range(0, stop - start, self.block_rows), stop - start]
 
 
-def add_node(nodes: dict[Node, object], node: Node, sums: object, grid: BlockGrid) -> None:
+def add_node(
+    nodes: dict[Node, S],
+    node: Node,
+    sums: S,
+    grid: BlockGrid,
+    join: Callable[[S, S], S] = operator.add,
+) -> None:
     """Put one node's sums into `nodes`, adding it up with every sibling already there into
-    the largest whole subtree it completes. `sums` support `+`, which must not change its
-    operands (they may be read-only views of Ray's object store)."""
+    the largest whole subtree it completes. `join(left, right)` adds two siblings; `+` by
+    default, which leaves its operands as they are (they may be read-only views of Ray's
+    object store)."""
     level, index = node
     while level < grid.top:
         if index % 2:
             left = nodes.pop((level, index - 1), None)
             if left is None:
                 break
-            sums = left + sums
+            sums = join(left, sums)
         elif (index + 1) << level < grid.blocks:
             right = nodes.pop((level, index + 1), None)
             if right is None:
                 break
-            sums = sums + right
+            sums = join(sums, right)
         # else the right half is past the last block: the parent's sums are this node's
         level, index = level + 1, index // 2
     nodes[(level, index)] = sums
 
 
-def root(nodes: dict[Node, object], grid: BlockGrid) -> object:
+def root(nodes: dict[Node, S], grid: BlockGrid) -> S:
     """The sums of every block, once all of them have been added."""
     if list(nodes) != [(grid.top, 0)]:
         raise ValueError(f"the block tree is incomplete: it holds the subtrees {sorted(nodes)}")

@@ -180,10 +180,10 @@ class Network:
         self._check(theta, batch)
         self._buffers_for(batch.rows)
 
-        def block(j: int) -> tuple[Sums, float]:
-            return self._backprop(theta, batch, bounds[j], bounds[j + 1], np.empty_like(theta))
+        def block(j: int, grad: np.ndarray) -> tuple[Sums, float]:
+            return self._backprop(theta, batch, bounds[j], bounds[j + 1], grad)
 
-        return self._blocks(block, len(bounds) - 1, first, grid)
+        return self._blocks(block, len(bounds) - 1, first, grid, theta)
 
     def block_evaluate(
         self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
@@ -191,28 +191,41 @@ class Network:
         """`evaluate` block by block, added along the block tree like `block_gradient`."""
         self._check(theta, batch)
         self._buffers_for(batch.rows)
-        empty = np.empty(0, self.dtype)
 
-        def block(j: int) -> tuple[Sums, float]:
+        def block(j: int, empty: np.ndarray) -> tuple[Sums, float]:
             lo, hi = bounds[j], bounds[j + 1]
             *_, Z_out = self._forward(theta, batch.X1, lo, hi)
             loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], lo, hi, batch.rows)
             return Sums(empty, loss, hi - lo, correct), 0.0
 
-        return self._blocks(block, len(bounds) - 1, first, grid)
+        return self._blocks(block, len(bounds) - 1, first, grid, np.empty(0, self.dtype))
 
     def _blocks(
-        self, block: Callable[[int], tuple[Sums, float]], count: int, first: int, grid: BlockGrid
+        self,
+        block: Callable[[int, np.ndarray], tuple[Sums, float]],
+        count: int,
+        first: int,
+        grid: BlockGrid,
+        like: np.ndarray,
     ) -> BlockSums:
-        """block(j) for each of the batch's `count` blocks, one contiguous range of blocks
-        per thread, folded into the block tree as they come."""
+        """block(j, grad buffer shaped like `like`) for each of the batch's `count` blocks,
+        one contiguous range of blocks per thread, folded into the block tree as they come.
+        Every node here is this call's own, so siblings are added in place and the right
+        one's buffer serves a later block: a step allocates a few buffers, not one a block."""
+        spare: list[np.ndarray] = []  # list.append and list.pop are atomic: shared by threads
+
+        def join(left: Sums, right: Sums) -> Sums:
+            left.grad += right.grad
+            spare.append(right.grad)
+            correct = None if left.correct is None else left.correct + right.correct
+            return Sums(left.grad, left.loss + right.loss, left.rows + right.rows, correct)
 
         def blocks(lo: int, hi: int) -> tuple[dict[Node, Sums], float]:
             nodes: dict[Node, Sums] = {}
             forward_seconds = 0.0
             for j in range(lo, hi):
-                sums, seconds = block(j)
-                add_node(nodes, (0, first + j), sums, grid)
+                sums, seconds = block(j, spare.pop() if spare else np.empty_like(like))
+                add_node(nodes, (0, first + j), sums, grid, join)
                 forward_seconds += seconds
             return nodes, forward_seconds
 
@@ -220,7 +233,7 @@ class Network:
         total = BlockSums(forward_seconds=parts[0][1], grid=grid)
         for nodes, _ in parts:
             for node, sums in nodes.items():
-                add_node(total.nodes, node, sums, grid)
+                add_node(total.nodes, node, sums, grid, join)
         return total
 
     def _loss(
