@@ -81,3 +81,53 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     if "PyTorch" in table["losses"]:  # an optional peer: measured where it is installed
         assert table["losses"]["PyTorch"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
     assert "logged as MLflow run" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_ray_train_ddp_peer_reaches_our_losses_step_by_step(ray_session):
+    pytest.importorskip("torch")
+    pytest.importorskip("ray.train.torch")
+    from service import bench_raytrain
+    from service.bench_steps import LEARNING_RATE, Workload, prepare
+
+    workload = Workload(rows=2001, features=8, hidden=(8,))  # odd: the halves differ by a row
+    local = prepare(workload.config(0), workload.seed)
+    try:
+        start = bench_raytrain.same_start(local)
+        ours = bench_raytrain.our_losses(local, 4, LEARNING_RATE)
+    finally:
+        local.group.close()
+    run = bench_raytrain.fit_ray_train(start, 4, LEARNING_RATE)
+    # the first loss checks the forward pass; the later ones DDP's averaged gradient
+    assert run.losses == pytest.approx(ours, rel=1e-9)
+    assert 0 < run.step.low <= run.step.median <= run.step.high
+    assert 0 < run.to_train_function <= run.to_first_step <= run.to_first_step_done
+    assert run.to_first_step_done <= run.to_return
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_startup_sees_the_commands_first_step(tmp_path):
+    from service.bench_startup import time_command
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {synthetic: {rows: 500}}\ntrain: {steps: 2}\ncluster: {workers: 2}\n")
+    seen = time_command(config, tracking=False)
+    assert 0 < seen["training starts"] <= seen["first step done"] <= seen["exit"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
+    out = tmp_path / "startup.json"
+    args = ["bench", "startup", "--rows", "2000", "--features", "8", "--hidden", "8"]
+    args += ["--steps", "2", "--no-tracking", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    for t in table["seconds"].values():
+        assert 0 < t["low"] <= t["median"] <= t["high"]
+    assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
+    if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
+        assert set(table["ratios"]) >= {"command to first step done / Ray Train fit() to ready"}
