@@ -59,6 +59,25 @@ def test_compiled_and_plain_calls_return_the_same_bits(ray_session):
         plain.close()
 
 
+def torch_flag(_: object) -> bool | None:
+    from ray.experimental.channel.common import ChannelContext
+
+    return ChannelContext.get_current()._torch_available
+
+
+def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
+    """Ray's channels import torch in every actor on the first step where it is installed
+    (seconds); ours carry numpy only and are told so."""
+    group, theta = prepared_group(compiled=True)
+    try:
+        group.call("gradient", theta)
+        assert group._step is not None
+        flags = ray_session.get([a.__ray_call__.remote(torch_flag) for a in group.actors])
+        assert flags == [False, False]
+    finally:
+        group.close()
+
+
 def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
     group, theta = prepared_group(compiled=True)
     try:
