@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pyarrow and the estimates load only when a command needs th
     from service.estimate import PlanEstimate
     from service.progress import Reporter
     from service.trainer import RunResult
+    from service.verify import Report as VerifyReport
 
 app = typer.Typer(
     help="Data-parallel full-batch training on Ray workers, tracked in MLflow.",
@@ -185,6 +186,87 @@ def resume_run(
 
 
 @app.command()
+def verify(
+    config: ConfigArgument = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            help="Worker counts to compare with the in-process run, comma-separated "
+            "(default: 1, 2 and cluster.workers; '' checks the gradient alone, without Ray)."
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Steps after which the weights are compared.")
+    ] = 10,
+    fd_params: Annotated[
+        int, typer.Option(min=1, help="Parameters checked against finite differences.")
+    ] = 20,
+    set_: SetOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join: auto, host:port, ray://host:10001.")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db).")
+    ] = None,
+    experiment: ExperimentOption = None,
+    no_tracking: Annotated[
+        bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
+) -> None:
+    """Check the gradient (finite differences) and distributed training (every worker count)
+    against the in-process run, on CONFIG's data and cluster; exit 1 if any check fails."""
+    from service import verify as checks
+
+    quiet_mlflow()
+    with errors_as_exit_codes():
+        if config is None:
+            raise ConfigError("verify needs a CONFIG file")
+        cfg = load_config(
+            config,
+            set_ or [],
+            {
+                "cluster.address": address,
+                **tracking_flags(tracking_uri, experiment, None),
+                "tracking.enabled": False if no_tracking else None,
+            },
+        )
+        try:
+            counts = int_list(workers) if workers is not None else None
+        except ValueError:
+            raise ConfigError(f"--workers {workers!r}: expected counts like 1,2,3") from None
+        say = None if quiet else (lambda text: typer.echo(f"verify: {text}", err=True))
+        report = checks.verify(cfg, counts, steps, fd_params, say)
+    render_verify(report, quiet)
+    write_json(json_out, report.as_dict())
+    if not report.passed:
+        typer.echo(f"verify failed: {'; '.join(report.failures())}", err=True)
+        raise typer.Exit(code=1)
+    skip_last_collection()
+
+
+def render_verify(report: "VerifyReport", quiet: bool) -> None:
+    """The table on stdout, then where the MLflow run is."""
+    if quiet:
+        return
+    import sys
+
+    from rich.console import Console
+
+    from service.verify import table
+
+    # as `plan` does: a log or a pipe gets whole rows, a terminal its own width
+    console = Console(width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=True)
+    console.print(table(report))
+    if report.run_id:
+        from service.tracking import ui_command
+
+        console.print(f"logged as MLflow run {report.run_id} (verify.result={report.result})")
+        console.print(f"see it in the MLflow UI: {ui_command(report.tracking_uri)}")
+
+
+@app.command()
 def submit(
     config: ConfigArgument = None,
     address: Annotated[
@@ -222,7 +304,10 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
     final = result.final
     accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
     reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
-    reporter.say(f"weights: {result.output / 'weights.npz'}")
+    from workers.params import fingerprint
+
+    weights = result.output / "weights.npz"
+    reporter.say(f"weights: {weights} (sha256 {fingerprint(result.theta)[:16]}...)")
     if result.tracking_uri:
         from service.tracking import ui_command
 
@@ -250,7 +335,8 @@ def bench_steps(
     ] = "8",
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
     peers: Annotated[
-        bool, typer.Option(help="Also time scikit-learn and PyTorch, where installed.")
+        bool,
+        typer.Option(help="Also time scikit-learn, PyTorch and Ray Train, where installed."),
     ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
     track: Annotated[bool, typer.Option(help="Log the table to MLflow as a run.")] = False,
@@ -335,6 +421,31 @@ def bench_tracking(
     from service import bench
 
     report([bench.bench_tracking(config, repeats)], json_out)
+
+
+@bench_app.command("startup")
+def bench_startup(
+    rows: Annotated[int, typer.Option(help="Rows of the workload.")] = 200_000,
+    features: Annotated[int, typer.Option(help="Input features.")] = 64,
+    hidden: Annotated[str, typer.Option(help="Hidden widths, comma-separated.")] = "256,256",
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    steps: Annotated[int, typer.Option(help="Steps of each run.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Runs of each kind.")] = 1,
+    tracking: Annotated[bool, typer.Option(help="MLflow tracking on in the command.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+) -> None:
+    """`shardprop train` from the command to its first step, 2 workers, Ray's start-up
+    included, against Ray Train's fit() to its first step (where it is installed)."""
+    from service import bench_startup as suite
+    from service.bench_steps import Workload
+
+    quiet_mlflow()
+    workload = Workload(rows, features, int_list(hidden), dtype)
+    with errors_as_exit_codes():
+        result = suite.bench_startup(workload, steps, repeats, tracking)
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)
 
 
 data_app = typer.Typer(help="Datasets as Parquet: the synthetic sets and two real tables.")

@@ -186,7 +186,7 @@ class Tracker:
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_step = 0
-        self._logged_through = 0
+        self._logged_through = -1  # steps up to this one are in the store already
         self._ended = False
         self._writer = threading.Thread(
             target=self._write_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
@@ -224,7 +224,7 @@ class Tracker:
         client.update_run(run_id, status="RUNNING")
         logged = client.get_metric_history(run_id, "loss")
         tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds)
-        tracker._logged_through = max((point.step for point in logged), default=0)
+        tracker._logged_through = max((point.step for point in logged), default=-1)
         return tracker
 
     # --- params and tags -------------------------------------------------------------------

@@ -65,9 +65,11 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     table = json.loads(out.read_text())
     assert set(table["seconds"]) >= {
         "in-process step",
+        "in-process step, exact reduction",
         "GEMMs alone",
         "1 Ray worker(s)",
         "2 Ray worker(s)",
+        "2 Ray worker(s), exact reduction",
         "Ray alone, 2 workers, compiled graph",
         "Ray alone, 2 workers, plain actor calls",
         "Ray alone, 3 workers, star all-reduce",
@@ -76,11 +78,17 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     }
     for t in table["seconds"].values():
         assert 0 < t["low"] <= t["median"] <= t["high"]
+    assert "in-process step, exact reduction / rank order" in table["ratios"]
     # the same computation: scikit-learn's loss from the same weights on the same rows
     assert table["losses"]["scikit-learn"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
     if "PyTorch" in table["losses"]:  # an optional peer: measured where it is installed
         assert table["losses"]["PyTorch"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
     assert "logged as MLflow run" in result.output
+    run_id = result.output.split("logged as MLflow run ")[1].split()[0]
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert metrics["seconds.in-process step"] == table["seconds"]["in-process step"]["median"]
 
 
 @pytest.mark.slow
@@ -128,6 +136,7 @@ def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
     table = json.loads(out.read_text())
     for t in table["seconds"].values():
         assert 0 < t["low"] <= t["median"] <= t["high"]
+    assert "in-process step, exact reduction / rank order" in table["ratios"]
     assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
     if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
         assert set(table["ratios"]) >= {"command to first step done / Ray Train fit() to ready"}
