@@ -514,6 +514,7 @@ def plan(
             outputs or known or 1,
             cfg.model.dtype,
             cfg.cluster.workers,
+            data_plan.grid and data_plan.grid.block_rows * cfg.cluster.cpus_per_worker,
         )
     render_plan(cfg, data_plan, estimate, known, outputs)
 

@@ -25,7 +25,7 @@ def parameter_count(sizes: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class WorkerMemory:
-    """Bytes one worker holds while training, by what holds them (Network._buffers_for)."""
+    """Bytes one worker holds while training, by what holds them (network.Buffers)."""
 
     batch: int  # X with its row of ones (n0 + 1, m) and the targets Y (n_L, m)
     activations: int  # [A[l]; 1] (n_l + 1, m) for each hidden layer, and Z[L] (n_L, m)
@@ -43,8 +43,12 @@ class WorkerMemory:
         return max(self.training, self.loading)
 
 
-def worker_memory(sizes: Sequence[int], m: int, itemsize: int) -> WorkerMemory:
-    """The arrays a worker with m rows keeps, in a dtype of `itemsize` bytes (8 or 4).
+def worker_memory(
+    sizes: Sequence[int], m: int, itemsize: int, columns: int | None = None
+) -> WorkerMemory:
+    """The arrays a worker with m rows keeps, in a dtype of `itemsize` bytes (8 or 4), its
+    activations and deltas `columns` wide: m, or its threads x a block under the exact
+    reduction, which runs one block at a time per thread.
 
     Loading is the larger of two moments: the read (the Arrow columns and the float64
     feature matrix side by side) and the preparation (that matrix, the labels and their
@@ -53,8 +57,9 @@ def worker_memory(sizes: Sequence[int], m: int, itemsize: int) -> WorkerMemory:
     """
     n0, *hidden, n_out = sizes
     batch = (n0 + 1 + n_out) * m * itemsize
-    activations = (sum(n + 1 for n in hidden) + n_out) * m * itemsize
-    deltas = 2 * max(sizes[1:]) * m * itemsize
+    width = m if columns is None else min(m, columns)
+    activations = (sum(n + 1 for n in hidden) + n_out) * width * itemsize
+    deltas = 2 * max(sizes[1:]) * width * itemsize
     parameters = 2 * parameter_count(sizes) * itemsize
     reading = RAW_BYTES * m * ((n0 + 1) + n0)
     preparing = RAW_BYTES * m * (n0 + 1 + n_out) + batch
@@ -154,8 +159,10 @@ def estimate_plan(
     outputs: int,
     dtype: str,
     workers: int,
+    block_columns: int | None = None,
 ) -> PlanEstimate:
-    """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic."""
+    """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic.
+    `block_columns`: threads x block rows, under the exact reduction."""
     sizes = (n_features, *hidden, outputs)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
@@ -164,7 +171,7 @@ def estimate_plan(
             rank,
             start,
             stop,
-            worker_memory(sizes, stop - start, itemsize),
+            worker_memory(sizes, stop - start, itemsize, block_columns),
             step_flops(sizes, stop - start),
         )
         for rank, (start, stop) in enumerate(shards)

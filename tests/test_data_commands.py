@@ -250,8 +250,9 @@ def test_memory_estimate_is_what_the_network_allocates():
     sums = network.gradient(theta, batch)
     memory = worker_memory(arch.sizes, m, itemsize=8)
     assert memory.batch == batch.X1.nbytes + batch.Y.nbytes
-    assert memory.activations == sum(a.nbytes for a in network._A1) + network._Z_out.nbytes
-    assert memory.deltas == sum(d.nbytes for d in network._delta)
+    buffers = network._whole
+    assert memory.activations == sum(a.nbytes for a in buffers.A1) + buffers.Z_out.nbytes
+    assert memory.deltas == sum(d.nbytes for d in buffers.delta)
     assert memory.parameters == theta.nbytes + sums.grad.nbytes
 
 

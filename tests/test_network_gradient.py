@@ -84,9 +84,9 @@ def test_buffers_are_reused_and_results_do_not_change_between_calls():
     net = Network(arch, threads=2)
     batch = Batch(X, Y)
     first = net.gradient(theta, batch)
-    buffers = [id(b) for b in net._A1]
+    buffers = [id(b) for b in net._whole.A1]
     second = net.gradient(theta, batch)
-    assert [id(b) for b in net._A1] == buffers
+    assert [id(b) for b in net._whole.A1] == buffers
     assert np.array_equal(first.grad, second.grad)
     assert first.grad is not second.grad
 

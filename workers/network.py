@@ -73,6 +73,22 @@ class Batch:
         return self.X1.shape[1]
 
 
+class Buffers:
+    """The activations and deltas of `width` columns, kept between steps: [A[l]; 1] for
+    each hidden layer l (its row of ones set once), Z[L], and two delta buffers between
+    which dZ of layer l and dA of layer l-1 alternate."""
+
+    def __init__(self, sizes: tuple[int, ...], width: int, dtype: np.dtype):
+        self.width = width
+        self.A1 = []
+        for n in sizes[1:-1]:
+            A1 = np.empty((n + 1, width), dtype=dtype)
+            A1[n] = 1
+            self.A1.append(A1)
+        self.Z_out = np.empty((sizes[-1], width), dtype=dtype)
+        self.delta = [np.empty((max(sizes[1:]), width), dtype=dtype) for _ in range(2)]
+
+
 class Network:
     """One architecture in one dtype, with the buffers for one batch size kept between calls."""
 
@@ -86,7 +102,8 @@ class Network:
         self._activate = ACTIVATIONS[arch.activation]
         self._derivative = DERIVATIVES[arch.activation]
         self._output = OUTPUTS[arch.task]
-        self._rows = -1
+        self._whole: Buffers | None = None  # the whole batch's columns
+        self._per_thread: list[Buffers] = []  # one block's columns, one set per thread
         if threads is None:
             threads = max(
                 (i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1
@@ -99,29 +116,19 @@ class Network:
         self._pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
         self._blas = ThreadpoolController() if threads > 1 else None
 
-    def _buffers_for(self, m: int) -> None:
-        if m == self._rows:
-            return
-        sizes = self.layout.sizes
-        hidden = sizes[1:-1]
-        self._A1 = []  # [A[l]; 1] for hidden l, each (n_l + 1, m)
-        for n in hidden:
-            A1 = np.empty((n + 1, m), dtype=self.dtype)
-            A1[n] = 1
-            self._A1.append(A1)
-        self._Z_out = np.empty((sizes[-1], m), dtype=self.dtype)  # (n_L, m)
-        # dZ of layer l and dA of layer l-1 alternate between two buffers
-        widest = max(sizes[1:])
-        self._delta = [np.empty(widest * m, dtype=self.dtype) for _ in range(2)]
-        self._rows = m
+    def _buffers_for(self, m: int) -> Buffers:
+        if self._whole is None or self._whole.width != m:
+            self._whole = None  # freed before the new ones are made
+            self._whole = Buffers(self.layout.sizes, m, self.dtype)
+        return self._whole
 
     def _forward(
-        self, theta: np.ndarray, X1: np.ndarray, lo: int = 0, hi: int | None = None
+        self, theta: np.ndarray, X1: np.ndarray, buffers: Buffers, lo: int, hi: int
     ) -> list[np.ndarray]:
-        """Fill columns [lo, hi) of the buffers (sized for X1 already); returns views of
-        [A[0]; 1], ..., [A[L-1]; 1], Z[L] on those columns."""
-        inputs = [X1[:, lo:hi]] + [A1[:, lo:hi] for A1 in self._A1]  # [A[l]; 1]
-        outputs = [A1[:-1] for A1 in inputs[1:]] + [self._Z_out[:, lo:hi]]  # Z[l], then A[l]
+        """Forward over the columns X1 ((n0 + 1, hi - lo)) into columns [lo, hi) of the
+        buffers; returns views of [A[0]; 1], ..., [A[L-1]; 1], Z[L] on those columns."""
+        inputs = [X1] + [A1[:, lo:hi] for A1 in buffers.A1]  # [A[l]; 1]
+        outputs = [A1[:-1] for A1 in inputs[1:]] + [buffers.Z_out[:, lo:hi]]  # Z[l], then A[l]
         for l, block in enumerate(self.layout.blocks(theta)):
             np.matmul(block, inputs[l], out=outputs[l])
             if l < self.layout.depth - 1:
@@ -140,25 +147,28 @@ class Network:
                 f"got {batch.X1.shape[0] - 1} {batch.X1.dtype}"
             )
 
-    def _side_by_side(self, run: Callable[[int, int], T], count: int, parts: int) -> list[T]:
-        """run(lo, hi) over [0, count) cut into `parts` contiguous ranges, the first in this
-        thread and the others on the pool, all on single-threaded BLAS; results in order."""
+    def _side_by_side(self, run: Callable[[int, int, int], T], count: int, parts: int) -> list[T]:
+        """run(part, lo, hi) over [0, count) cut into `parts` contiguous ranges, the first in
+        this thread and the others on the pool, all on single-threaded BLAS; results in
+        order."""
         cuts = [count * i // parts for i in range(parts + 1)]
         if parts == 1:
-            return [run(0, count)]
+            return [run(0, 0, count)]
         with self._blas.limit(limits=1, user_api="blas"):
-            futures = [self._pool.submit(run, lo, hi) for lo, hi in pairwise(cuts[1:])]
-            return [run(0, cuts[1]), *(future.result() for future in futures)]
+            futures = [
+                self._pool.submit(run, part, lo, hi)
+                for part, (lo, hi) in enumerate(pairwise(cuts[1:]), start=1)
+            ]
+            return [run(0, 0, cuts[1]), *(future.result() for future in futures)]
 
     def gradient(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward and backward over the whole batch: the shard's sums."""
         self._check(theta, batch)
         m = batch.rows
-        self._buffers_for(m)
+        buffers = self._buffers_for(m)
 
-        def part(lo: int, hi: int) -> tuple[Sums, float]:
-            grad = np.empty_like(theta)
-            return self._backprop(theta, batch, lo, hi, grad)
+        def part(_: int, lo: int, hi: int) -> tuple[Sums, float]:
+            return self._backprop(theta, batch, lo, hi, np.empty_like(theta), buffers, lo)
 
         parts = self._side_by_side(part, m, min(self.threads, max(1, m // PART_MIN_ROWS)))
         total = parts[0][0]
@@ -174,44 +184,51 @@ class Network:
         self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
     ) -> BlockSums:
         """The exact reduction's sums (workers.blocktree): block j of the batch, columns
-        [bounds[j], bounds[j + 1]), is the dataset's block first + j; each block on its own,
-        on single-threaded BLAS whatever the thread count, so its bits are the same in any
-        worker; the blocks added up into the whole subtrees they make."""
+        [bounds[j], bounds[j + 1]), is the dataset's block first + j. Each block is run on
+        its own, through buffers of its own width, on single-threaded BLAS whatever the
+        thread count: its bits are the same in any worker. The blocks are added up into the
+        whole subtrees they make."""
         self._check(theta, batch)
-        self._buffers_for(batch.rows)
 
-        def block(j: int, grad: np.ndarray) -> tuple[Sums, float]:
-            return self._backprop(theta, batch, bounds[j], bounds[j + 1], grad)
+        def block(j: int, buffers: Buffers, grad: np.ndarray) -> tuple[Sums, float]:
+            lo, hi = bounds[j], bounds[j + 1]
+            return self._backprop(theta, batch, lo, hi, grad, buffers, 0)
 
-        return self._blocks(block, len(bounds) - 1, first, grid, theta)
+        return self._blocks(block, bounds, first, grid, theta)
 
     def block_evaluate(
         self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
     ) -> BlockSums:
         """`evaluate` block by block, added along the block tree like `block_gradient`."""
         self._check(theta, batch)
-        self._buffers_for(batch.rows)
 
-        def block(j: int, empty: np.ndarray) -> tuple[Sums, float]:
+        def block(j: int, buffers: Buffers, empty: np.ndarray) -> tuple[Sums, float]:
             lo, hi = bounds[j], bounds[j + 1]
-            *_, Z_out = self._forward(theta, batch.X1, lo, hi)
-            loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], lo, hi, batch.rows)
+            *_, Z_out = self._forward(theta, batch.X1[:, lo:hi], buffers, 0, hi - lo)
+            loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], buffers, 0, hi - lo)
             return Sums(empty, loss, hi - lo, correct), 0.0
 
-        return self._blocks(block, len(bounds) - 1, first, grid, np.empty(0, self.dtype))
+        return self._blocks(block, bounds, first, grid, np.empty(0, self.dtype))
 
     def _blocks(
         self,
-        block: Callable[[int, np.ndarray], tuple[Sums, float]],
-        count: int,
+        block: Callable[[int, Buffers, np.ndarray], tuple[Sums, float]],
+        bounds: Sequence[int],
         first: int,
         grid: BlockGrid,
         like: np.ndarray,
     ) -> BlockSums:
-        """block(j, grad buffer shaped like `like`) for each of the batch's `count` blocks,
+        """block(j, its thread's buffers, a sums buffer shaped like `like`) for each block,
         one contiguous range of blocks per thread, folded into the block tree as they come.
+
         Every node here is this call's own, so siblings are added in place and the right
-        one's buffer serves a later block: a step allocates a few buffers, not one a block."""
+        one's buffer serves a later block: a step allocates a few buffers, not one a block.
+        The activations need one block's width per thread, not the whole batch's."""
+        count = len(bounds) - 1
+        parts = min(self.threads, count)
+        width = max(hi - lo for lo, hi in pairwise(bounds))
+        if len(self._per_thread) < parts or self._per_thread[0].width != width:
+            self._per_thread = [Buffers(self.layout.sizes, width, self.dtype) for _ in range(parts)]
         spare: list[np.ndarray] = []  # list.append and list.pop are atomic: shared by threads
 
         def join(left: Sums, right: Sums) -> Sums:
@@ -220,54 +237,61 @@ class Network:
             correct = None if left.correct is None else left.correct + right.correct
             return Sums(left.grad, left.loss + right.loss, left.rows + right.rows, correct)
 
-        def blocks(lo: int, hi: int) -> tuple[dict[Node, Sums], float]:
+        def blocks(part: int, lo: int, hi: int) -> tuple[dict[Node, Sums], float]:
             nodes: dict[Node, Sums] = {}
             forward_seconds = 0.0
             for j in range(lo, hi):
-                sums, seconds = block(j, spare.pop() if spare else np.empty_like(like))
+                grad = spare.pop() if spare else np.empty_like(like)
+                sums, seconds = block(j, self._per_thread[part], grad)
                 add_node(nodes, (0, first + j), sums, grid, join)
                 forward_seconds += seconds
             return nodes, forward_seconds
 
-        parts = self._side_by_side(blocks, count, min(self.threads, count))
-        total = BlockSums(forward_seconds=parts[0][1], grid=grid)
-        for nodes, _ in parts:
+        results = self._side_by_side(blocks, count, parts)
+        total = BlockSums(forward_seconds=results[0][1], grid=grid)
+        for nodes, _ in results:
             for node, sums in nodes.items():
                 add_node(total.nodes, node, sums, grid, join)
         return total
 
     def _loss(
-        self, Z_out: np.ndarray, Y: np.ndarray, lo: int, hi: int, m: int
+        self, Z_out: np.ndarray, Y: np.ndarray, buffers: Buffers, lo: int, hi: int
     ) -> tuple[float, int | None]:
-        """Loss sum and correct count of columns [lo, hi) of a batch of m; their dZ[L] lands
-        in the delta buffer that back-propagation starts from."""
+        """Loss sum and correct count of columns [lo, hi) of the buffers; their dZ[L] lands in
+        the delta buffer that back-propagation starts from."""
         L, sizes = self.layout.depth, self.layout.sizes
-        dZ = self._delta[L % 2].reshape(max(sizes[1:]), m)[: sizes[L], lo:hi]
+        dZ = buffers.delta[L % 2][: sizes[L], lo:hi]
         return self._output.loss_and_delta(Z_out, Y, dZ), self._output.correct(Z_out, Y)
 
     def _backprop(
-        self, theta: np.ndarray, batch: Batch, lo: int, hi: int, grad: np.ndarray
+        self,
+        theta: np.ndarray,
+        batch: Batch,
+        lo: int,
+        hi: int,
+        grad: np.ndarray,
+        buffers: Buffers,
+        at: int,
     ) -> tuple[Sums, float]:
-        """Forward and backward on columns [lo, hi) of the batch, into the same columns of
-        the buffers; the gradient sum goes into `grad`. Returns the sums over those columns
-        and the forward pass's seconds."""
-        m = batch.rows
+        """Forward and backward on columns [lo, hi) of the batch, through the buffers'
+        columns from `at` on; the gradient sum goes into `grad`. Returns the sums over those
+        columns and the forward pass's seconds."""
         L = self.layout.depth
         sizes = self.layout.sizes
+        end = at + hi - lo
         started = time.perf_counter()
-        *inputs, Z_out = self._forward(theta, batch.X1, lo, hi)
+        *inputs, Z_out = self._forward(theta, batch.X1[:, lo:hi], buffers, at, end)
         forward_seconds = time.perf_counter() - started
         blocks = self.layout.blocks(theta)
-        loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], lo, hi, m)
-        # dZ of layer l and dA of layer l-1 alternate between the two delta buffers
-        delta = [buffer.reshape(max(sizes[1:]), m) for buffer in self._delta]
-        dZ = delta[L % 2][: sizes[L], lo:hi]  # (n_L, hi - lo), as _loss left it
+        loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], buffers, at, end)
+        delta = buffers.delta
+        dZ = delta[L % 2][: sizes[L], at:end]  # (n_L, hi - lo), as _loss left it
         grad_blocks = self.layout.blocks(grad)
         for l in range(L, 0, -1):
             A1_prev = inputs[l - 1]  # (n_{l-1} + 1, hi - lo)
             np.matmul(dZ, A1_prev.T, out=grad_blocks[l - 1])  # [dW_l | db_l]
             if l > 1:
-                dA = delta[(l - 1) % 2][: sizes[l - 1], lo:hi]
+                dA = delta[(l - 1) % 2][: sizes[l - 1], at:end]
                 np.matmul(blocks[l - 1][:, :-1].T, dZ, out=dA)  # W_l^T dZ[l] = dA[l-1]
                 self._derivative(A1_prev[:-1], dA)  # now dZ[l-1]
                 dZ = dA
@@ -276,15 +300,16 @@ class Network:
     def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward only: loss sum and correct count (grad is empty)."""
         self._check(theta, batch)
-        self._buffers_for(batch.rows)
-        *_, Z_out = self._forward(theta, batch.X1)
-        loss, correct = self._loss(Z_out, batch.Y, 0, batch.rows, batch.rows)
-        return ShardSums(grad=np.empty(0, self.dtype), loss=loss, rows=batch.rows, correct=correct)
+        m = batch.rows
+        buffers = self._buffers_for(m)
+        *_, Z_out = self._forward(theta, batch.X1, buffers, 0, m)
+        loss, correct = self._loss(Z_out, batch.Y, buffers, 0, m)
+        return ShardSums(grad=np.empty(0, self.dtype), loss=loss, rows=m, correct=correct)
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         """Output activations (n_L, m) for features X (n0, m): probabilities or values."""
         batch = Batch(X, np.empty((self.layout.sizes[-1], X.shape[1])), self.dtype)
         self._check(theta, batch)
-        self._buffers_for(batch.rows)
-        *_, Z_out = self._forward(theta, batch.X1)
+        buffers = self._buffers_for(batch.rows)
+        *_, Z_out = self._forward(theta, batch.X1, buffers, 0, batch.rows)
         return self._output.predict(Z_out)
