@@ -32,15 +32,17 @@ class Timing:
     @classmethod
     def alternating(cls, runs: list[Callable[[], object]], repeats: int) -> list["Timing"]:
         """Time each run `repeats` times, taking turns, so that a slow spell of the machine
-        falls on all of them alike."""
+        falls on all of them alike; each round starts one run later, so that none always
+        comes after the same one (whose memory traffic it would inherit)."""
         for run in runs:
             run()  # warm-up: first-touch page faults and BLAS start-up are not the step
         seconds: list[list[float]] = [[] for _ in runs]
-        for _ in range(repeats):
-            for run, times in zip(runs, seconds, strict=True):
+        for round_ in range(repeats):
+            for i in range(len(runs)):
+                k = (round_ + i) % len(runs)
                 start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+                runs[k]()
+                seconds[k].append(time.perf_counter() - start)
         return [cls.over(times) for times in seconds]
 
 
