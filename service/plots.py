@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 # each panel: a training curve and its validation twin
 PANELS = (("loss", "val_loss"), ("accuracy", "val_accuracy"))
+LOG_SCALE_LIMIT = 1e200
 
 
 def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
@@ -29,8 +30,12 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> Pa
         curves = {name: history[name] for name in names if history.get(name)}
         for name, values in curves.items():
             ax.plot(range(1, len(values) + 1), values, label=name)
-        if names[0] == "loss" and all(v > 0 for values in curves.values() for v in values):
-            ax.set_yscale("log")  # gradient descent's loss falls over decades
+        # gradient descent's loss falls over decades; matplotlib's log ticks overflow on
+        # values near the float range (a run about to diverge)
+        if names[0] == "loss" and all(
+            0 < v <= LOG_SCALE_LIMIT for values in curves.values() for v in values
+        ):
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(names[0])
         ax.grid(alpha=0.3)

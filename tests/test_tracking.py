@@ -232,3 +232,6 @@ def test_plot_is_a_png_with_a_panel_per_curve_family(tmp_path):
     assert wide.shape[1] == 2 * only_loss.shape[1]  # loss and accuracy side by side
     with pytest.raises(ValueError, match="no loss or accuracy"):
         plot_history({"grad_norm": [1.0]}, tmp_path / "none.png")
+    # a loss near the float range (a run about to diverge) still plots, on a linear scale
+    huge = plot_history({"loss": [2.4e93, 1.2e280]}, tmp_path / "huge.png")
+    assert huge.read_bytes().startswith(PNG_SIGNATURE)
