@@ -514,7 +514,8 @@ def plan(
             outputs or known or 1,
             cfg.model.dtype,
             cfg.cluster.workers,
-            data_plan.grid and data_plan.grid.block_rows * cfg.cluster.cpus_per_worker,
+            data_plan.grid,
+            cfg.cluster.cpus_per_worker,
         )
     render_plan(cfg, data_plan, estimate, known, outputs)
 
@@ -588,11 +589,16 @@ def render_plan(
     if in_process:
         console.print("all-reduce per step: none (in-process, nothing leaves this process)")
     else:
+        back = (
+            "the whole subtrees of the block tree back"
+            if data_plan.grid
+            else "one gradient vector back from each"
+        )
         console.print(
             f"all-reduce per step: {human_bytes(traffic.total)} = parameters to each of "
-            f"{len(estimate.shards)} workers {human_bytes(traffic.broadcast)} + one gradient "
-            f"vector back from each {human_bytes(traffic.gather)} (an upper bound: workers on "
-            "this machine share the one broadcast copy)"
+            f"{len(estimate.shards)} workers {human_bytes(traffic.broadcast)} + {back} "
+            f"{human_bytes(traffic.gather)} (an upper bound: workers on this machine share the "
+            "one broadcast copy)"
         )
     flops = estimate.flops
     console.print(

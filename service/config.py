@@ -92,7 +92,7 @@ class TrainConfig(Section):
     patience: int | None = Field(None, gt=0)  # stop after this many evals without a better val_loss
     # exact: row blocks summed along one fixed tree, the same bits for any worker count;
     # rank_order: each worker's rows in one sum, the workers' sums added in rank order
-    reduction: Literal["exact", "rank_order"] = "rank_order"
+    reduction: Literal["exact", "rank_order"] = "exact"
     block_rows: int | None = Field(None, gt=0)  # rows per block of `exact`; null: by row count
 
 

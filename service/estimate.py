@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers.blocktree import BlockGrid, subtree_count
 from workers.params import Layout
 from workers.synthetic import SyntheticSpec
 
@@ -99,15 +100,19 @@ class StepTraffic:
         return self.broadcast + self.gather
 
 
-def allreduce_bytes(n_params: int, workers: int, itemsize: int) -> StepTraffic:
-    """k P bytes out and k P bytes back; 0 in-process (workers = 0), where nothing moves.
+def allreduce_bytes(
+    n_params: int, workers: int, itemsize: int, gathered: int | None = None
+) -> StepTraffic:
+    """k P bytes out and k P bytes back (`gathered` P under the exact reduction, whose
+    workers send a few whole subtrees each); 0 in-process (workers = 0), where nothing moves.
 
     An upper bound on what crosses a network: workers on the coordinator's machine read the
     one broadcast copy from Ray's shared-memory object store. The loss, row and correct
     counts that travel with each gradient are a few scalars and are not counted.
     """
     per_vector = n_params * itemsize
-    return StepTraffic(broadcast=workers * per_vector, gather=workers * per_vector)
+    back = workers if gathered is None or not workers else gathered
+    return StepTraffic(broadcast=workers * per_vector, gather=back * per_vector)
 
 
 def output_units(task: str, synthetic: SyntheticSpec | None) -> int | None:
@@ -159,10 +164,12 @@ def estimate_plan(
     outputs: int,
     dtype: str,
     workers: int,
-    block_columns: int | None = None,
+    grid: BlockGrid | None = None,
+    threads: int = 1,
 ) -> PlanEstimate:
     """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic.
-    `block_columns`: threads x block rows, under the exact reduction."""
+    `grid`: the exact reduction's blocks, run `threads` at a time in each worker."""
+    block_columns = grid.block_rows * threads if grid else None
     sizes = (n_features, *hidden, outputs)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
@@ -181,7 +188,12 @@ def estimate_plan(
         sizes,
         n_params,
         per_shard,
-        allreduce_bytes(n_params, workers, itemsize),
+        allreduce_bytes(
+            n_params,
+            workers,
+            itemsize,
+            grid and sum(subtree_count(grid, start, stop) for start, stop in shards),
+        ),
         step_flops(sizes, total_rows),
     )
 

@@ -136,7 +136,6 @@ def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
     table = json.loads(out.read_text())
     for t in table["seconds"].values():
         assert 0 < t["low"] <= t["median"] <= t["high"]
-    assert "in-process step, exact reduction / rank order" in table["ratios"]
     assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
     if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
         assert set(table["ratios"]) >= {"command to first step done / Ray Train fit() to ready"}

@@ -15,7 +15,7 @@ from service.config import load_config
 from service.errors import DataError
 from service.reduce import reduce_sums
 from service.trainer import train
-from workers.blocktree import BlockGrid, auto_block_rows
+from workers.blocktree import BlockGrid, auto_block_rows, subtree_count
 from workers.network import Architecture, Batch, Network
 from workers.params import init_params
 from workers.sums import BlockSums
@@ -82,6 +82,7 @@ def test_a_worker_returns_a_handful_of_subtrees():
         for block in range(start // grid.block_rows, -(-stop // grid.block_rows)):
             sums += leaf(grid, block, theta)
         assert len(sums.nodes) <= 2 * grid.top
+        assert subtree_count(grid, start, stop) == len(sums.nodes)  # what `plan` counts
 
 
 def leaf(grid, block, theta):

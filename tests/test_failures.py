@@ -60,7 +60,7 @@ def test_a_lost_worker_is_named(ray_session):
         # the worker's process ends (as kill -9 would end it); wait until Ray knows
         with pytest.raises(ray_session.exceptions.RayActorError):
             ray_session.get(group.actors[1].die.remote())
-        with pytest.raises(TrainingError, match=r"worker 1 \(rows 150\.\.300\) was lost"):
+        with pytest.raises(TrainingError, match=r"worker 1 \(rows 152\.\.300\) was lost"):
             group.call("load")
     finally:
         group.close()

@@ -21,6 +21,7 @@ from service.data import write_table
 from service.reduce import reduce_sums
 from service.verify import verify
 from workers.activations import DERIVATIVES
+from workers.sums import ShardSums
 from workers.synthetic import SyntheticSpec, generate
 
 STEPS = 5
@@ -85,7 +86,7 @@ def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(tmp_path, 
     assert "verify failed" not in result.stderr
     for row in ("finite differences", "distributed gradient", f"weights after {STEPS} steps"):
         assert row in result.stdout
-    assert "skipped (train.reduction is rank_order)" in result.stdout
+    assert "bitwise distributed gradient" in result.stdout  # train.reduction: exact, the default
 
     written = json.loads((tmp_path / "verify.json").read_text())
     assert written["result"] == "pass" and written["failures"] == []
@@ -107,7 +108,8 @@ def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(tmp_path, 
     assert metrics["gradient.workers_1.max_abs"] == 0.0  # one shard: the very same sums
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "verify.json")).read_text())
     assert logged["result"] == "pass"
-    assert len(logged["checks"]) == 1 + 3 + 3 + 1  # fd, gradient x3, weights x3, bitwise skipped
+    assert len(logged["checks"]) == 1 + 3 + 3 + 6  # fd, gradient x3, weights x3, bitwise x6
+    assert all(c["status"] == "pass" for c in logged["checks"]), logged["checks"]
 
 
 def mean_of_worker_means(parts):
@@ -126,8 +128,16 @@ def test_averaging_per_worker_means_on_uneven_shards_fails_and_names_the_check(
     ray_session, tmp_path, config_file, tracking_uri, monkeypatch
 ):
     monkeypatch.setattr(trainer, "reduce_sums", mean_of_worker_means)
+    rank_order = ("--set", "train.reduction=rank_order")  # each worker's rows in one sum
     code, output = invoke(
-        config_file, "--workers", "2,3", "--steps", STEPS, "--tracking-uri", tracking_uri
+        config_file,
+        "--workers",
+        "2,3",
+        "--steps",
+        STEPS,
+        "--tracking-uri",
+        tracking_uri,
+        *rank_order,
     )
     assert code == 1, output
     line = failure_line(output)
@@ -180,6 +190,30 @@ def test_the_correct_gradient_passes_finite_differences_in_float64_for_a_float32
 
 @pytest.mark.slow
 @pytest.mark.cluster
+def subtrees_in_arrival_order(parts):
+    """A broken exact reduction: the workers' subtrees added one after the other rather
+    than along the block tree. Right to rounding, but the grouping follows the split."""
+    nodes = [sums for part in parts for _, sums in sorted(part.nodes.items())]
+    total = nodes[0]
+    for sums in nodes[1:]:
+        total = total + sums
+    return ShardSums(total.grad, total.loss, total.rows, total.correct)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_an_exact_reduction_off_its_tree_fails_the_bitwise_check_alone(
+    ray_session, tmp_path, config_file, monkeypatch
+):
+    monkeypatch.setattr(trainer, "reduce_sums", subtrees_in_arrival_order)
+    code, output = invoke(config_file, "--workers", "2,3", "--steps", STEPS, "--no-tracking")
+    assert code == 1, output
+    line = failure_line(output)
+    # 2 workers hold 4 blocks each, one subtree apiece: added in order, that is the tree
+    assert "bitwise distributed gradient, 3 workers" in line
+    assert "max relative deviation" not in line  # equal to rounding: only the bits differ
+
+
 def test_exact_reduction_gives_bitwise_identical_gradient_and_weights_for_every_count(
     ray_session, config_file
 ):

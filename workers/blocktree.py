@@ -108,6 +108,14 @@ def add_node(
     nodes[(level, index)] = sums
 
 
+def subtree_count(grid: BlockGrid, start: int, stop: int) -> int:
+    """How many whole subtrees a worker holding rows [start, stop) sends per step."""
+    nodes: dict[Node, int] = {}
+    for block in range(start // grid.block_rows, -(-stop // grid.block_rows)):
+        add_node(nodes, (0, block), 0, grid)
+    return len(nodes)
+
+
 def root(nodes: dict[Node, S], grid: BlockGrid) -> S:
     """The sums of every block, once all of them have been added."""
     if list(nodes) != [(grid.top, 0)]:

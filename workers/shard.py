@@ -56,7 +56,8 @@ def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not X.shape[1]:
         return np.zeros(X.shape[0]), np.zeros(X.shape[0])
     mean = X.mean(axis=1)
-    return mean, np.square(X - mean[:, None]).sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite data is refused after
+        return mean, np.square(X - mean[:, None]).sum(axis=1)
 
 
 def blas_build() -> str:
