@@ -6,6 +6,7 @@ never imports Ray, and `--workers 0` runs the very same loop in-process.
 
 import logging
 import os
+from collections import deque
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -103,7 +104,9 @@ class RayGroup:
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
         self._compiled = compiled  # the gradient through a Ray Compiled Graph, when possible
         self._step: CompiledStep | None = None
-        self._expected = 0.0  # seconds every worker's gradient takes, as last measured
+        # each worker's compute in the last two steps: the compiled road sleeps through most
+        # of the smaller (a one-off slow step must not make the next one wait)
+        self._computes: deque[float] = deque(maxlen=2)
         self._tree = allreduce == "tree"  # step sums added on the workers, pairwise
 
     @property
@@ -115,7 +118,11 @@ class RayGroup:
         if method in STEP_METHODS and not any(self._armed.values()):
             if self._tree and (total := self._call_tree(method, args)) is not None:
                 return [total]
-            if self._compiled and (results := self._call_compiled(method, args)) is not None:
+            # the first step takes the plain road: its compute is then known, and a compiled
+            # graph's reader would spin a core the whole step (2 workers on 2 cores: the
+            # first step took twice as long)
+            compiled = self._compiled and self._computes
+            if compiled and (results := self._call_compiled(method, args)) is not None:
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}
@@ -137,7 +144,10 @@ class RayGroup:
                 pending[rank] = self._submit(rank, method, args)
         if method in STATE_METHODS:
             self._state_calls.append((method, args))
-        return [results[rank] for rank in range(self.size)]
+        in_order = [results[rank] for rank in range(self.size)]
+        if method in STEP_METHODS:
+            self._computes.append(min(r.seconds for r in in_order))
+        return in_order
 
     def _call_tree(self, method: str, args: tuple) -> Any | None:
         """The step's sums added along a binary tree over the ranks, on the workers: rank r
@@ -177,7 +187,8 @@ class RayGroup:
                 self._compiled = False
                 return None
         try:
-            results = self._step(*args, timeout=self._timeout, expected=self._expected)
+            expected = 0.9 * min(self._computes)
+            results = self._step(*args, timeout=self._timeout, expected=expected)
         except BrokenStepError as broken:
             self._drop_step()  # the others' results went with the graph: the plain road redoes it
             if broken.silent is not None:
@@ -186,8 +197,7 @@ class RayGroup:
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
-        # the next step's compute is this one's, to within noise: sleep through 90 % of it
-        self._expected = 0.9 * min(r.seconds for r in results)
+        self._computes.append(min(r.seconds for r in results))
         return results
 
     def _drop_step(self) -> None:

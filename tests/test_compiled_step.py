@@ -48,6 +48,8 @@ def test_compiled_and_plain_calls_return_the_same_bits(ray_session):
     compiled, theta = prepared_group(compiled=True)
     plain, _ = prepared_group(compiled=False)
     try:
+        compiled.call("gradient", theta)
+        assert compiled._step is None  # the first step goes the plain road, and times the math
         for _ in range(3):  # the channels are reused from step to step
             fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
             assert compiled._step is not None  # it did take the compiled road
@@ -71,6 +73,7 @@ def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
     group, theta = prepared_group(compiled=True)
     try:
         group.call("gradient", theta)
+        group.call("gradient", theta)
         assert group._step is not None
         flags = ray_session.get([a.__ray_call__.remote(torch_flag) for a in group.actors])
         assert flags == [False, False]
@@ -81,7 +84,9 @@ def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
 def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
     group, theta = prepared_group(compiled=True)
     try:
+        group.call("gradient", theta)  # on the plain road: the next one compiles
         before = reduce_sums(group.call("gradient", theta))
+        assert group._step is not None
         kill_and_wait(ray_session, group.actors[1])  # the graph learns it on its next step
         after = reduce_sums(group.call("gradient", theta))
         assert group.restarts == 1
