@@ -92,6 +92,16 @@ WorkersOption = Annotated[
 # and the ones `train` and `submit` share
 ExperimentOption = Annotated[str | None, typer.Option(help="MLflow experiment name.")]
 RunNameOption = Annotated[str | None, typer.Option(help="MLflow run name.")]
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster to join: auto, host:port, ray://host:10001.")
+]
+TrackingUriOption = Annotated[
+    str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db).")
+]
+NoTrackingOption = Annotated[
+    bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
+]
+QuietOption = Annotated[bool, typer.Option(help="Print nothing but errors.")]
 
 
 @app.command()
@@ -99,12 +109,8 @@ def train(
     config: ConfigArgument = None,
     set_: SetOption = None,
     workers: WorkersOption = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join: auto, host:port, ray://host:10001.")
-    ] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db).")
-    ] = None,
+    address: AddressOption = None,
+    tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = None,
     run_name: RunNameOption = None,
     init_weights: Annotated[
@@ -119,14 +125,12 @@ def train(
             help="Chaos: kill worker R's process at step S: worker=R,step=S[,times=N][,when=after]."
         ),
     ] = None,
-    no_tracking: Annotated[
-        bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
-    ] = False,
+    no_tracking: NoTrackingOption = False,
     resume: Annotated[
         str | None,
         typer.Option(help="Go on with this MLflow run from its last checkpoint (its own config)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train the network of CONFIG on its data, sharded across workers."""
     if resume:
@@ -167,7 +171,7 @@ def resume_run(
     output: Annotated[
         Path | None, typer.Option(help="Where the run's checkpoints are (default: as it logged).")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Continue a stopped or killed run from its last checkpoint, in the same MLflow run."""
     from service.progress import Reporter
@@ -202,18 +206,12 @@ def verify(
         int, typer.Option(min=1, help="Parameters checked against finite differences.")
     ] = 20,
     set_: SetOption = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join: auto, host:port, ray://host:10001.")
-    ] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db).")
-    ] = None,
+    address: AddressOption = None,
+    tracking_uri: TrackingUriOption = None,
     experiment: ExperimentOption = None,
-    no_tracking: Annotated[
-        bool, typer.Option("--no-tracking", help="Record nothing in MLflow (tracking.enabled).")
-    ] = False,
+    no_tracking: NoTrackingOption = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
-    quiet: Annotated[bool, typer.Option(help="Print nothing but errors.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Check the gradient (finite differences) and distributed training (every worker count)
     against the in-process run, on CONFIG's data and cluster; exit 1 if any check fails."""
