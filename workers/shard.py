@@ -61,8 +61,9 @@ def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blas_build() -> str:
-    """The BLAS this process runs, and its threads: the same build and thread count on every
-    node is what makes the exact reduction's bits the same across nodes."""
+    """The BLAS this process runs, its kernel and its threads: the exact reduction gives the
+    same bits across nodes that run the same build and kernel (it runs each block on one
+    thread); rank order's bits also depend on the thread count."""
     return "; ".join(
         f"{i['internal_api']} {i['version']} {i.get('architecture') or ''} "
         f"{i.get('threading_layer') or ''}, {i['num_threads']} thread(s)"
