@@ -176,10 +176,19 @@ def torch_network(blocks: list[np.ndarray]) -> "torch.nn.Sequential":
 
     layers: list[torch.nn.Module] = []
     for block in blocks:
-        W, b = torch.from_numpy(block[:, :-1].copy()), torch.from_numpy(block[:, -1].copy())
-        linear = torch.nn.Linear(W.shape[1], W.shape[0], dtype=W.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(W)
-            linear.bias.copy_(b)
-        layers += [linear, torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
+        n_out, n_in = block.shape[0], block.shape[1] - 1
+        dtype = torch.from_numpy(block[:0]).dtype
+        layers += [torch.nn.Linear(n_in, n_out, dtype=dtype), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    load_blocks(model, blocks)
+    return model
+
+
+def load_blocks(model: "torch.nn.Sequential", blocks: list[np.ndarray]) -> None:
+    """Our weights [W_l | b_l] into the network's Linear layers (every other layer)."""
+    import torch
+
+    with torch.no_grad():
+        for linear, block in zip(model[::2], blocks, strict=True):
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(block[:, :-1])))
+            linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(block[:, -1])))

@@ -9,7 +9,6 @@ between figures taken in the same run: the machines are noisy, their ratios much
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -264,25 +263,16 @@ def bench_torch(
     except ImportError:
         return {}
     torch.set_num_threads(workload.threads)
-    dtype = torch.float64 if workload.dtype == "float64" else torch.float32
     batch = local.group.workers[0].batch
     X = torch.from_numpy(np.ascontiguousarray(batch.X1[:-1].T))
     y = torch.from_numpy(np.ascontiguousarray(batch.Y[0]))
-    sizes = local.arch.sizes
-    linears = [torch.nn.Linear(a, b, dtype=dtype) for a, b in pairwise(sizes)]
-    layers: list[torch.nn.Module] = []
-    for linear in linears:
-        layers += [linear, torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    blocks = local.arch.layout.blocks(local.theta)
+    model = bench_raytrain.torch_network(blocks)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.0)
     loss_of = torch.nn.BCEWithLogitsLoss()
-    blocks = local.arch.layout.blocks(local.theta)
 
     def one_step() -> float:
-        with torch.no_grad():
-            for linear, block in zip(linears, blocks, strict=True):
-                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(block[:, :-1])))
-                linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(block[:, -1])))
+        bench_raytrain.load_blocks(model, blocks)  # every step from the same weights
         optimizer.zero_grad()
         loss = loss_of(model(X).squeeze(1), y)
         loss.backward()

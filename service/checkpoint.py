@@ -69,6 +69,11 @@ def save_checkpoint(
     return final
 
 
+def weights_fingerprint(folder: Path) -> str:
+    """The sha256 of the checkpoint's parameter bytes, as its manifest records it."""
+    return json.loads((folder / "manifest.json").read_text())["weights_sha256"]
+
+
 def read_checkpoint(folder: Path, layout: Layout, dtype: str) -> Checkpoint:
     """One checkpoint, verified against its manifest; ValueError when it does not hold up."""
     try:

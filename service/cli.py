@@ -302,10 +302,8 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
     final = result.final
     accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
     reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
-    from workers.params import fingerprint
-
     weights = result.output / "weights.npz"
-    reporter.say(f"weights: {weights} (sha256 {fingerprint(result.theta)[:16]}...)")
+    reporter.say(f"weights: {weights} (sha256 {result.weights_sha256[:16]}...)")
     if result.tracking_uri:
         from service.tracking import ui_command
 

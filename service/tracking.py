@@ -44,6 +44,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import workers
+from service.checkpoint import weights_fingerprint
 from service.lineage import InputRecord
 from service.serving import load_bundle, predict_frame
 from workers.errors import UserError
@@ -180,9 +181,8 @@ class Tracker:
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # write now rather than at the next tick
-        # checkpoints to upload (folder, artifact path, tags to set once it is up), written by
-        # the writer thread after the metrics before them
-        self._artifacts: deque[tuple[str, str, dict[str, str]]] = deque()
+        # checkpoint folders to upload, by the writer thread after the metrics before them
+        self._artifacts: deque[Path] = deque()
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_step = 0
@@ -292,18 +292,17 @@ class Tracker:
         except (mlflow.MlflowException, OSError):
             return destination / "checkpoints"  # none uploaded: an empty place to look
 
-    def log_checkpoint(self, folder: Path, fingerprint: str) -> None:
+    def log_checkpoint(self, folder: Path) -> None:
         """Upload a checkpoint folder under checkpoints/ and tag the run with its weights'
         fingerprint (`weights_sha256.step-NNNNNN`), from the writer thread."""
-        tags = {f"weights_sha256.{folder.name}": fingerprint}
-        self._artifacts.append((os.fspath(folder), "checkpoints", tags))
+        self._artifacts.append(folder)
         self._wake.set()
 
     def _upload_checkpoints(self) -> None:
         while self._artifacts:
-            folder, artifact_path, tags = self._artifacts[0]
-            self.client.log_artifact(self.run_id, folder, artifact_path)
-            self.set_tags(tags)
+            folder = self._artifacts[0]
+            self.client.log_artifact(self.run_id, os.fspath(folder), "checkpoints")
+            self.set_tags({f"weights_sha256.{folder.name}": weights_fingerprint(folder)})
             self._artifacts.popleft()
 
     def _write_loop(self) -> None:

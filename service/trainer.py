@@ -47,6 +47,7 @@ class RunResult:
     output: Path
     final: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
+    weights_sha256: str = ""  # of theta
 
 
 def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
@@ -243,7 +244,7 @@ def fit(
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
-        tracker.log_checkpoint(folder, fingerprint(theta))  # by the tracker's writer, off here
+        tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
         return folder
 
     try:
@@ -411,7 +412,15 @@ def train(
             tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
             tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
     return RunResult(
-        tracker.run_id, tracker.tracking_uri, arch, theta, setup, output, final, history
+        tracker.run_id,
+        tracker.tracking_uri,
+        arch,
+        theta,
+        setup,
+        output,
+        final,
+        history,
+        weights_sha256,
     )
 
 

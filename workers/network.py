@@ -173,12 +173,11 @@ class Network:
         parts = self._side_by_side(part, m, min(self.threads, max(1, m // PART_MIN_ROWS)))
         total = parts[0][0]
         for sums, _ in parts[1:]:
-            total.grad += sums.grad  # in part order: the same bits every call
-            total.loss += sums.loss
-            if total.correct is not None:
-                total.correct += sums.correct
+            total += sums  # in part order: the same bits every call
         forward_seconds = parts[0][1]  # the parts ran side by side: the first one's clock
-        return ShardSums(total.grad, total.loss, m, total.correct, forward_seconds=forward_seconds)
+        return ShardSums(
+            total.grad, total.loss, total.rows, total.correct, forward_seconds=forward_seconds
+        )
 
     def block_gradient(
         self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
@@ -232,10 +231,9 @@ class Network:
         spare: list[np.ndarray] = []  # list.append and list.pop are atomic: shared by threads
 
         def join(left: Sums, right: Sums) -> Sums:
-            left.grad += right.grad
+            left += right
             spare.append(right.grad)
-            correct = None if left.correct is None else left.correct + right.correct
-            return Sums(left.grad, left.loss + right.loss, left.rows + right.rows, correct)
+            return left
 
         def blocks(part: int, lo: int, hi: int) -> tuple[dict[Node, Sums], float]:
             nodes: dict[Node, Sums] = {}

@@ -113,6 +113,7 @@ class ShardWorker:
         started = time.perf_counter()
         features, label = self._features, self._label
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
+        self._validating = validation_fraction > 0
         if self.grid:  # each block's columns among the training rows and the validation rows
             bounds = self.grid.bounds(self.start, self.stop)
             before = np.concatenate([[0], np.cumsum(self._val)])[bounds]
@@ -189,7 +190,8 @@ class ShardWorker:
         if mean is not None and std is not None:
             X -= mean[:, None]
             X /= std[:, None]
-        if val.any() or self.grid:  # exact: every block answers, with no rows if need be
+        # exact: every block answers for the validation split, with no rows if need be
+        if val.any() or (self.grid and self._validating):
             self.val_batch = Batch(X[:, val], Y[:, val], dtype)
             self.val_network = Network(arch, dtype, threads=self.threads)
             X, Y = X[:, ~val], Y[:, ~val]

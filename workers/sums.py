@@ -6,6 +6,7 @@ reduction, `workers.blocktree`). Both carry the worker's timings for the step's 
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Self
 
 import numpy as np
 
@@ -23,6 +24,15 @@ class Sums:
         """New sums; the operands stay as they are (they may be read-only)."""
         correct = None if self.correct is None else self.correct + other.correct
         return Sums(self.grad + other.grad, self.loss + other.loss, self.rows + other.rows, correct)
+
+    def __iadd__(self, other: "Sums") -> "Sums":
+        """Add `other` into these sums, the gradient in place."""
+        self.grad += other.grad
+        self.loss += other.loss
+        self.rows += other.rows
+        if self.correct is not None:
+            self.correct += other.correct
+        return self
 
 
 @dataclass
@@ -43,27 +53,24 @@ class Timed:
         self.seconds = max(self.seconds, other.seconds)
         self.forward_seconds = max(self.forward_seconds, other.forward_seconds)
 
+    def __add__(self, other: Self) -> Self:
+        """Both ranks' sums as new ones, whichever kind of sums the workers return."""
+        total = self.copy()
+        total += other
+        return total
+
 
 @dataclass
 class ShardSums(Timed, Sums):
     def __iadd__(self, other: "ShardSums") -> "ShardSums":
         """Add the sums of `other`, which holds the later ranks; the gradient in place."""
-        self.grad += other.grad
-        self.loss += other.loss
-        self.rows += other.rows
-        if self.correct is not None:
-            self.correct += other.correct
+        super().__iadd__(other)
         self.join_timings(other)
         return self
 
     def copy(self) -> "ShardSums":
         """The same sums with a gradient of their own, to add others into."""
         return replace(self, grad=self.grad.copy(), per_rank=self.timings())
-
-    def __add__(self, other: "ShardSums") -> "ShardSums":
-        total = self.copy()
-        total += other
-        return total
 
 
 @dataclass
@@ -83,11 +90,6 @@ class BlockSums(Timed):
     def copy(self) -> "BlockSums":
         """Node sums are never changed in place, so sharing them is safe."""
         return replace(self, nodes=dict(self.nodes), per_rank=self.timings())
-
-    def __add__(self, other: "BlockSums") -> "BlockSums":
-        total = self.copy()
-        total += other
-        return total
 
     def total(self) -> ShardSums:
         """Every block's sums as one, once every block is in."""
