@@ -47,7 +47,7 @@ def errors_as_exit_codes():
 
 def quiet_mlflow() -> None:
     """MLflow's INFO lines would drown the progress; its client retries a dead server for
-    minutes per call, where the tracker's own writer retries every second anyway; and its
+    minutes per call, where the tracker's own writer retries at its next tick anyway; and its
     usage telemetry costs the run CPU and reaches for the network (set the variable to
     false to allow it)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -134,6 +134,8 @@ class TrackingConfig(Section):
     uri: str | None = None
     experiment: str = "shardprop"
     run_name: str | None = None
+    # seconds between writes of queued metrics and checkpoint uploads (and at the run's end)
+    flush_seconds: float = Field(5.0, gt=0)
 
 
 class Config(Section):

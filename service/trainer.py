@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from service.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from service.collector import RunCollection
 from service.config import Config
 from service.data import DataPlan, plan_data
 from service.early_stop import EarlyStopping
@@ -57,8 +58,10 @@ def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
     from service.tracking import Tracker  # MLflow takes a second to import: only when tracking
 
     if resume_run:
-        return Tracker.reopen(track.uri, resume_run)
-    return Tracker.start(track.uri, track.experiment, track.run_name)
+        return Tracker.reopen(track.uri, resume_run, track.flush_seconds)
+    return Tracker.start(
+        track.uri, track.experiment, track.run_name, flush_seconds=track.flush_seconds
+    )
 
 
 def make_plan(config: Config) -> DataPlan:
@@ -347,7 +350,10 @@ def train(
     plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
     if config.tracking.enabled:
         check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
-    with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
+    with (
+        RunCollection() as collection,
+        ThreadPoolExecutor(1, thread_name_prefix="tracking") as background,
+    ):
         tracker, group = open_run(config, plan, background, resume_run)
         with tracker, closing(group), stop_requests() as stop:
             output = output or Path(".shardprop") / "runs" / tracker.run_id
@@ -382,6 +388,7 @@ def train(
                     input_record(plan, config.data.path), shard_records(plan, placements)
                 )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
+            collection.started()
             try:
                 history, stopper = fit(
                     group,

@@ -20,6 +20,7 @@ data: {synthetic: {name: moons, rows: 40000, noise: 0.3, seed: 3}}
 model: {hidden: [64, 64]}
 train: {steps: 120, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
 cluster: {workers: 2}
+tracking: {flush_seconds: 0.2}
 """
 
 
@@ -36,6 +37,18 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def wait_for_tag(uri: str, prefix: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + seconds
+    while True:
+        runs = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+        if runs and any(key.startswith(prefix) for key in runs[0].data.tags):
+            return
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no tag {prefix}* appeared"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -64,6 +77,8 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     out = tmp_path / "out"
     victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
     wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
+    if from_mlflow:  # and for the writer to have uploaded one (tagged after its upload)
+        wait_for_tag(uri, "weights_sha256.step-", victim)
     victim.send_signal(signal.SIGKILL)  # as an operator's kill -9, or a lost node
     victim.wait(timeout=60)
     client, run = only_run(uri)
@@ -74,6 +89,8 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
+    if from_mlflow:
+        assert list((out / "fetched" / "checkpoints").glob("step-*")), "nothing was fetched"
     with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
         for name in want.files:
             assert np.array_equal(got[name], want[name]), name
