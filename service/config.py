@@ -135,7 +135,7 @@ class TrackingConfig(Section):
     experiment: str = "shardprop"
     run_name: str | None = None
     # seconds between writes of queued metrics and checkpoint uploads (and at the run's end)
-    flush_seconds: float = Field(5.0, gt=0)
+    flush_seconds: float = Field(10.0, gt=0)
 
 
 class Config(Section):

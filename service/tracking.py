@@ -174,7 +174,7 @@ class Tracker:
         run_id: str,
         experiment_id: str,
         tracking_uri: str,
-        flush_seconds: float = 5.0,
+        flush_seconds: float = 10.0,
     ):
         self.client = client
         self.run_id = run_id
@@ -204,7 +204,7 @@ class Tracker:
         experiment: str,
         run_name: str | None,
         tags: Mapping[str, Any] | None = None,
-        flush_seconds: float = 5.0,
+        flush_seconds: float = 10.0,
     ) -> Self:
         """Open a new run in `experiment` (created if missing) on the store at `uri`.
 
@@ -219,7 +219,7 @@ class Tracker:
         return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds)
 
     @classmethod
-    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = 5.0) -> Self:
+    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = 10.0) -> Self:
         """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
         it is RUNNING again, and steps it already has metrics for are not logged twice."""
         tracking_uri = resolve_tracking_uri(uri)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from service.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from service.collector import RunCollection
 from service.config import Config
 from service.data import DataPlan, plan_data
 from service.early_stop import EarlyStopping
 from service.errors import DivergenceError, TrainingError
 from service.group import WorkerGroup, start_group
+from service.interpreter import RunInterpreter
 from service.interrupts import Interrupted, StopRequests, stop_requests
 from service.lineage import input_record, shard_records
 from service.optim import make_optimizer
@@ -351,7 +351,7 @@ def train(
     if config.tracking.enabled:
         check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
     with (
-        RunCollection() as collection,
+        RunInterpreter() as interpreter,
         ThreadPoolExecutor(1, thread_name_prefix="tracking") as background,
     ):
         tracker, group = open_run(config, plan, background, resume_run)
@@ -388,7 +388,7 @@ def train(
                     input_record(plan, config.data.path), shard_records(plan, placements)
                 )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
-            collection.started()
+            interpreter.started()
             try:
                 history, stopper = fit(
                     group,
