@@ -300,6 +300,22 @@ def fit(
     return history, stopper
 
 
+def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: float) -> float:
+    """The share of the loop's wall time that went to the slowest worker's gradient, step by
+    step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
+    Over the last `steps` steps (a resumed run's earlier ones ran in another process)."""
+    ranks = {name.split(".")[0] for name in history if name.endswith(".forward_seconds")}
+    if not steps or not ranks:
+        return 0.0
+    computes = np.array(
+        [
+            np.add(history[f"{rank}.forward_seconds"], history[f"{rank}.backward_seconds"])
+            for rank in sorted(ranks)
+        ]
+    )
+    return float(computes[:, -steps:].max(axis=0).sum() / loop_seconds)
+
+
 def final_metrics(
     group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float, stopper: EarlyStopping | None
 ) -> dict:
@@ -389,6 +405,7 @@ def train(
                 )
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             interpreter.started()
+            loop_started = time.perf_counter()
             try:
                 history, stopper = fit(
                     group,
@@ -403,7 +420,10 @@ def train(
                 )
             finally:
                 reporter.stop()
+            loop_seconds = time.perf_counter() - loop_started
             final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
+            steps_run = len(history["step_seconds"]) - (start.step if start else 0)
+            final["compute_fraction"] = compute_fraction(history, steps_run, loop_seconds)
             weights_sha256 = fingerprint(theta)
             tracker.set_tags({"weights_sha256": weights_sha256})
 

@@ -8,7 +8,7 @@ import pytest
 
 from service.config import load_config
 from service.data import write_table
-from service.trainer import train
+from service.trainer import compute_fraction, train
 from workers.params import init_params, save_weights
 from workers.synthetic import SyntheticSpec, generate
 
@@ -121,3 +121,16 @@ def test_multiclass_string_labels_train_distributed(ray_session, tmp_path, track
     assert result.setup.task == "multiclass"
     assert result.setup.classes == ["cat", "dog", "eel"]
     assert result.final["accuracy"] > 0.9
+
+
+def test_compute_fraction_sums_the_slowest_worker_of_each_step_over_this_process_steps():
+    history = {
+        "step_seconds": [9.0, 1.0, 1.0],
+        "worker_0.forward_seconds": [9.0, 0.25, 0.5],
+        "worker_0.backward_seconds": [9.0, 0.5, 0.25],
+        "worker_1.forward_seconds": [9.0, 0.5, 0.125],
+        "worker_1.backward_seconds": [9.0, 0.5, 0.125],
+    }
+    # the first step was replayed from a checkpoint: only the last two ran in this process
+    assert compute_fraction(history, 2, 2.0) == pytest.approx((1.0 + 0.75) / 2.0)
+    assert compute_fraction({"step_seconds": []}, 0, 1.0) == 0.0
