@@ -49,6 +49,7 @@ class RunResult:
     final: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
     weights_sha256: str = ""  # of theta
+    compute_fraction: float = 0.0  # of the loop's wall time: see compute_fraction()
 
 
 def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
@@ -403,6 +404,7 @@ def train(
                 tracker.log_lineage(
                     input_record(plan, config.data.path), shard_records(plan, placements)
                 )
+            group.prepare_steps(theta)
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             interpreter.started()
             loop_started = time.perf_counter()
@@ -423,12 +425,16 @@ def train(
             loop_seconds = time.perf_counter() - loop_started
             final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
             steps_run = len(history["step_seconds"]) - (start.step if start else 0)
-            final["compute_fraction"] = compute_fraction(history, steps_run, loop_seconds)
+            fraction = compute_fraction(history, steps_run, loop_seconds)
             weights_sha256 = fingerprint(theta)
             tracker.set_tags({"weights_sha256": weights_sha256})
 
             meta = model_meta(arch, config, plan, setup)
-            outcome = final | {"run_id": tracker.run_id, "weights_sha256": weights_sha256}
+            outcome = final | {
+                "run_id": tracker.run_id,
+                "weights_sha256": weights_sha256,
+                "compute_fraction": fraction,
+            }
             write_outputs(output, arch.layout, theta, meta, outcome)
             example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
             logging_model = background.submit(
@@ -448,6 +454,7 @@ def train(
         final,
         history,
         weights_sha256,
+        fraction,
     )
 
 

@@ -67,6 +67,25 @@ def torch_flag(_: object) -> bool | None:
     return ChannelContext.get_current()._torch_available
 
 
+def test_a_graph_compiled_before_the_loop_serves_every_compiled_step(ray_session):
+    compiled, theta = prepared_group(compiled=True)
+    plain, _ = prepared_group(compiled=False)
+    try:
+        compiled.prepare_steps(theta)  # as the trainer does: compiling is not a step's cost
+        graph = compiled._step
+        assert graph is not None
+        # the first step still takes the plain road (it times the math) beside the graph
+        for _ in range(3):
+            fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
+            assert compiled._step is graph
+            assert np.array_equal(reduce_sums(fast).grad, reduce_sums(slow).grad)
+        plain.prepare_steps(theta)  # nothing to compile on the plain road
+        assert plain._step is None
+    finally:
+        compiled.close()
+        plain.close()
+
+
 def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
     """Ray's channels import torch in every actor on the first step where it is installed
     (seconds); ours carry numpy only and are told so."""
