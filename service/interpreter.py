@@ -6,7 +6,7 @@ waiting on other processes, and one importing MLflow and opening its store, all 
 - The GIL's switch interval is cut from 5 ms to 0.5 ms while both run, so the main thread
   gets the GIL back within 0.5 ms each time a wait ends. `ray.init()` beside MLflow's
   opening took 2.8–4.0 s with 5 ms (median 3.9 over 8) and mostly 2.8–3.1 s with 0.5 ms
-  (median 2.9; 2.5–3.5 s alone).
+  (median 2.9; 2.5–3.5 s alone). In whole default runs the gain is within their noise.
 - No full (oldest-generation) garbage collection runs while they start. Once MLflow,
   SQLAlchemy, Ray, pandas and pyarrow are imported, one takes 0.1–0.4 s with the GIL held;
   start-up's imports set off several, and the tracker's writer, allocating ORM objects,

@@ -7,7 +7,7 @@ and nothing else (`Tracker._lend_run`).
 Per-step metrics never touch the store on the training loop's thread: `log_metrics` appends
 to a queue and a writer thread sends the queue with `log_batch` every few seconds, uploading
 the checkpoints saved meanwhile after it. The store's cost is per metric row (about 55 µs in
-a sqlite store, all of it Python holding the GIL), so nothing is saved by writing sooner;
+a sqlite store, all of it Python holding the GIL), so writing more often saves nothing;
 what the interval decides is how much of a short run's writing lands after its loop, where
 it overlaps Ray's shutdown instead of slowing the steps.
 """
@@ -66,6 +66,7 @@ METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+FLUSH_SECONDS = 10.0  # between the writer's ticks; the config's tracking.flush_seconds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,7 +175,7 @@ class Tracker:
         run_id: str,
         experiment_id: str,
         tracking_uri: str,
-        flush_seconds: float = 10.0,
+        flush_seconds: float = FLUSH_SECONDS,
     ):
         self.client = client
         self.run_id = run_id
@@ -204,7 +205,7 @@ class Tracker:
         experiment: str,
         run_name: str | None,
         tags: Mapping[str, Any] | None = None,
-        flush_seconds: float = 10.0,
+        flush_seconds: float = FLUSH_SECONDS,
     ) -> Self:
         """Open a new run in `experiment` (created if missing) on the store at `uri`.
 
@@ -219,7 +220,7 @@ class Tracker:
         return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds)
 
     @classmethod
-    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = 10.0) -> Self:
+    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = FLUSH_SECONDS) -> Self:
         """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
         it is RUNNING again, and steps it already has metrics for are not logged twice."""
         tracking_uri = resolve_tracking_uri(uri)
