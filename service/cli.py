@@ -74,8 +74,16 @@ def write_json(path: Path | None, data: object) -> None:
         path.write_text(json.dumps(data, indent=2))
 
 
-def tracking_flags(uri: str | None, experiment: str | None, run_name: str | None) -> dict:
-    return {"tracking.uri": uri, "tracking.experiment": experiment, "tracking.run_name": run_name}
+def tracking_flags(
+    uri: str | None, experiment: str | None, run_name: str | None, no_tracking: bool = False
+) -> dict:
+    """The tracking options as config overrides (None: not given, the config decides)."""
+    return {
+        "tracking.uri": uri,
+        "tracking.experiment": experiment,
+        "tracking.run_name": run_name,
+        "tracking.enabled": False if no_tracking else None,
+    }
 
 
 # the options `train` and `plan` share
@@ -150,8 +158,7 @@ def train(
             {
                 "cluster.workers": workers,
                 "cluster.address": address,
-                **tracking_flags(tracking_uri, experiment, run_name),
-                "tracking.enabled": False if no_tracking else None,
+                **tracking_flags(tracking_uri, experiment, run_name, no_tracking),
                 "cluster.inject_failure": inject_failure,
             },
         )
@@ -226,8 +233,7 @@ def verify(
             set_ or [],
             {
                 "cluster.address": address,
-                **tracking_flags(tracking_uri, experiment, None),
-                "tracking.enabled": False if no_tracking else None,
+                **tracking_flags(tracking_uri, experiment, None, no_tracking),
             },
         )
         try:
