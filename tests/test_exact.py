@@ -4,6 +4,7 @@ The block tree alone (any split, any arrival order), then whole training runs on
 local Ray runtime.
 """
 
+import copy
 import itertools
 import json
 import random
@@ -89,6 +90,25 @@ def leaf(grid, block, theta):
     from workers.sums import Sums
 
     return BlockSums(grid=grid, nodes={(0, block): Sums(theta + block, 1.0, 1, 0)})
+
+
+def test_a_deep_copy_owns_every_gradient_and_keeps_the_rest(problem):
+    """What the compiled step relies on: results read out of a channel's shared memory,
+    which the next step overwrites, are copied out whole."""
+    X, Y, arch, theta = problem
+    whole = Network(arch, np.float64).gradient(theta, Batch(X, Y))
+    for sums in (*shard_sums(BlockGrid(X.shape[1], 143), 2, X, Y, arch, theta), whole):
+        sums.seconds, sums.forward_seconds = 0.25, 0.125
+        copied = copy.deepcopy(sums)
+        parts = list(getattr(sums, "nodes", {None: sums}).values())
+        before = [part.grad.copy() for part in parts]
+        for part in parts:
+            part.grad[...] = np.nan  # the channel's memory, overwritten by the next step
+        after = [part.grad for part in getattr(copied, "nodes", {None: copied}).values()]
+        assert all(map(np.array_equal, after, before))
+        assert type(copied) is type(sums)
+        assert (copied.seconds, copied.forward_seconds) == (0.25, 0.125)
+        assert copied.timings() == sums.timings()
 
 
 def test_an_incomplete_tree_is_refused():
