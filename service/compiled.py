@@ -12,6 +12,7 @@ and compiles again.
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,15 @@ class CompiledStep:
         # the channels grow on their own when a message is bigger; start with room enough
         self._graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
 
-    def __call__(self, theta: Any, timeout: float | None, expected: float = 0.0) -> list[Any]:
-        """Results in rank order. `expected`: seconds the workers will surely take.
+    def __call__(
+        self,
+        theta: Any,
+        timeout: float | None,
+        expected: float = 0.0,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """Results in rank order. `expected`: seconds the workers will surely take;
+        `meanwhile`: the caller's own work, done while they compute.
 
         Reading a compiled graph's result spins on a core until it is there: on a machine
         whose cores all compute (2 workers on 2 cores), that steals from the workers what it
@@ -55,8 +63,11 @@ class CompiledStep:
             refs = self._graph.execute(theta)
         except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as error:
             raise BrokenStepError(type(error).__name__) from None  # shut down by a death
-        if expected > 0:
-            time.sleep(expected)
+        sent = time.monotonic()
+        if meanwhile is not None:
+            meanwhile()
+        if (rest := sent + expected - time.monotonic()) > 0:
+            time.sleep(rest)
         results = []
         # one rank at a time, so that a timeout names the worker it came from
         for rank, ref in enumerate(refs):

@@ -4,9 +4,11 @@ The training loop only calls `call(method, *args)` and gets the results in rank 
 never imports Ray, and `--workers 0` runs the very same loop in-process.
 """
 
+import functools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -30,8 +32,11 @@ class WorkerGroup(Protocol):
     size: int
     restarts: int  # workers replaced so far
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """Run a ShardWorker method on every worker; results in rank order."""
+    def call(
+        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+    ) -> list[Any]:
+        """Run a ShardWorker method on every worker; results in rank order. `meanwhile`:
+        the caller's own work, done once while the workers compute."""
 
     def inject(self, failure: InjectedFailure) -> None:
         """Arm a chaos failure: the next `gradient` calls on that worker kill its process."""
@@ -55,7 +60,11 @@ class LocalGroup:
         self.size = 1
         self.restarts = 0
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def call(
+        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+    ) -> list[Any]:
+        if meanwhile is not None:
+            meanwhile()  # nothing runs beside this process's own workers: first, then
         return [getattr(worker, method)(*args) for worker in self.workers]
 
     def inject(self, failure: InjectedFailure) -> None:
@@ -119,20 +128,25 @@ class RayGroup:
     def restarts(self) -> int:
         return self._policy.restarts
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def call(
+        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+    ) -> list[Any]:
+        # once: a road that gives up hands the call on to the next one, which sends it again
+        meanwhile = functools.cache(meanwhile or (lambda: None))
         # a step's faster roads; an armed chaos failure takes the plain one
         if method in STEP_METHODS and not any(self._armed.values()):
-            if self._tree and (total := self._call_tree(method, args)) is not None:
+            if self._tree and (total := self._call_tree(method, args, meanwhile)) is not None:
                 return [total]
             # the first step takes the plain road: its compute is then known, and a compiled
             # graph's reader would spin a core the whole step (2 workers on 2 cores: the
             # first step took twice as long)
             compiled = self._compiled and self._computes
-            if compiled and (results := self._call_compiled(method, args)) is not None:
+            if compiled and (results := self._call_compiled(method, args, meanwhile)):
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}
         pending = {rank: self._submit(rank, method, args) for rank in range(self.size)}
+        meanwhile()
         while pending:
             lost = {}
             for rank, future in pending.items():
@@ -155,7 +169,7 @@ class RayGroup:
             self._computes.append(min(r.seconds for r in in_order))
         return in_order
 
-    def _call_tree(self, method: str, args: tuple) -> Any | None:
+    def _call_tree(self, method: str, args: tuple, meanwhile: Callable[[], None]) -> Any | None:
         """The step's sums added along a binary tree over the ranks, on the workers: rank r
         adds rank r + s's subtree for s = 1, 2, 4, ..., so the coordinator receives one
         gradient instead of one per worker, and no worker more than log2(k). The partial
@@ -168,6 +182,7 @@ class RayGroup:
             for rank in range(0, self.size - stride, 2 * stride):
                 refs[rank] = self.actors[rank].add_sums.remote(refs[rank], refs[rank + stride])
             stride *= 2
+        meanwhile()
         try:
             return self._ray.get(refs[0], timeout=self._timeout)
         except self._ray.exceptions.RayTaskError as error:
@@ -181,14 +196,18 @@ class RayGroup:
         """One object-store copy per array, shared by every worker."""
         return tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
 
-    def _call_compiled(self, method: str, args: tuple) -> list[Any] | None:
+    def _call_compiled(
+        self, method: str, args: tuple, meanwhile: Callable[[], None]
+    ) -> list[Any] | None:
         """The call through the compiled graph; None when it could not be made (no graph, or
         a failure on it): the plain road then makes the call, and finds any dead worker."""
         if not self._compile(method, args[0]):
             return None
         try:
             expected = 0.9 * min(self._computes)
-            results = self._step(*args, timeout=self._timeout, expected=expected)
+            results = self._step(
+                *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
+            )
         except BrokenStepError as broken:
             self._drop_step()  # the others' results went with the graph: the plain road redoes it
             if broken.silent is not None:
