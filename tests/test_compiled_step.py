@@ -130,3 +130,42 @@ def test_a_tree_all_reduce_survives_a_killed_worker(ray_session):
         assert len(again.timings()) == 3
     finally:
         group.close()
+
+
+@pytest.mark.parametrize(
+    "road", ["compiled", "plain", "tree", "compiled, a worker lost", "tree, a worker lost"]
+)
+def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road):
+    """The trainer settles a step's metrics while the next step computes: a road that gives
+    up and hands the step on to the plain road must not settle them twice."""
+    tree = road.startswith("tree")
+    group, theta = prepared_group(
+        compiled=road.startswith("compiled"),
+        workers=3 if tree else 2,
+        allreduce="tree" if tree else "star",
+    )
+    ran = []
+    try:
+        group.call("gradient", theta)  # the first step times the math on the plain road
+        reference = reduce_sums(group.call("gradient", theta))
+        if road.endswith("lost"):
+            kill_and_wait(ray_session, group.actors[1])
+        for step in range(3):
+            parts = group.call("gradient", theta, meanwhile=lambda step=step: ran.append(step))
+            assert ran == list(range(step + 1))
+            assert np.array_equal(reduce_sums(parts).grad, reference.grad)
+        assert group.restarts == road.endswith("lost")
+        assert (group._step is not None) == (road.startswith("compiled"))
+    finally:
+        group.close()
+
+
+def test_in_process_the_callers_own_work_comes_first():
+    config = load_config(None, SETS, {"cluster.workers": 0})
+    plan = make_plan(config)
+    group = start_group(plan, config.cluster)
+    _, _, arch = set_up_workers(group, plan, config)
+    order = []
+    group.workers[0].gradient = lambda theta: order.append("gradient")
+    group.call("gradient", np.zeros(arch.layout.size), meanwhile=lambda: order.append("own"))
+    assert order == ["own", "gradient"]
