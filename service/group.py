@@ -4,6 +4,7 @@ The training loop only calls `call(method, *args)` and gets the results in rank 
 never imports Ray, and `--workers 0` runs the very same loop in-process.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
+from service import local_ray
 from service.compiled import BrokenStepError, CompiledStep, compile_step
 from service.config import ClusterConfig
 from service.data import DataPlan
@@ -317,12 +319,16 @@ def package_folder(package: Any) -> str:
 
 
 def connect_ray(
-    address: str | None, cpus_needed: int, runtime_env: dict[str, Any] | None = None
+    address: str | None,
+    cpus_needed: int,
+    runtime_env: dict[str, Any] | None = None,
+    lean: bool = True,
 ) -> bool:
     """Join the cluster at `address`, or start Ray on this machine when there is none.
 
     A local start declares at least as many CPUs as the workers ask for, so `--workers 3`
-    runs on a 2-core laptop (oversubscribed) instead of waiting forever for a free CPU.
+    runs on a 2-core laptop (oversubscribed) instead of waiting forever for a free CPU, and
+    (`lean`) starts only the processes a run uses (`service.local_ray`).
     Returns whether this call started (or joined) the runtime, and so should shut it down.
     """
     import ray
@@ -332,13 +338,17 @@ def connect_ray(
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     if runtime_env:
         options["runtime_env"] = runtime_env
+    lean_start = lean and address is None
     if address is None:
         options["num_cpus"] = max(os.cpu_count() or 1, cpus_needed)
+        if lean_start:
+            options["_system_config"] = local_ray.SYSTEM_CONFIG
     else:
         options["address"] = address
         check_token(address)
     try:
-        ray.init(**options)
+        with local_ray.quick_start() if lean_start else contextlib.nullcontext():
+            ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         if address is None:
             raise
