@@ -6,7 +6,7 @@ and nothing else (`Tracker._lend_run`).
 
 Per-step metrics never touch the store on the training loop's thread: `log_metrics` appends
 to a queue and a writer thread sends the queue with `log_batch` every few seconds, uploading
-the checkpoints saved meanwhile after it. The store's cost is per metric row (about 55 µs in
+the checkpoints saved meanwhile after it. The store's cost is per metric row (about 70 µs in
 a sqlite store, all of it Python holding the GIL), so writing more often saves nothing;
 what the interval decides is how much of a short run's writing lands after its loop, where
 it overlaps Ray's shutdown instead of slowing the steps.
