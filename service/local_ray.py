@@ -19,9 +19,10 @@ local start:
 `quick_start()` skips the first two and watches the node table every 10 ms instead; the
 start's `SYSTEM_CONFIG` retries connections every 20 ms, 500 times (the same 10 s in all).
 Both are for the `ray.init()` of a runtime this process starts and owns (never for a cluster
-joined with an address), and each change is made only where Ray still has what it
-replaces: with another Ray version, Ray starts the way it always does. No library offers
-this; Ray's own switches for it (`ray start --no-monitor`) are not exposed to `ray.init`.
+joined with an address). `quick_start()` changes only what Ray still has (with a Ray that
+moved its internals, Ray starts the way it always does); the two config keys are Ray's own
+and long-standing. No library offers this; Ray's own switches for it (`ray start
+--no-monitor`) are not exposed to `ray.init`.
 """
 
 import contextlib

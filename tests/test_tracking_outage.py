@@ -50,6 +50,8 @@ def test_a_server_stopped_and_restarted_mid_run_loses_no_metric(tmp_path, server
     config.write_text(
         "data: {synthetic: {name: moons, rows: 60000}}\nmodel: {hidden: [128, 128]}\n"
         "train: {steps: 300, checkpoint_every: 10}\ncluster: {workers: 0}\n"
+        # written every 0.2 s, so that the writer surely meets the store down
+        "tracking: {flush_seconds: 0.2}\n"
     )
     out = tmp_path / "out"
     run = shardprop("train", config, "--tracking-uri", server.uri, "--output", out, cwd=tmp_path)
