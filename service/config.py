@@ -129,13 +129,16 @@ class ClusterConfig(Section):
         return self
 
 
+# seconds between the tracker's writes of queued metrics and checkpoint uploads
+FLUSH_SECONDS = 10.0
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None
     experiment: str = "shardprop"
     run_name: str | None = None
-    # seconds between writes of queued metrics and checkpoint uploads (and at the run's end)
-    flush_seconds: float = Field(10.0, gt=0)
+    flush_seconds: float = Field(FLUSH_SECONDS, gt=0)  # and everything left at the run's end
 
 
 class Config(Section):

@@ -49,6 +49,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import workers
 from service.checkpoint import weights_fingerprint
+from service.config import FLUSH_SECONDS
 from service.lineage import InputRecord
 from service.serving import load_bundle, predict_frame
 from workers.errors import UserError
@@ -66,7 +67,6 @@ METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-FLUSH_SECONDS = 10.0  # between the writer's ticks; the config's tracking.flush_seconds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
