@@ -264,7 +264,7 @@ def render_verify(report: "VerifyReport", quiet: bool) -> None:
     console = Console(width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=True)
     console.print(table(report))
     if report.run_id:
-        from service.tracking import ui_command
+        from service.store_probe import ui_command
 
         console.print(f"logged as MLflow run {report.run_id} (verify.result={report.result})")
         console.print(f"see it in the MLflow UI: {ui_command(report.tracking_uri)}")
@@ -311,7 +311,7 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
     weights = result.output / "weights.npz"
     reporter.say(f"weights: {weights} (sha256 {result.weights_sha256[:16]}...)")
     if result.tracking_uri:
-        from service.tracking import ui_command
+        from service.store_probe import ui_command
 
         reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
 

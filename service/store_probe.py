@@ -1,15 +1,36 @@
-"""Is the tracking server there? Asked before any worker starts, in a few seconds at most.
+"""Where the tracking store is, and is it there? Answered without MLflow, in seconds at most.
 
 Plain urllib, not MLflow: MLflow's client retries a dead server for minutes, and importing it
 takes a second, both before the user would learn that the URI is wrong.
 """
 
+import os
+import shlex
 import urllib.error
 import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
 
 from service.errors import ConfigError
 
 PROBE_SECONDS = 5.0
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The store to use: the given URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store."""
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return f"python -m webbrowser {shlex.quote(tracking_uri)}"  # the server is the UI
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def check_reachable(uri: str | None) -> None:

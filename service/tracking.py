@@ -15,7 +15,6 @@ it overlaps Ray's shutdown instead of slowing the steps.
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from importlib.metadata import version
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlparse
 
 import mlflow
 import mlflow.pyfunc
@@ -52,10 +50,10 @@ from service.checkpoint import weights_fingerprint
 from service.config import FLUSH_SECONDS
 from service.lineage import InputRecord
 from service.serving import load_bundle, predict_frame
+from service.store_probe import resolve_tracking_uri
 from workers.errors import UserError
 from workers.source import one_line
 
-DEFAULT_DB = "mlflow.db"
 MODEL_NAME = "model"  # the model is at runs:/<run_id>/model
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "threadpoolctl")
@@ -74,15 +72,6 @@ T = TypeVar("T")
 
 class TrackingError(UserError):
     """A tracking store that cannot take this run (e.g. the experiment is deleted)."""
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The store to use: the given URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
 def _json_default(value: Any) -> Any:
@@ -509,10 +498,3 @@ def recall_run(uri: str | None, run_id: str) -> tuple[dict[str, Any], Path | Non
         raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
     output = run.data.tags.get("shardprop.output")
     return yaml.safe_load(text), Path(output) if output else None
-
-
-def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on this store."""
-    if urlparse(tracking_uri).scheme in ("http", "https"):
-        return f"python -m webbrowser {shlex.quote(tracking_uri)}"  # the server is the UI
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"

@@ -11,14 +11,8 @@ import yaml
 from mlflow import MlflowClient
 
 from service.plots import plot_history
-from service.tracking import (
-    PARAM_VALUE_LIMIT,
-    Tracker,
-    TrackingError,
-    flatten,
-    resolve_tracking_uri,
-    ui_command,
-)
+from service.store_probe import resolve_tracking_uri, ui_command
+from service.tracking import PARAM_VALUE_LIMIT, Tracker, TrackingError, flatten
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
