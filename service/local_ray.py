@@ -16,11 +16,22 @@ local start:
   moment too early, and its retry waits a whole second (`raylet_client_connect_timeout_
   milliseconds`, 1000 ms, times `raylet_client_num_connect_attempts`, 10).
 
-`quick_start()` skips the first two and watches the node table every 10 ms instead; the
-start's `SYSTEM_CONFIG` retries connections every 20 ms, 500 times (the same 10 s in all).
+Two more cost the run CPU for as long as it lasts, which on a machine whose cores all
+compute is taken from the workers (a step waits for the slowest):
+
+- the log monitor, a Python process that reads the workers' log files over and over to
+  echo them on the driver's console (0.3 s of CPU at the start, then about 0.5 % of a core);
+  our workers write nothing there: their errors come back as exceptions, and anything else
+  they print stays in Ray's session logs (`/tmp/ray/session_latest/logs`);
+- Ray's own metrics, recorded by every Ray process on a timer for a dashboard and a
+  Prometheus that a run's local start has neither of (about 0.7 % of a core in all).
+
+`quick_start()` skips the first two processes and the log monitor, and watches the node
+table every 10 ms instead; the start's `SYSTEM_CONFIG` retries connections every 20 ms, 500
+times (the same 10 s in all), and records no metrics.
 Both are for the `ray.init()` of a runtime this process starts and owns (never for a cluster
 joined with an address). `quick_start()` changes only what Ray still has (with a Ray that
-moved its internals, Ray starts the way it always does); the two config keys are Ray's own
+moved its internals, Ray starts the way it always does); the three config keys are Ray's own
 and long-standing. No library offers this; Ray's own switches for it (`ray start
 --no-monitor`) are not exposed to `ray.init`.
 """
@@ -38,6 +49,7 @@ REGISTRATION_WAIT = 30.0  # Ray's own limit (raylet_start_wait_time_s)
 SYSTEM_CONFIG = {
     "raylet_client_connect_timeout_milliseconds": 20,
     "raylet_client_num_connect_attempts": 500,
+    "enable_metrics_collection": False,
 }
 
 
@@ -52,6 +64,7 @@ def quick_start() -> Iterator[None]:
     changes = [
         (node.Node, "start_api_server", skip),
         (node.Node, "start_monitor", skip),
+        (node.Node, "start_log_monitor", skip),
         (services, "get_node", polling(getattr(services, "get_node", None))),
     ]
     with contextlib.ExitStack() as stack:

@@ -67,9 +67,10 @@ def starts():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_runs_own_runtime_starts_without_the_api_server_and_the_autoscaler(starts):
-    assert {"dashboard", "monitor"} <= set(starts["plain"]["processes"])
-    assert not {"dashboard", "monitor"} & set(starts["lean"]["processes"])
+def test_a_runs_own_runtime_starts_without_the_api_server_autoscaler_and_log_monitor(starts):
+    unused = {"dashboard", "monitor", "log_monitor"}
+    assert unused <= set(starts["plain"]["processes"])
+    assert not unused & set(starts["lean"]["processes"])
     assert {"gcs_server", "raylet"} <= set(starts["lean"]["processes"])  # and it worked
 
 
