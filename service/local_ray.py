@@ -29,7 +29,8 @@ compute is taken from the workers (a step waits for the slowest):
 `quick_start()` skips the first two processes and the log monitor, and watches the node
 table every 10 ms instead; the start's `SYSTEM_CONFIG` retries connections every 20 ms, 500
 times (the same 10 s in all), and records no metrics.
-Both are for the `ray.init()` of a runtime this process starts and owns (never for a cluster
+
+All of this is for the `ray.init()` of a runtime this process starts and owns (never for a cluster
 joined with an address). `quick_start()` changes only what Ray still has (with a Ray that
 moved its internals, Ray starts the way it always does); the three config keys are Ray's own
 and long-standing. No library offers this; Ray's own switches for it (`ray start
