@@ -146,7 +146,7 @@ class RayGroup:
             # graph's reader would spin a core the whole step (2 workers on 2 cores: the
             # first step took twice as long)
             compiled = self._compiled and self._computes
-            if compiled and (results := self._call_compiled(method, args, meanwhile)):
+            if compiled and (results := self._call_compiled(method, args, meanwhile)) is not None:
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}

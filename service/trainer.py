@@ -237,8 +237,8 @@ def fit(
     unsettled: list[Callable[[], None]] = []
 
     def settle() -> None:
-        while unsettled:
-            unsettled.pop()()
+        while unsettled:  # in step order
+            unsettled.pop(0)()
 
     def report(step: int, metrics: dict[str, float], *measured: Any) -> None:
         metrics |= step_metrics(*measured)
