@@ -15,7 +15,7 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from service import local_ray
-from service.compiled import BrokenStepError, CompiledStep, compile_step
+from service.compiled import BrokenStepError, CompiledStep, compile_step, start_driver_proxy
 from service.config import ClusterConfig
 from service.data import DataPlan
 from service.errors import ConfigError, TrainingError
@@ -123,6 +123,7 @@ class RayGroup:
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
         self._compiled = compiled  # the gradient through a Ray Compiled Graph, when possible
         self._step: CompiledStep | None = None
+        self._driver_proxy = start_driver_proxy(ray) if compiled and allreduce == "star" else None
         # the slowest worker's compute in the last two steps: the compiled road sleeps
         # through all but a margin of the smaller (a one-off slow step must not make the next
         # one wait), then spins for the sums
@@ -235,7 +236,9 @@ class RayGroup:
         if self._step is not None and self._step.method != method:
             self._drop_step()  # an actor runs one compiled graph at a time
         if self._step is None:
-            self._step = compile_step(self._ray, self.actors, method, 2 * theta.nbytes + 2**20)
+            self._step = compile_step(
+                self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
+            )
             self._compiled = self._step is not None
         return self._compiled
 
@@ -284,9 +287,10 @@ class RayGroup:
 
     def close(self) -> None:
         self._drop_step()
-        for actor in self.actors:
+        for actor in [*self.actors, *([self._driver_proxy] if self._driver_proxy else [])]:
             self._ray.kill(actor)
         self.actors.clear()
+        self._driver_proxy = None
         if self._owns_runtime:
             self._owns_runtime = False
             self._ray.shutdown()

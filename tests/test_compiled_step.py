@@ -86,6 +86,25 @@ def test_a_graph_compiled_before_the_loop_serves_every_compiled_step(ray_session
         plain.close()
 
 
+def test_the_graph_takes_the_driver_actor_started_beside_the_workers(ray_session):
+    """Ray's compile would start its driver-side actor itself, without waiting for it: its
+    process's start-up would then run in the loop's first steps."""
+    group, theta = prepared_group(compiled=True)
+    plain, _ = prepared_group(compiled=False)
+    try:
+        proxy = group._driver_proxy
+        assert proxy is not None and plain._driver_proxy is None
+        group.prepare_steps(theta)
+        assert group._step._graph._proxy_actor == proxy
+        kill_and_wait(ray_session, group.actors[0])
+        group.call("gradient", theta)  # the plain road replaces the worker
+        group.call("gradient", theta)  # compiled anew, with the same driver-side actor
+        assert group._step._graph._proxy_actor == proxy
+    finally:
+        group.close()
+        plain.close()
+
+
 def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
     """Ray's channels import torch in every actor on the first step where it is installed
     (seconds); ours carry numpy only and are told so."""
