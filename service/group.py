@@ -143,10 +143,11 @@ class RayGroup:
         if method in STEP_METHODS and not any(self._armed.values()):
             if self._tree and (total := self._call_tree(method, args, meanwhile)) is not None:
                 return [total]
-            # the first step takes the plain road: its compute is then known, and a compiled
-            # graph's reader would spin a core the whole step (2 workers on 2 cores: the
-            # first step took twice as long)
-            compiled = self._compiled and self._computes
+            # without a graph compiled ahead (prepare_steps), the first step takes the plain
+            # road: a graph compiled now would have its reader spin a core the whole step,
+            # the math's time unknown. With one, the actors already spin on its channels,
+            # and a plain call beside them took 2-4 times the math's time (default config)
+            compiled = self._compiled and (self._computes or self._ready_for(method))
             if compiled and (results := self._call_compiled(method, args, meanwhile)) is not None:
                 return results
         args = self._broadcast(args)
@@ -210,7 +211,7 @@ class RayGroup:
         if not self._compile(method, args[0]):
             return None
         try:
-            expected = asleep_for(min(self._computes))
+            expected = asleep_for(min(self._computes)) if self._computes else 0.0
             results = self._step(
                 *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
             )
@@ -230,6 +231,9 @@ class RayGroup:
         config), which the loop's second step would otherwise pay."""
         if self._compiled and not self._tree:
             self._compile("gradient", theta)
+
+    def _ready_for(self, method: str) -> bool:
+        return self._step is not None and self._step.method == method
 
     def _compile(self, method: str, theta: np.ndarray) -> bool:
         """A compiled graph for `method` is ready; False where Ray cannot compile one."""
