@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # the process types Ray started, for a lean start and then a plain ray.init in one process
 CHILD = """
-import json, time
+import json, os, time
 import ray
 from ray._private import node
 from service.group import connect_ray
@@ -29,9 +29,14 @@ def started(start):
     def square(x):
         return x * x
 
+    @ray.remote(num_cpus=1)
+    def niceness():
+        return os.nice(0)
+
     assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+    worker_niceness = ray.get(niceness.remote()) - os.nice(0)  # against the driver's
     ray.shutdown()
-    return {"seconds": seconds, "processes": kinds}
+    return {"seconds": seconds, "processes": kinds, "worker_niceness": worker_niceness}
 
 # how long Ray's own get_node took once our watch saw the raylet registered: without the
 # watch it polls once a second
@@ -72,6 +77,13 @@ def test_a_runs_own_runtime_starts_without_the_api_server_autoscaler_and_log_mon
     assert unused <= set(starts["plain"]["processes"])
     assert not unused & set(starts["lean"]["processes"])
     assert {"gcs_server", "raylet"} <= set(starts["lean"]["processes"])  # and it worked
+
+
+def test_a_runs_own_workers_run_at_the_drivers_priority(starts):
+    """Ray's workers run niced (15) to leave the CPU to its own processes first; a run's are
+    the work it waits for."""
+    assert starts["lean"]["worker_niceness"] == 0
+    assert starts["plain"]["worker_niceness"] > 0
 
 
 def test_ray_is_asked_for_the_node_only_once_it_has_registered(starts):
