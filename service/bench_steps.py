@@ -70,11 +70,14 @@ class Prepared:
 
 
 def prepare(config: Config, seed: int) -> Prepared:
-    """Workers holding their shards and networks, as a run has them before its first step."""
+    """Workers holding their shards and networks, and the step's graph compiled, as a run has
+    them before its first step."""
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
     _, _, arch = set_up_workers(group, plan, config)
-    return Prepared(group, init_params(arch.layout, "he", seed, config.model.dtype), arch)
+    theta = init_params(arch.layout, "he", seed, config.model.dtype)
+    group.prepare_steps(theta)
+    return Prepared(group, theta, arch)
 
 
 def step(prepared: Prepared, method: str = "gradient") -> Callable[[], float]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.config import load_config
-from service.group import RayGroup, start_group
+from service.group import RayGroup, asleep_for, start_group
 from service.reduce import reduce_sums
 from service.trainer import make_plan, set_up_workers
 from workers.params import init_params
@@ -48,8 +48,11 @@ def test_compiled_and_plain_calls_return_the_same_bits(ray_session):
     compiled, theta = prepared_group(compiled=True)
     plain, _ = prepared_group(compiled=False)
     try:
+        # without a graph compiled ahead, the first two steps take the plain road: the first
+        # touches the workers' buffers, the second times the math
         compiled.call("gradient", theta)
-        assert compiled._step is None  # the first step goes the plain road, and times the math
+        compiled.call("gradient", theta)
+        assert compiled._step is None
         for _ in range(3):  # the channels are reused from step to step
             fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
             assert compiled._step is not None  # it did take the compiled road
@@ -109,6 +112,7 @@ def test_the_graph_takes_the_driver_actor_started_beside_the_workers(ray_session
         assert group._step._graph._proxy_actor == proxy
         kill_and_wait(ray_session, group.actors[0])
         group.call("gradient", theta)  # the plain road replaces the worker
+        group.call("gradient", theta)  # the replacement's first step is not timed
         group.call("gradient", theta)  # compiled anew, with the same driver-side actor
         assert group._step._graph._proxy_actor == proxy
     finally:
@@ -116,13 +120,30 @@ def test_the_graph_takes_the_driver_actor_started_beside_the_workers(ray_session
         plain.close()
 
 
+def test_the_first_step_is_not_taken_for_the_steps_time(ray_session):
+    """It touches the workers' buffers first; the step after it may have spun beside them
+    the whole time, so the coordinator sleeps through half of it only."""
+    group, theta = prepared_group(compiled=True)
+    try:
+        group.prepare_steps(theta)
+        group.call("gradient", theta)
+        assert not group._computes and group._expected() == 0.0
+        second = group.call("gradient", theta)
+        assert list(group._computes) == [max(r.seconds for r in second)]
+        assert group._expected() == asleep_for(group._computes[0]) / 2
+        group.call("gradient", theta)
+        assert group._expected() == asleep_for(min(group._computes))
+    finally:
+        group.close()
+
+
 def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
     """Ray's channels import torch in every actor on the first step where it is installed
     (seconds); ours carry numpy only and are told so."""
     group, theta = prepared_group(compiled=True)
     try:
-        group.call("gradient", theta)
-        group.call("gradient", theta)
+        for _ in range(3):
+            group.call("gradient", theta)
         assert group._step is not None
         flags = ray_session.get([a.__ray_call__.remote(torch_flag) for a in group.actors])
         assert flags == [False, False]
@@ -133,7 +154,8 @@ def test_the_compiled_step_spares_the_workers_importing_torch(ray_session):
 def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
     group, theta = prepared_group(compiled=True)
     try:
-        group.call("gradient", theta)  # on the plain road: the next one compiles
+        group.call("gradient", theta)  # on the plain road, twice: the next one compiles
+        group.call("gradient", theta)
         before = reduce_sums(group.call("gradient", theta))
         assert group._step is not None
         kill_and_wait(ray_session, group.actors[1])  # the graph learns it on its next step
@@ -176,7 +198,7 @@ def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road
     )
     ran = []
     try:
-        group.call("gradient", theta)  # the first step times the math on the plain road
+        group.call("gradient", theta)  # the first steps time the math on the plain road
         reference = reduce_sums(group.call("gradient", theta))
         if road.endswith("lost"):
             kill_and_wait(ray_session, group.actors[1])
