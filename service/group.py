@@ -148,10 +148,10 @@ class RayGroup:
         if method in STEP_METHODS and not any(self._armed.values()):
             if self._tree and (total := self._call_tree(method, args, meanwhile)) is not None:
                 return [total]
-            # without a graph compiled ahead (prepare_steps), the first step takes the plain
-            # road: a graph compiled now would have its reader spin a core the whole step,
-            # the math's time unknown. With one, the actors already spin on its channels,
-            # and a plain call beside them took 2-4 times the math's time (default config)
+            # without a graph compiled ahead (prepare_steps), steps take the plain road until
+            # one is timed: a graph compiled now would have its reader spin a core the whole
+            # step. With one, the actors already spin on its channels, and a plain call
+            # beside them took 2-4 times the math's time (default config)
             compiled = self._compiled and (self._computes or self._ready_for(method))
             if compiled and (results := self._call_compiled(method, args, meanwhile)) is not None:
                 return results
@@ -311,10 +311,12 @@ class RayGroup:
 
     def close(self) -> None:
         self._drop_step()
-        for actor in [*self.actors, *([self._driver_proxy] if self._driver_proxy else [])]:
+        for actor in self.actors:
             self._ray.kill(actor)
         self.actors.clear()
-        self._driver_proxy = None
+        if self._driver_proxy is not None:
+            self._ray.kill(self._driver_proxy)
+            self._driver_proxy = None
         if self._owns_runtime:
             self._owns_runtime = False
             self._ray.shutdown()

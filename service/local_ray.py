@@ -39,7 +39,7 @@ own job supervisor sets the same (`RAY_worker_niceness=0`).
 
 All of this is for the `ray.init()` of a runtime this process starts and owns (never for a cluster
 joined with an address). `quick_start()` changes only what Ray still has (with a Ray that
-moved its internals, Ray starts the way it always does); the three config keys are Ray's own
+moved its internals, Ray starts the way it always does); the config keys are Ray's own
 and long-standing. No library offers this; Ray's own switches for it (`ray start
 --no-monitor`) are not exposed to `ray.init`.
 """
