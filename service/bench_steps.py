@@ -69,14 +69,14 @@ class Prepared:
     arch: Architecture
 
 
-def prepare(config: Config, seed: int) -> Prepared:
-    """Workers holding their shards and networks, and the step's graph compiled, as a run has
-    them before its first step."""
+def prepare(config: Config, seed: int, method: str = "gradient") -> Prepared:
+    """Workers holding their shards and networks, and the graph of the `method` step
+    compiled, as a run has them before its first step."""
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
     _, _, arch = set_up_workers(group, plan, config)
     theta = init_params(arch.layout, "he", seed, config.model.dtype)
-    group.prepare_steps(theta)
+    group.prepare_steps(theta, method)
     return Prepared(group, theta, arch)
 
 
@@ -89,7 +89,9 @@ def step(prepared: Prepared, method: str = "gradient") -> Callable[[], float]:
     return run
 
 
-def timed(prepared: Prepared, repeats: int, method: str = "gradient") -> Timing:
+def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
+    """The `method` step of fresh workers for `config`, which are closed after."""
+    prepared = prepare(config, 0, method)
     try:
         return Timing.alternating([step(prepared, method)], repeats)[0]
     finally:
@@ -136,20 +138,20 @@ def bench_steps(
     try:
         for k in workers:
             if k:
-                timings[f"{k} Ray worker(s)"] = timed(prepare(workload.config(k), 0), repeats)
+                timings[f"{k} Ray worker(s)"] = timed(workload.config(k), repeats)
                 config = workload.config(k, reduction="exact")
-                timings[f"{k} Ray worker(s){EXACT}"] = timed(prepare(config, 0), repeats)
+                timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
         null_repeats = max(repeats, 50)
         for compiled in (True, False):
             road = "compiled graph" if compiled else "plain actor calls"
             timings[f"Ray alone, 2 workers, {road}"] = timed(
-                prepare(workload.config(2, compiled), 0), null_repeats, "null_gradient"
+                workload.config(2, compiled), null_repeats, "null_gradient"
             )
         for k in tree_workers:  # the coordinator receives k gradients, or one
             for allreduce in ("star", "tree"):
                 config = workload.config(k, compiled=False, allreduce=allreduce)
                 timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
-                    prepare(config, 0), null_repeats, "null_gradient"
+                    config, null_repeats, "null_gradient"
                 )
         if ray_train:  # last: its trainer's processes wind down after fit() returns
             run = bench_raytrain.fit_ray_train(start, ray_train["steps"], LEARNING_RATE)

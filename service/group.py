@@ -45,8 +45,8 @@ class WorkerGroup(Protocol):
     def inject(self, failure: InjectedFailure) -> None:
         """Arm a chaos failure: the next `gradient` calls on that worker kill its process."""
 
-    def prepare_steps(self, theta: np.ndarray) -> None:
-        """Set up the road the `gradient` calls take, before the loop that makes them."""
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+        """Set up the road the `method` calls take, before the loop that makes them."""
 
     def close(self) -> None:
         """Stop the workers (and a Ray runtime the group started); safe to call twice."""
@@ -74,7 +74,7 @@ class LocalGroup:
     def inject(self, failure: InjectedFailure) -> None:
         raise ConfigError("--inject-failure kills a worker process: it needs --workers 1 or more")
 
-    def prepare_steps(self, theta: np.ndarray) -> None:
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
         pass  # in-process calls have no road to set up
 
     def close(self) -> None:
@@ -231,11 +231,11 @@ class RayGroup:
         self._timed(results)
         return results
 
-    def prepare_steps(self, theta: np.ndarray) -> None:
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
         """Compile the step's graph now: compiling takes 0.15–0.3 s (measured on the default
-        config), which the loop's second step would otherwise pay."""
+        config), which a step of the loop would otherwise pay."""
         if self._compiled and not self._tree:
-            self._compile("gradient", theta)
+            self._compile(method, theta)
 
     def _expected(self) -> float:
         """How long the compiled road sleeps before it reads the sums. With one step timed,
@@ -256,9 +256,8 @@ class RayGroup:
 
     def _compile(self, method: str, theta: np.ndarray) -> bool:
         """A compiled graph for `method` is ready; False where Ray cannot compile one."""
-        if self._step is not None and self._step.method != method:
+        if not self._ready_for(method):
             self._drop_step()  # an actor runs one compiled graph at a time
-        if self._step is None:
             self._step = compile_step(
                 self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
             )
