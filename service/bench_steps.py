@@ -26,6 +26,7 @@ from workers.params import init_params
 LEARNING_RATE = 0.1
 RAY_TRAIN_STEP = "Ray Train DDP step"
 EXACT = ", exact reduction"  # train.reduction: exact, beside the same figure in rank order
+ROADS = {"direct": "direct connections", "compiled": "compiled graph", "plain": "plain actor calls"}
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,12 @@ class Workload:
     def config(
         self,
         workers: int,
-        compiled: bool = True,
+        road: str = "direct",
         allreduce: str = "star",
         reduction: str = "rank_order",
     ) -> Config:
+        """`road`: the step's, as `cluster.direct_steps` and `cluster.compiled_graph` choose
+        it: direct, compiled or plain."""
         data = (
             f"data.synthetic={{name: blobs, rows: {self.rows}, features: {self.features}, "
             f"classes: 2, seed: {self.seed}}}"
@@ -54,7 +57,8 @@ class Workload:
             {
                 "cluster.workers": workers,
                 "cluster.cpus_per_worker": 1,
-                "cluster.compiled_graph": compiled,
+                "cluster.direct_steps": road == "direct",
+                "cluster.compiled_graph": road == "compiled",
                 "cluster.allreduce": allreduce,
                 "train.reduction": reduction,
                 "tracking.enabled": False,
@@ -142,14 +146,13 @@ def bench_steps(
                 config = workload.config(k, reduction="exact")
                 timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
         null_repeats = max(repeats, 50)
-        for compiled in (True, False):
-            road = "compiled graph" if compiled else "plain actor calls"
-            timings[f"Ray alone, 2 workers, {road}"] = timed(
-                workload.config(2, compiled), null_repeats, "null_gradient"
+        for road, name in ROADS.items():
+            timings[f"Ray alone, 2 workers, {name}"] = timed(
+                workload.config(2, road), null_repeats, "null_gradient"
             )
         for k in tree_workers:  # the coordinator receives k gradients, or one
             for allreduce in ("star", "tree"):
-                config = workload.config(k, compiled=False, allreduce=allreduce)
+                config = workload.config(k, "plain", allreduce=allreduce)
                 timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
                     config, null_repeats, "null_gradient"
                 )

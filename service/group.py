@@ -18,6 +18,7 @@ from service import local_ray
 from service.compiled import BrokenStepError, CompiledStep, compile_step, start_driver_proxy
 from service.config import ClusterConfig
 from service.data import DataPlan
+from service.direct import DirectStep, open_direct_step
 from service.errors import ConfigError, TrainingError
 from service.policy import WHEN, Decision, FailurePolicy, InjectedFailure
 from service.ray_auth import TOKEN_VARIABLE, check_token
@@ -100,6 +101,7 @@ class RayGroup:
         resources: dict[str, float] | None = None,
         compiled: bool = True,
         allreduce: str = "star",
+        direct: bool = True,
     ):
         import ray
 
@@ -121,11 +123,14 @@ class RayGroup:
         self._timeout = timeout
         self._state_calls: list[tuple[str, tuple]] = []
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
-        # the gradient through a Ray Compiled Graph, when possible: a compile can fail for a
-        # worker that died just before it, so a replaced worker gets the graph tried again
+        # the step over direct connections or else through a Ray Compiled Graph, when
+        # possible: either can fail for a worker that died just before it was set up, so a
+        # replaced worker gets them tried again
+        self._direct = self._direct_wanted = direct
         self._compiled = self._compile_wanted = compiled
-        self._step: CompiledStep | None = None
-        self._driver_proxy = start_driver_proxy(ray) if compiled and allreduce == "star" else None
+        self._step: DirectStep | CompiledStep | None = None
+        wants_graph = compiled and not direct and allreduce == "star"
+        self._driver_proxy = start_driver_proxy(ray) if wants_graph else None
         # the slowest worker's compute in the last two steps: the compiled road sleeps
         # through all but a margin of the smaller (a one-off slow step must not make the next
         # one wait), then spins for the sums. A worker's first step is not one of them: it
@@ -148,12 +153,15 @@ class RayGroup:
         if method in STEP_METHODS and not any(self._armed.values()):
             if self._tree and (total := self._call_tree(method, args, meanwhile)) is not None:
                 return [total]
-            # without a graph compiled ahead (prepare_steps), steps take the plain road until
-            # one is timed: a graph compiled now would have its reader spin a core the whole
-            # step. With one, the actors already spin on its channels, and a plain call
-            # beside them took 2-4 times the math's time (default config)
+            # the direct road serves every step. Without a graph compiled ahead
+            # (prepare_steps), steps take the plain road until one is timed: a graph compiled
+            # now would have its reader spin a core the whole step. With one, the actors
+            # already spin on its channels, and a plain call beside them took 2-4 times the
+            # math's time (default config)
             compiled = self._compiled and (self._computes or self._ready_for(method))
-            if compiled and (results := self._call_compiled(method, args, meanwhile)) is not None:
+            if (self._direct or compiled) and (
+                results := self._call_fast(method, args, meanwhile)
+            ) is not None:
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}
@@ -208,12 +216,13 @@ class RayGroup:
         """One object-store copy per array, shared by every worker."""
         return tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
 
-    def _call_compiled(
+    def _call_fast(
         self, method: str, args: tuple, meanwhile: Callable[[], None]
     ) -> list[Any] | None:
-        """The call through the compiled graph; None when it could not be made (no graph, or
-        a failure on it): the plain road then makes the call, and finds any dead worker."""
-        if not self._compile(method, args[0]):
+        """The call over direct connections or through the compiled graph; None when it
+        could not be made (neither road, or a failure on it): the plain road then makes the
+        call, and finds any dead worker."""
+        if not self._open(method, args[0]):
             return None
         try:
             expected = self._expected()
@@ -221,9 +230,10 @@ class RayGroup:
                 *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
             )
         except BrokenStepError as broken:
-            self._drop_step()  # the others' results went with the graph: the plain road redoes it
+            if broken.silent is not None:  # a silent worker must not linger (nor be waited for)
+                self._ray.kill(self.actors[broken.silent])
+            self._drop_step()  # the others' results went with the road: the plain one redoes it
             if broken.silent is not None:
-                self._ray.kill(self.actors[broken.silent])  # a silent worker must not linger
                 self._recover(broken.silent, method, broken.reason)
             return None
         except self._ray.exceptions.RayTaskError as error:
@@ -232,10 +242,10 @@ class RayGroup:
         return results
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Compile the step's graph now: compiling takes 0.15–0.3 s (measured on the default
-        config), which a step of the loop would otherwise pay."""
-        if self._compiled and not self._tree:
-            self._compile(method, theta)
+        """Connect or compile the step's road now: compiling takes 0.15–0.3 s (measured on
+        the default config), which a step of the loop would otherwise pay."""
+        if (self._direct or self._compiled) and not self._tree:
+            self._open(method, theta)
 
     def _expected(self) -> float:
         """How long the compiled road sleeps before it reads the sums. With one step timed,
@@ -254,15 +264,20 @@ class RayGroup:
     def _ready_for(self, method: str) -> bool:
         return self._step is not None and self._step.method == method
 
-    def _compile(self, method: str, theta: np.ndarray) -> bool:
-        """A compiled graph for `method` is ready; False where Ray cannot compile one."""
+    def _open(self, method: str, theta: np.ndarray) -> bool:
+        """A road for `method` is ready: direct connections, else a compiled graph; False
+        where neither can be had."""
         if not self._ready_for(method):
-            self._drop_step()  # an actor runs one compiled graph at a time
-            self._step = compile_step(
-                self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
-            )
-            self._compiled = self._step is not None
-        return self._compiled
+            self._drop_step()  # an actor serves one road at a time
+            if self._direct:
+                self._step = open_direct_step(self._ray, self.actors, method)
+                self._direct = self._step is not None
+            if self._step is None and self._compiled:
+                self._step = compile_step(
+                    self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
+                )
+                self._compiled = self._step is not None
+        return self._step is not None
 
     def _drop_step(self) -> None:
         if self._step is not None:
@@ -278,8 +293,9 @@ class RayGroup:
         return getattr(self.actors[rank], method).remote(*args)
 
     def _recover(self, rank: int, method: str, reason: str) -> None:
-        self._drop_step()  # compiled for the lost actor: compiled again for its replacement
-        self._compiled, self._cold = self._compile_wanted, True
+        self._drop_step()  # opened for the lost actor: opened again for its replacement
+        self._direct, self._compiled = self._direct_wanted, self._compile_wanted
+        self._cold = True
         start, stop = self._shards[rank]
         if self._policy.on_lost(rank, reason) is Decision.RAISE:
             raise TrainingError(
@@ -424,4 +440,5 @@ def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
         resources=cluster.worker_resources,
         compiled=cluster.compiled_graph,
         allreduce=cluster.allreduce,
+        direct=cluster.direct_steps,
     )

@@ -70,6 +70,7 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
         "1 Ray worker(s)",
         "2 Ray worker(s)",
         "2 Ray worker(s), exact reduction",
+        "Ray alone, 2 workers, direct connections",
         "Ray alone, 2 workers, compiled graph",
         "Ray alone, 2 workers, plain actor calls",
         "Ray alone, 3 workers, star all-reduce",

@@ -1,6 +1,6 @@
 """The step's other roads: through a Ray Compiled Graph (the same bits as plain actor calls)
 and through a tree all-reduce on the workers; on both, a worker killed behind the group's
-back is replaced as on the plain road."""
+back is replaced as on the plain road. (The direct road: test_direct_step.py.)"""
 
 import time
 
@@ -19,9 +19,13 @@ SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 
 
 
 def prepared_group(
-    compiled: bool, workers: int = 2, allreduce: str = "star"
+    compiled: bool, workers: int = 2, allreduce: str = "star", direct: bool = False
 ) -> tuple[RayGroup, np.ndarray]:
-    flags = {"cluster.workers": workers, "cluster.compiled_graph": compiled}
+    flags = {
+        "cluster.workers": workers,
+        "cluster.compiled_graph": compiled,
+        "cluster.direct_steps": direct,
+    }
     config = load_config(None, [*SETS, f"cluster.allreduce={allreduce}"], flags)
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
@@ -80,14 +84,14 @@ def test_a_graph_compiled_before_the_loop_serves_every_compiled_step(ray_session
         # the first step too takes the graph: a plain call would run beside its spinning
         # readers
         served = []
-        through_graph = compiled._call_compiled
+        through_graph = compiled._call_fast
 
         def recording(*args, **kwargs):
             results = through_graph(*args, **kwargs)
             served.append(results is not None)
             return results
 
-        compiled._call_compiled = recording
+        compiled._call_fast = recording
         for _ in range(3):
             fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
             assert compiled._step is graph
@@ -185,7 +189,16 @@ def test_a_tree_all_reduce_survives_a_killed_worker(ray_session):
 
 
 @pytest.mark.parametrize(
-    "road", ["compiled", "plain", "tree", "compiled, a worker lost", "tree, a worker lost"]
+    "road",
+    [
+        "direct",
+        "compiled",
+        "plain",
+        "tree",
+        "direct, a worker lost",
+        "compiled, a worker lost",
+        "tree, a worker lost",
+    ],
 )
 def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road):
     """The trainer settles a step's metrics while the next step computes: a road that gives
@@ -195,6 +208,7 @@ def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road
         compiled=road.startswith("compiled"),
         workers=3 if tree else 2,
         allreduce="tree" if tree else "star",
+        direct=road.startswith("direct"),
     )
     ran = []
     try:
@@ -207,7 +221,7 @@ def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road
             assert ran == list(range(step + 1))
             assert np.array_equal(reduce_sums(parts).grad, reference.grad)
         assert group.restarts == road.endswith("lost")
-        assert (group._step is not None) == (road.startswith("compiled"))
+        assert (group._step is not None) == (road.startswith(("compiled", "direct")))
     finally:
         group.close()
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from workers.blocktree import BlockGrid
+from workers.channel import StepServer
 from workers.errors import DataError
 from workers.network import Architecture, Batch, Network
 from workers.source import Source
@@ -107,6 +108,7 @@ class ShardWorker:
         self.network: Network | None = None
         self.val_batch: Batch | None = None
         self.val_network: Network | None = None
+        self._server: StepServer | None = None
 
     def load(self, validation_fraction: float = 0.0, seed: int = 0) -> ShardStats:
         """Read this shard's rows (once), set its validation rows aside, describe them."""
@@ -251,6 +253,18 @@ class ShardWorker:
                 return ShardSums(np.empty(0, theta.dtype), 0.0, 0, correct)
             return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
+
+    def serve_steps(self, address: tuple[str, int], token: bytes) -> None:
+        """Take the step's calls from the coordinator at `address` over a connection of
+        their own (`workers.channel`), until it hangs up or `stop_serving` is called."""
+        self.stop_serving()
+        self._server = StepServer(self, address, token, self.rank)
+
+    def stop_serving(self) -> None:
+        """Returns once no step call is running: the calls after it use the same buffers."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def die(self, *_: object) -> None:
         """Chaos testing (--inject-failure): end this process the way `kill -9` does."""

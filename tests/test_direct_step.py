@@ -1,0 +1,182 @@
+"""The direct road: the step's parameters and sums over one TCP connection per Ray worker.
+The same bits as the full batch in one process; a lost, silent or failing worker handled as
+on the other roads; a coordinator the workers cannot reach leaves the compiled graph."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service import direct
+from service.compiled import CompiledStep
+from service.config import load_config
+from service.direct import DirectStep, accept_ranks
+from service.group import start_group
+from service.reduce import reduce_sums
+from service.trainer import make_plan, set_up_workers
+from workers.channel import HANDSHAKE, REPLY, REQUEST, StepServer, WorkerError, receive_into
+from workers.errors import DataError
+from workers.params import init_params
+
+SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
+
+
+def prepared(workers: int, *sets: str, **flags):
+    config = load_config(None, [*SETS, *sets], {"cluster.workers": workers, **flags})
+    plan = make_plan(config)
+    group = start_group(plan, config.cluster)
+    _, _, arch = set_up_workers(group, plan, config)
+    return group, init_params(arch.layout, "he", 0, config.model.dtype)
+
+
+def full_batch(*sets: str):
+    group, theta = prepared(0, *sets)
+    return reduce_sums(group.call("gradient", theta))
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_direct_steps_give_the_full_batch_gradient_bit_for_bit(ray_session, workers, dtype):
+    """1001 rows: uneven shards for 2 and 3 workers; the exact reduction makes every worker
+    count give the in-process bits."""
+    reference = full_batch(f"model.dtype={dtype}")
+    group, theta = prepared(workers, f"model.dtype={dtype}")
+    try:
+        for _ in range(3):  # the connections are reused from step to step
+            total = reduce_sums(group.call("gradient", theta))
+            assert isinstance(group._step, DirectStep)
+            assert np.array_equal(total.grad, reference.grad)
+            assert total.loss == reference.loss and total.rows == reference.rows
+    finally:
+        group.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_the_direct_road_serves_the_first_step_and_starts_no_graph(ray_session):
+    group, theta = prepared(2)
+    try:
+        assert group._driver_proxy is None  # only a compiled graph needs Ray's driver actor
+        group.prepare_steps(theta)
+        ready = group._step
+        assert isinstance(ready, DirectStep)
+        group.call("gradient", theta)
+        assert group._step is ready
+    finally:
+        group.close()
+    assert group._step is None
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_silent_worker_is_replaced_after_the_step_timeout(ray_session):
+    group, theta = prepared(2, **{"cluster.step_timeout": 3})
+    try:
+        reference = reduce_sums(group.call("gradient", theta))
+        silent = group.actors[1]
+        ray_session.get(silent.__ray_call__.remote(lambda w: setattr(w, "gradient", w.hang)))
+        started = time.monotonic()
+        total = reduce_sums(group.call("gradient", theta))
+        assert 3 <= time.monotonic() - started < 30
+        assert np.array_equal(total.grad, reference.grad)
+        assert group.restarts == 1 and group.actors[1] != silent
+        group.call("gradient", theta)  # the replacement is connected anew
+        assert isinstance(group._step, DirectStep)
+    finally:
+        group.close()
+
+
+def fail_with(ray, actor, error: Exception) -> None:
+    """The actor's gradient raises `error` from now on."""
+
+    def raising(theta: np.ndarray) -> None:
+        raise error
+
+    ray.get(actor.__ray_call__.remote(lambda w: setattr(w, "gradient", raising)))
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_workers_own_error_comes_back_as_itself(ray_session):
+    """A user error (bad data...) as one clear line; anything else with the worker's
+    traceback. Neither is a lost worker."""
+    group, theta = prepared(2)
+    try:
+        group.call("gradient", theta)
+        worker = group.actors[1]
+        fail_with(ray_session, worker, DataError("data: column x1 has a NaN at row 7"))
+        with pytest.raises(DataError, match="NaN at row 7"):
+            group.call("gradient", theta)
+        fail_with(ray_session, worker, ZeroDivisionError("odd"))
+        with pytest.raises(WorkerError, match="ZeroDivisionError: odd"):
+            group.call("gradient", theta)
+        assert group.restarts == 0 and group.actors[1] == worker
+    finally:
+        group.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_workers_that_cannot_connect_take_the_compiled_graph(ray_session, monkeypatch):
+    """As behind a firewall: the workers are told a port where nothing listens."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        nowhere = closed.getsockname()[:2]
+    monkeypatch.setattr(direct, "reachable_address", lambda listener: nowhere)
+    reference = full_batch()
+    group, theta = prepared(2)
+    try:
+        group.prepare_steps(theta)
+        assert isinstance(group._step, CompiledStep)
+        assert np.array_equal(reduce_sums(group.call("gradient", theta)).grad, reference.grad)
+    finally:
+        group.close()
+
+
+def test_a_connection_without_the_token_is_refused():
+    token = b"t" * 16
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        address = listener.getsockname()[:2]
+        stray = socket.create_connection(address)
+        stray.sendall(HANDSHAKE.pack(b"x" * 16, 0))
+        worker = socket.create_connection(address)
+        worker.sendall(HANDSHAKE.pack(token, 0))
+        (accepted,) = accept_ranks(listener, token, 1)
+        accepted.sendall(b"hello")
+        assert worker.recv(5) == b"hello"
+        assert stray.recv(5) == b""  # hung up on
+        for end in (stray, worker, accepted):
+            end.close()
+
+
+class SlowWorker:
+    """A step that takes a while, and says when it ended."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+
+    def gradient(self, theta: np.ndarray) -> float:
+        time.sleep(0.5)
+        self.ended.set()
+        return float(theta.sum())
+
+
+def test_stopping_a_worker_waits_for_the_call_in_progress():
+    """The actor's next call (the plain road's) may use the same buffers."""
+    worker, token = SlowWorker(), b"t" * 16
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        server = StepServer(worker, listener.getsockname()[:2], token, 0)
+        (connection,) = accept_ranks(listener, token, 1)
+    theta = np.arange(4.0)
+    connection.sendall(REQUEST.pack(b"gradient", theta.dtype.str.encode(), theta.nbytes))
+    connection.sendall(theta.tobytes())
+    time.sleep(0.1)  # the call has started
+    server.stop()
+    assert worker.ended.is_set()
+    assert not receive_into(connection, bytearray(REPLY.size))  # hung up: no reply
+    connection.close()
