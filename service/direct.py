@@ -7,7 +7,6 @@ is handed back to the caller, who recovers the worker the ordinary way and conne
 """
 
 import logging
-import pickle
 import secrets
 import socket
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.compiled import BrokenStepError
-from workers.channel import CONNECT_SECONDS, HANDSHAKE, REPLY, REQUEST, receive_into
+from workers.channel import CONNECT_SECONDS, HANDSHAKE, read_reply, receive_into, send_request
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +47,10 @@ class DirectStep:
         blocks in the kernel, which does not spin a core the workers compute on."""
         started = time.monotonic()
         theta = np.ascontiguousarray(theta)
-        header = REQUEST.pack(self.method.encode(), theta.dtype.str.encode(), theta.nbytes)
         try:
             for connection in self._connections:
                 connection.settimeout(timeout)
-                connection.sendall(header)
-                connection.sendall(theta.data)
+                send_request(connection, self.method, theta)
         except OSError as error:
             raise BrokenStepError(f"a worker's connection failed: {error}") from None
         if meanwhile is not None:
@@ -68,17 +65,13 @@ class DirectStep:
         if deadline is not None:
             connection.settimeout(max(deadline - time.monotonic(), 1e-3))
         try:
-            header = bytearray(REPLY.size)
-            if not receive_into(connection, header):
-                raise BrokenStepError(f"worker {rank} hung up")  # its process died
-            ok, size = REPLY.unpack(header)
-            if not receive_into(connection, body := bytearray(size)):
-                raise BrokenStepError(f"worker {rank} hung up")
+            ok, value = read_reply(connection)
         except TimeoutError:
             raise BrokenStepError("no answer in time", silent=rank) from None
+        except EOFError:
+            raise BrokenStepError(f"worker {rank} hung up") from None  # its process died
         except OSError as error:
             raise BrokenStepError(f"worker {rank}'s connection failed: {error}") from None
-        value = pickle.loads(body)
         if ok:
             return value
         raise value from None  # a user error (bad data...) as itself, else a WorkerError

@@ -16,9 +16,18 @@ from service.direct import DirectStep, accept_ranks
 from service.group import start_group
 from service.reduce import reduce_sums
 from service.trainer import make_plan, set_up_workers
-from workers.channel import HANDSHAKE, REPLY, REQUEST, StepServer, WorkerError, receive_into
+from workers.channel import (
+    HANDSHAKE,
+    StepServer,
+    WorkerError,
+    read_reply,
+    reply_to,
+    send_parts,
+    send_request,
+)
 from workers.errors import DataError
 from workers.params import init_params
+from workers.sums import ShardSums
 
 SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
 
@@ -173,10 +182,25 @@ def test_stopping_a_worker_waits_for_the_call_in_progress():
         server = StepServer(worker, listener.getsockname()[:2], token, 0)
         (connection,) = accept_ranks(listener, token, 1)
     theta = np.arange(4.0)
-    connection.sendall(REQUEST.pack(b"gradient", theta.dtype.str.encode(), theta.nbytes))
-    connection.sendall(theta.tobytes())
+    send_request(connection, "gradient", theta)
     time.sleep(0.1)  # the call has started
     server.stop()
     assert worker.ended.is_set()
-    assert not receive_into(connection, bytearray(REPLY.size))  # hung up: no reply
+    with pytest.raises(EOFError):  # hung up: no reply
+        read_reply(connection)
     connection.close()
+
+
+def test_a_reply_carries_its_arrays_out_of_band():
+    """The sums' gradient is sent from where it lies and read into its own buffer."""
+    theta = np.linspace(-1, 1, 300_001)
+    parts = reply_to(lambda t: ShardSums(2 * t, 1.5, 7, 3), theta)
+    assert sum(memoryview(p).nbytes for p in parts[2:]) == theta.nbytes  # out of band
+    one, other = socket.socketpair()
+    with one, other:
+        sender = threading.Thread(target=send_parts, args=(one, parts))
+        sender.start()  # more than a socket buffer holds: read while it is sent
+        ok, sums = read_reply(other)
+        sender.join()
+    assert ok and np.array_equal(sums.grad, 2 * theta) and sums.grad.flags.writeable
+    assert (sums.loss, sums.rows, sums.correct) == (1.5, 7, 3)
