@@ -35,6 +35,7 @@ class DirectStep:
             # each actor has connected when its call returns; accepted in any order after
             ray.get([actor.serve_steps.remote(address, token) for actor in self._actors])
             self._connections = accept_ranks(listener, token, len(self._actors))
+        self._in_flight = False  # a step sent whose replies were not all read
 
     def __call__(
         self,
@@ -47,6 +48,7 @@ class DirectStep:
         blocks in the kernel, which does not spin a core the workers compute on."""
         started = time.monotonic()
         theta = np.ascontiguousarray(theta)
+        self._in_flight = True
         try:
             for connection in self._connections:
                 connection.settimeout(timeout)
@@ -55,32 +57,38 @@ class DirectStep:
             raise BrokenStepError(f"a worker's connection failed: {error}") from None
         if meanwhile is not None:
             meanwhile()
-        return [
+        replies = [
             self._reply(rank, None if timeout is None else started + timeout)
             for rank in range(len(self._connections))
         ]
+        self._in_flight = False  # every reply read: the next step starts on a clean stream
+        for ok, value in replies:
+            if not ok:
+                raise value from None  # a user error (bad data...) as itself, else a WorkerError
+        return [value for _, value in replies]
 
-    def _reply(self, rank: int, deadline: float | None) -> Any:
+    def _reply(self, rank: int, deadline: float | None) -> tuple[bool, Any]:
         connection = self._connections[rank]
         if deadline is not None:
             connection.settimeout(max(deadline - time.monotonic(), 1e-3))
         try:
-            ok, value = read_reply(connection)
+            return read_reply(connection)
         except TimeoutError:
             raise BrokenStepError("no answer in time", silent=rank) from None
         except EOFError:
             raise BrokenStepError(f"worker {rank} hung up") from None  # its process died
         except OSError as error:
             raise BrokenStepError(f"worker {rank}'s connection failed: {error}") from None
-        if ok:
-            return value
-        raise value from None  # a user error (bad data...) as itself, else a WorkerError
 
     def close(self) -> None:
-        """Hang up, then wait until every live worker has finished the call it was on: the
-        plain road may call the same method on the same buffers next."""
+        """Hang up. After a step that broke off, also wait until every live worker has
+        finished the call it was on: the plain road may call the same method on the same
+        buffers next. (Between steps the workers' threads only wait to read, and end at the
+        hang-up; an actor busy with a plain call, even a hung one, is not waited for.)"""
         for connection in self._connections:
             connection.close()
+        if not self._in_flight:
+            return
         stops = [actor.stop_serving.remote() for actor in self._actors]
         for stop in stops:
             try:
@@ -119,7 +127,10 @@ def accept_ranks(listener: socket.socket, token: bytes, size: int) -> list[socke
 
 
 def open_direct_step(ray: Any, actors: list[Any], method: str) -> DirectStep | None:
-    """A direct step, or None where the workers cannot connect (a firewall, Ray Client)."""
+    """A direct step, or None where the workers cannot connect (a firewall). Not tried
+    through Ray Client, whose driver sits behind the client's tunnel."""
+    if ray.util.client.ray.is_connected():
+        return None
     try:
         return DirectStep(ray, actors, method)
     except Exception as error:  # Ray's errors and the sockets': the compiled road still works

@@ -230,11 +230,11 @@ class RayGroup:
                 *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
             )
         except BrokenStepError as broken:
-            if broken.silent is not None:  # a silent worker must not linger (nor be waited for)
-                self._ray.kill(self.actors[broken.silent])
-            self._drop_step()  # the others' results went with the road: the plain one redoes it
-            if broken.silent is not None:
-                self._recover(broken.silent, method, broken.reason)
+            # the others' results went with the road: the plain one redoes the step
+            if broken.silent is None:
+                self._drop_step()
+            else:
+                self._recover(broken.silent, method, broken.reason)  # drops the road too
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
@@ -293,6 +293,7 @@ class RayGroup:
         return getattr(self.actors[rank], method).remote(*args)
 
     def _recover(self, rank: int, method: str, reason: str) -> None:
+        self._ray.kill(self.actors[rank])  # a hung worker must not linger, nor be waited for
         self._drop_step()  # opened for the lost actor: opened again for its replacement
         self._direct, self._compiled = self._direct_wanted, self._compile_wanted
         self._cold = True
@@ -311,7 +312,6 @@ class RayGroup:
             method,
             reason,
         )
-        self._ray.kill(self.actors[rank])  # a hung worker must not linger
         actor = self._actor.remote(*self._spawn_args[rank])
         for state_method, state_args in self._state_calls:  # the same rows, the same state
             self._ray.get(getattr(actor, state_method).remote(*state_args))

@@ -112,18 +112,23 @@ def fail_with(ray, actor, error: Exception) -> None:
 @pytest.mark.slow
 def test_a_workers_own_error_comes_back_as_itself(ray_session):
     """A user error (bad data...) as one clear line; anything else with the worker's
-    traceback. Neither is a lost worker."""
+    traceback. Neither is a lost worker, and the steps after it read their own sums."""
     group, theta = prepared(2)
     try:
-        group.call("gradient", theta)
-        worker = group.actors[1]
+        reference = reduce_sums(group.call("gradient", theta))
+        worker = group.actors[0]  # the others' replies wait behind its own
         fail_with(ray_session, worker, DataError("data: column x1 has a NaN at row 7"))
         with pytest.raises(DataError, match="NaN at row 7"):
             group.call("gradient", theta)
         fail_with(ray_session, worker, ZeroDivisionError("odd"))
         with pytest.raises(WorkerError, match="ZeroDivisionError: odd"):
             group.call("gradient", theta)
-        assert group.restarts == 0 and group.actors[1] == worker
+        ray_session.get(worker.__ray_call__.remote(lambda w: w.__dict__.pop("gradient")))
+        after = reduce_sums(group.call("gradient", theta * 0.5))
+        assert not np.array_equal(after.grad, reference.grad)  # not the last step's
+        assert np.array_equal(after.grad, reduce_sums(group.call("gradient", theta * 0.5)).grad)
+        assert group.restarts == 0 and group.actors[0] == worker
+        assert isinstance(group._step, DirectStep)
     finally:
         group.close()
 

@@ -188,9 +188,12 @@ def test_exact_weights_survive_a_worker_killed_mid_run(ray_session):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_exact_on_the_tree_all_reduce_and_without_a_compiled_graph(ray_session):
+def test_exact_on_every_road_of_the_step(ray_session):
+    """Direct connections (the default), the compiled graph, plain calls, the tree."""
     reference = run(0)
-    for flags in ({"cluster.allreduce": "tree"}, {"cluster.compiled_graph": False}):
+    compiled = {"cluster.direct_steps": False}
+    plain = {"cluster.direct_steps": False, "cluster.compiled_graph": False}
+    for flags in ({}, compiled, plain, {"cluster.allreduce": "tree"}):
         assert np.array_equal(run(3, **flags).theta, reference.theta), flags
 
 
