@@ -2,6 +2,8 @@
 and through a tree all-reduce on the workers; on both, a worker killed behind the group's
 back is replaced as on the plain road. (The direct road: test_direct_step.py.)"""
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -34,9 +36,11 @@ def prepared_group(
 
 
 def kill_and_wait(ray, actor) -> None:
-    """Kill the worker's process behind the group's back; ray.kill is asynchronous, so wait
-    until Ray knows it is dead."""
-    ray.kill(actor)
+    """Kill the worker's process behind the group's back, as `kill -9` would (`ray.kill`
+    lets the process run on for a moment after Ray calls the actor dead, long enough for a
+    few direct steps), and wait until Ray knows it is dead."""
+    pid = ray.get(actor.__ray_call__.remote(lambda worker: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
