@@ -34,7 +34,7 @@ REPLY = struct.Struct("<?QI")  # ok, pickle bytes, out-of-band buffers (then the
 CONNECT_SECONDS = 10.0
 # after a reply, the worker polls for the next request this long before it blocks: waking
 # a blocked process on these VMs takes 0.1-1 ms, the coordinator's turn takes ~0.1 ms
-# (default config: 0.16 ms a step spinning, 0.26 ms blocking, medians over 500 steps)
+# (default config: 0.16 ms a step polling, 0.21-0.26 ms blocking, medians over 500 steps)
 SPIN_SECONDS = 2e-3
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # 0 where there is none: no polling
 
