@@ -74,8 +74,8 @@ class Prepared:
 
 
 def prepare(config: Config, seed: int, method: str = "gradient") -> Prepared:
-    """Workers holding their shards and networks, and the graph of the `method` step
-    compiled, as a run has them before its first step."""
+    """Workers holding their shards and networks, and the road of the `method` step set up
+    (connected or compiled), as a run has them before its first step."""
     plan = make_plan(config)
     group = start_group(plan, config.cluster)
     _, _, arch = set_up_workers(group, plan, config)

@@ -35,6 +35,8 @@ class DirectStep:
             # each actor has connected when its call returns; accepted in any order after
             ray.get([actor.serve_steps.remote(address, token) for actor in self._actors])
             self._connections = accept_ranks(listener, token, len(self._actors))
+        for connection in self._connections:
+            connection.settimeout(None)  # a step with a timeout sets its own
         self._in_flight = False  # a step sent whose replies were not all read
 
     def __call__(
@@ -51,7 +53,8 @@ class DirectStep:
         self._in_flight = True
         try:
             for connection in self._connections:
-                connection.settimeout(timeout)
+                if timeout is not None:
+                    connection.settimeout(timeout)
                 send_request(connection, self.method, theta)
         except OSError as error:
             raise BrokenStepError(f"a worker's connection failed: {error}") from None

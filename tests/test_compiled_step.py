@@ -9,30 +9,18 @@ import time
 import numpy as np
 import pytest
 
-from service.config import load_config
-from service.group import RayGroup, asleep_for, start_group
+from service.group import RayGroup, asleep_for
 from service.reduce import reduce_sums
-from service.trainer import make_plan, set_up_workers
-from workers.params import init_params
+from tests.groups import prepared
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
 
 
 def prepared_group(
     compiled: bool, workers: int = 2, allreduce: str = "star", direct: bool = False
 ) -> tuple[RayGroup, np.ndarray]:
-    flags = {
-        "cluster.workers": workers,
-        "cluster.compiled_graph": compiled,
-        "cluster.direct_steps": direct,
-    }
-    config = load_config(None, [*SETS, f"cluster.allreduce={allreduce}"], flags)
-    plan = make_plan(config)
-    group = start_group(plan, config.cluster)
-    _, _, arch = set_up_workers(group, plan, config)
-    return group, init_params(arch.layout, "he", 0, "float64")
+    flags = {"cluster.compiled_graph": compiled, "cluster.direct_steps": direct}
+    return prepared(workers, f"cluster.allreduce={allreduce}", **flags)
 
 
 def kill_and_wait(ray, actor) -> None:
@@ -231,11 +219,8 @@ def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road
 
 
 def test_in_process_the_callers_own_work_comes_first():
-    config = load_config(None, SETS, {"cluster.workers": 0})
-    plan = make_plan(config)
-    group = start_group(plan, config.cluster)
-    _, _, arch = set_up_workers(group, plan, config)
+    group, theta = prepared(0)
     order = []
     group.workers[0].gradient = lambda theta: order.append("gradient")
-    group.call("gradient", np.zeros(arch.layout.size), meanwhile=lambda: order.append("own"))
+    group.call("gradient", np.zeros_like(theta), meanwhile=lambda: order.append("own"))
     assert order == ["own", "gradient"]

@@ -11,11 +11,9 @@ import pytest
 
 from service import direct
 from service.compiled import CompiledStep
-from service.config import load_config
 from service.direct import DirectStep, accept_ranks
-from service.group import start_group
 from service.reduce import reduce_sums
-from service.trainer import make_plan, set_up_workers
+from tests.groups import prepared
 from workers.channel import (
     HANDSHAKE,
     StepServer,
@@ -26,18 +24,7 @@ from workers.channel import (
     send_request,
 )
 from workers.errors import DataError
-from workers.params import init_params
 from workers.sums import ShardSums
-
-SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
-
-
-def prepared(workers: int, *sets: str, **flags):
-    config = load_config(None, [*SETS, *sets], {"cluster.workers": workers, **flags})
-    plan = make_plan(config)
-    group = start_group(plan, config.cluster)
-    _, _, arch = set_up_workers(group, plan, config)
-    return group, init_params(arch.layout, "he", 0, config.model.dtype)
 
 
 def full_batch(*sets: str):

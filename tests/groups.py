@@ -1,0 +1,20 @@
+"""Worker groups as a run has them before its first step, on a small two-class job: the
+shared start of the tests of the step's roads."""
+
+import numpy as np
+
+from service.config import load_config
+from service.group import WorkerGroup, start_group
+from service.trainer import make_plan, set_up_workers
+from workers.params import init_params
+
+SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
+
+
+def prepared(workers: int, *sets: str, **flags) -> tuple[WorkerGroup, np.ndarray]:
+    """`workers` workers holding their shards of 1001 rows, and He-initialised parameters."""
+    config = load_config(None, [*SETS, *sets], {"cluster.workers": workers, **flags})
+    plan = make_plan(config)
+    group = start_group(plan, config.cluster)
+    _, _, arch = set_up_workers(group, plan, config)
+    return group, init_params(arch.layout, "he", 0, config.model.dtype)
