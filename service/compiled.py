@@ -52,6 +52,7 @@ class CompiledStep:
         # the channels grow on their own when a message is bigger; start with room enough
         with handing_over(driver_proxy):
             self._graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+        register_driver_readers(self._graph)
 
     def __call__(
         self,
@@ -101,6 +102,20 @@ class CompiledStep:
             self._graph.teardown()
         except Exception as error:  # a graph broken by a dead actor may fail to tear down
             log.debug("compiled graph teardown: %s", error)
+
+
+def register_driver_readers(graph: Any) -> None:
+    """Make the driver a reader of the graph's output channels now, while their writers
+    are surely alive; Ray's compile leaves that to the first read.
+
+    A worker that dies before the first step makes Ray's monitor thread tear the graph
+    down, and the teardown registers the driver as a reader first. The channel's buffer
+    belongs to the dead worker and may already be gone from the object store; Ray then
+    fails a RAY_CHECK and ends the whole driver process with exit code 1, no traceback
+    (seen in CI, between `prepare_steps` and the first step). A registered reader holds its
+    buffer, and the teardown's registration is then a no-op."""
+    for channel in getattr(graph, "dag_output_channels", ()):
+        channel.ensure_registered_as_reader()
 
 
 def channels_without_torch(_: object) -> None:

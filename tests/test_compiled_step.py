@@ -116,6 +116,20 @@ def test_the_graph_takes_the_driver_actor_started_beside_the_workers(ray_session
         plain.close()
 
 
+def test_the_driver_reads_the_graphs_results_from_the_compile_on(ray_session):
+    """Else a worker lost before the first step crashed the whole driver: Ray's teardown
+    registered it as a reader of a buffer already freed with the worker (a RAY_CHECK in
+    Ray's C++, exit code 1, seen in CI in the test above)."""
+    group, theta = prepared_group(compiled=True)
+    try:
+        group.prepare_steps(theta)
+        channels = group._step._graph.dag_output_channels
+        assert len(channels) == 2
+        assert all(channel._reader_registered for channel in channels)
+    finally:
+        group.close()
+
+
 def test_the_first_step_is_not_taken_for_the_steps_time(ray_session):
     """It touches the workers' buffers first; the step after it may have spun beside them
     the whole time, so the coordinator sleeps through half of it only."""
