@@ -76,7 +76,8 @@ def bench_network(
     repeats: int = 5,
     seed: int = 0,
 ) -> dict:
-    """One forward+backward step of the network against the same step's GEMMs alone."""
+    """One forward+backward step of the network against the same step's GEMMs alone, and
+    against the same step with the whole columns at once instead of in chunks."""
     rng = np.random.default_rng(seed)
     arch = Architecture((features, *hidden, 1), "relu", "binary")
     theta = init_params(arch.layout, "he", seed, dtype)
@@ -85,8 +86,15 @@ def bench_network(
     batch = Batch(X, Y, dtype)
     with threadpool_limits(limits=threads):
         net = Network(arch, dtype)  # inside the limit: it takes its thread count from BLAS
-        step, gemms = Timing.alternating(
-            [lambda: net.gradient(theta, batch), gemms_of_step(net, theta, batch)], repeats
+        whole = Network(arch, dtype)
+        whole.chunk = rows
+        step, gemms, unchunked = Timing.alternating(
+            [
+                lambda: net.gradient(theta, batch),
+                gemms_of_step(net, theta, batch),
+                lambda: whole.gradient(theta, batch),
+            ],
+            repeats,
         )
         blas = [
             (i["internal_api"], i.get("architecture"), i["num_threads"])
@@ -97,10 +105,12 @@ def bench_network(
         "name": f"network step ({rows:,} x {features} -> {list(hidden)} -> 1, {dtype})",
         "workload": {"rows": rows, "features": features, "hidden": list(hidden), "dtype": dtype},
         "blas": blas,
-        "timings": [("step", "step"), ("gemms", "GEMMs alone")],
+        "timings": [("step", "step"), ("gemms", "GEMMs alone"), ("whole", "whole columns")],
         "step": asdict(step),
         "gemms": asdict(gemms),
+        "whole": asdict(unchunked),
         "ratio": step.median / gemms.median,
+        "also": {"step / whole columns": step.median / unchunked.median},
     }
 
 

@@ -368,7 +368,8 @@ def report(results: list[dict], json_out: Path | None) -> None:
             f"{label} {r[key]['median']:.3f} s [{r[key]['low']:.3f}-{r[key]['high']:.3f}]"
             for key, label in r["timings"]
         ]
-        typer.echo(", ".join(parts) + f", ratio {r['ratio']:.3f}")
+        also = "".join(f", {name} {value:.3f}" for name, value in r.get("also", {}).items())
+        typer.echo(", ".join(parts) + f", ratio {r['ratio']:.3f}{also}")
     write_json(json_out, results)
 
 
@@ -382,7 +383,8 @@ def bench_network(
     repeats: Annotated[int, typer.Option(help="Timed repeats per measurement.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ) -> None:
-    """One forward+backward step against the same step's matrix products alone."""
+    """One forward+backward step against the same step's matrix products alone, and
+    against the same step on the whole columns at once instead of in chunks."""
     from service import bench
 
     widths = int_list(hidden)

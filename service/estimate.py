@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers.blocktree import BlockGrid, subtree_count
+from workers.network import chunk_columns
 from workers.params import Layout
 from workers.synthetic import SyntheticSpec
 
@@ -29,8 +30,9 @@ class WorkerMemory:
     """Bytes one worker holds while training, by what holds them (network.Buffers)."""
 
     batch: int  # X with its row of ones (n0 + 1, m) and the targets Y (n_L, m)
-    activations: int  # [A[l]; 1] (n_l + 1, m) for each hidden layer, and Z[L] (n_L, m)
-    deltas: int  # the two dZ/dA buffers that alternate backwards, each (max n_l, m)
+    # c columns: a chunk or a block per thread (`buffer_columns`), at most m
+    activations: int  # [A[l]; 1] (n_l + 1, c) for each hidden layer, and Z[L] (n_L, c)
+    deltas: int  # the two dZ/dA buffers that alternate backwards, each (max n_l, c)
     parameters: int  # theta and the gradient sum, P values each
     loading: int  # peak while reading and preparing the rows, before the first step
 
@@ -48,8 +50,7 @@ def worker_memory(
     sizes: Sequence[int], m: int, itemsize: int, columns: int | None = None
 ) -> WorkerMemory:
     """The arrays a worker with m rows keeps, in a dtype of `itemsize` bytes (8 or 4), its
-    activations and deltas `columns` wide: m, or its threads x a block under the exact
-    reduction, which runs one block at a time per thread.
+    activations and deltas `columns` wide (`buffer_columns`; None: m).
 
     Loading is the larger of two moments: the read (the Arrow columns and the float64
     feature matrix side by side) and the preparation (that matrix, the labels and their
@@ -169,8 +170,8 @@ def estimate_plan(
 ) -> PlanEstimate:
     """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic.
     `grid`: the exact reduction's blocks, run `threads` at a time in each worker."""
-    block_columns = grid.block_rows * threads if grid else None
     sizes = (n_features, *hidden, outputs)
+    columns = buffer_columns(sizes, dtype, threads, grid)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
     per_shard = tuple(
@@ -178,7 +179,7 @@ def estimate_plan(
             rank,
             start,
             stop,
-            worker_memory(sizes, stop - start, itemsize, block_columns),
+            worker_memory(sizes, stop - start, itemsize, columns),
             step_flops(sizes, stop - start),
         )
         for rank, (start, stop) in enumerate(shards)
@@ -196,6 +197,15 @@ def estimate_plan(
         ),
         step_flops(sizes, total_rows),
     )
+
+
+def buffer_columns(
+    sizes: Sequence[int], dtype: str, threads: int, grid: BlockGrid | None = None
+) -> int:
+    """The activations' width in a worker: each thread runs a chunk of columns at a time
+    (`workers.network.chunk_columns`), or a block of the exact reduction where it is narrower."""
+    chunk = chunk_columns(sizes, dtype)
+    return threads * (min(chunk, grid.block_rows) if grid else chunk)
 
 
 def human_bytes(count: float) -> str:

@@ -38,6 +38,8 @@ def test_bench_network_reports_step_against_its_gemms(tmp_path):
     for r in results:
         assert r["step"]["low"] <= r["step"]["median"] <= r["step"]["high"]
         assert r["ratio"] == pytest.approx(r["step"]["median"] / r["gemms"]["median"])
+        chunked = r["step"]["median"] / r["whole"]["median"]
+        assert r["also"]["step / whole columns"] == pytest.approx(chunked)
 
 
 @pytest.mark.slow

@@ -15,12 +15,14 @@ from service.cli import app
 from service.datasets import make_dataset
 from service.estimate import (
     allreduce_bytes,
+    buffer_columns,
     estimate_plan,
     output_units,
     parameter_count,
     step_flops,
     worker_memory,
 )
+from workers.blocktree import BlockGrid
 from workers.network import Architecture, Batch, Network
 from workers.params import init_params
 from workers.source import Source
@@ -242,18 +244,28 @@ def test_plan_estimate_splits_costs_by_shard_rows():
     assert estimate.shards[1].memory == worker_memory((2, 3, 1), 2, itemsize=4)
 
 
-def test_memory_estimate_is_what_the_network_allocates():
+@pytest.mark.parametrize(
+    "m, threads, block_rows",
+    [(11, 1, None), (5_000, 1, None), (20_000, 2, None), (3_000, 2, None), (20_000, 2, 700)],
+)
+def test_memory_estimate_is_what_the_network_allocates(m, threads, block_rows):
+    """A shard narrower than a chunk, one chunk a thread, one part of two threads, and the
+    exact reduction's blocks narrower than a chunk."""
     arch = Architecture((5, 7, 3, 4), "tanh", "multiclass")
-    m = 11
-    network = Network(arch, np.float64, threads=1)
+    network = Network(arch, np.float64, threads=threads)
     batch = Batch(np.ones((5, m)), np.eye(4)[np.arange(m) % 4].T)
     theta = init_params(arch.layout, "he", 0, np.float64)
-    sums = network.gradient(theta, batch)
-    memory = worker_memory(arch.sizes, m, itemsize=8)
+    grid = block_rows and BlockGrid(m, block_rows)
+    if grid:
+        sums = network.block_gradient(theta, batch, grid.bounds(0, m), 0, grid).total()
+    else:
+        sums = network.gradient(theta, batch)
+    columns = buffer_columns(arch.sizes, "float64", threads, grid)
+    memory = worker_memory(arch.sizes, m, itemsize=8, columns=columns)
     assert memory.batch == batch.X1.nbytes + batch.Y.nbytes
-    buffers = network._whole
-    assert memory.activations == sum(a.nbytes for a in buffers.A1) + buffers.Z_out.nbytes
-    assert memory.deltas == sum(d.nbytes for d in buffers.delta)
+    held = network._per_thread
+    assert memory.activations == sum(a.nbytes for b in held for a in [*b.A1, b.Z_out])
+    assert memory.deltas == sum(d.nbytes for b in held for d in b.delta)
     assert memory.parameters == theta.nbytes + sums.grad.nbytes
 
 

@@ -22,12 +22,14 @@ from workers.params import init_params
 from workers.sums import BlockSums
 
 
-def shard_sums(grid, workers, X, Y, arch, theta, threads=1):
-    """Each shard's block sums, computed the way a worker computes them."""
+def shard_sums(grid, workers, X, Y, arch, theta, threads=1, chunk=None):
+    """Each shard's block sums, computed the way a worker computes them (`chunk`: columns
+    per chunk instead of the network's own)."""
     parts = []
     for start, stop in grid.split(workers):
         batch = Batch(X[:, start:stop], Y[:, start:stop])
         network = Network(arch, np.float64, threads=threads)
+        network.chunk = chunk or network.chunk
         first = start // grid.block_rows
         parts.append(network.block_gradient(theta, batch, grid.bounds(start, stop), first, grid))
     return parts
@@ -58,6 +60,21 @@ def test_block_tree_gives_the_same_bits_for_any_split_and_arrival_order(problem,
             reference.rows,
             reference.correct,
         )
+
+
+def test_blocks_run_in_chunks_give_the_same_bits_for_any_split(problem):
+    """Blocks of 143 columns in chunks of 50, 50 and 43: the chunks depend on the block's
+    bounds alone, so the bits still do not depend on the workers."""
+    X, Y, arch, theta = problem
+    grid = BlockGrid(X.shape[1], 143)
+    reference = reduce_sums(shard_sums(grid, 1, X, Y, arch, theta, chunk=50))
+    for workers in (2, 3, 7):
+        total = reduce_sums(shard_sums(grid, workers, X, Y, arch, theta, threads=2, chunk=50))
+        assert np.array_equal(total.grad, reference.grad), f"{workers} workers"
+        assert total.loss == reference.loss
+    whole_blocks = reduce_sums(shard_sums(grid, 1, X, Y, arch, theta))
+    np.testing.assert_allclose(reference.grad, whole_blocks.grad, rtol=1e-12, atol=1e-12)
+    assert not np.array_equal(reference.grad, whole_blocks.grad)  # it did run in chunks
 
 
 def test_rank_order_sums_differ_in_the_last_bits_which_is_what_exact_removes(problem):

@@ -84,11 +84,40 @@ def test_buffers_are_reused_and_results_do_not_change_between_calls():
     net = Network(arch, threads=2)
     batch = Batch(X, Y)
     first = net.gradient(theta, batch)
-    buffers = [id(b) for b in net._whole.A1]
+    buffers = [id(A1) for b in net._per_thread for A1 in b.A1]
     second = net.gradient(theta, batch)
-    assert [id(b) for b in net._whole.A1] == buffers
+    net.evaluate(theta, batch)
+    net.predict(theta, X)
+    assert [id(A1) for b in net._per_thread for A1 in b.A1] == buffers
     assert np.array_equal(first.grad, second.grad)
     assert first.grad is not second.grad
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("task", sorted(OUTPUTS))
+def test_a_batch_run_in_chunks_gives_the_whole_batchs_sums(task, threads):
+    """Uneven chunks too (the last one partial), in one thread and in several."""
+    m = 3 * 2048 + 5  # three parts of 2048 columns and more
+    arch, theta, X, Y = problem(task, "relu", (6, 5), m=m)
+    whole, chunked = Network(arch, threads=1), Network(arch, threads=threads)
+    whole.chunk, chunked.chunk = m, 300  # 2048 = 6 x 300 + 248
+    batch = Batch(X, Y)
+    one, many = whole.gradient(theta, batch), chunked.gradient(theta, batch)
+    assert chunked._per_thread[0].width == 300  # it did run in chunks
+    np.testing.assert_allclose(many.grad, one.grad, rtol=1e-12, atol=1e-12)
+    assert many.loss == pytest.approx(one.loss, rel=1e-12)
+    assert (many.rows, many.correct) == (one.rows, one.correct)
+    seen = chunked.evaluate(theta, batch)
+    assert seen.loss == pytest.approx(one.loss, rel=1e-12) and seen.correct == one.correct
+    np.testing.assert_allclose(chunked.predict(theta, X), whole.predict(theta, X), rtol=1e-12)
+
+
+def test_a_worker_holds_a_chunk_of_activations_per_thread_not_its_shard():
+    arch, theta, X, Y = problem("binary", "relu", (256, 256), m=20_000)
+    net = Network(arch, np.float32, threads=2)
+    assert net.chunk == 1024  # 1 MiB of the widest activation, in float32
+    net.gradient(theta.astype(np.float32), Batch(X, Y, np.float32))
+    assert [b.width for b in net._per_thread] == [1024, 1024]
 
 
 def test_threads_split_the_columns_and_their_sums_add_up_to_the_one_thread_gradient():
