@@ -286,12 +286,15 @@ class Network:
     def _in_chunks(
         self, chunk: Chunk, lo: int, hi: int, buffers: Buffers, into: np.ndarray
     ) -> tuple[Sums, float]:
-        """`chunk` over columns [lo, hi), `self.chunk` at a time from lo, through `buffers`;
-        the sums added in column order into `into`. Returns them and the forward seconds."""
-        sums, forward_seconds = chunk(lo, min(hi, lo + self.chunk), buffers, into)
-        spare = np.empty_like(into) if hi - lo > self.chunk else into
-        for start in range(lo + self.chunk, hi, self.chunk):
-            more, seconds = chunk(start, min(hi, start + self.chunk), buffers, spare)
+        """`chunk` over columns [lo, hi) cut into as few near-equal chunks of at most
+        `self.chunk` columns as there can be (no runt at the end), through `buffers`; the
+        sums added in column order into `into`. Returns them and the forward seconds."""
+        count = max(1, -(-(hi - lo) // self.chunk))
+        cuts = [lo + (hi - lo) * i // count for i in range(count + 1)]
+        sums, forward_seconds = chunk(cuts[0], cuts[1], buffers, into)
+        spare = np.empty_like(into) if count > 1 else into
+        for start, stop in pairwise(cuts[1:]):
+            more, seconds = chunk(start, stop, buffers, spare)
             sums += more
             forward_seconds += seconds
         return sums, forward_seconds
