@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from workers.blocktree import BlockGrid, auto_block_rows
 from workers.network import Architecture, Batch, Network
 from workers.params import init_params
 
@@ -76,8 +77,9 @@ def bench_network(
     repeats: int = 5,
     seed: int = 0,
 ) -> dict:
-    """One forward+backward step of the network against the same step's GEMMs alone, and
-    against the same step with the whole columns at once instead of in chunks."""
+    """One forward+backward step of the network against the same step's GEMMs alone;
+    against the same step with the whole columns at once instead of in chunks; and the
+    exact reduction's step (blocks as `block_rows: null` cuts them) against it."""
     rng = np.random.default_rng(seed)
     arch = Architecture((features, *hidden, 1), "relu", "binary")
     theta = init_params(arch.layout, "he", seed, dtype)
@@ -86,13 +88,15 @@ def bench_network(
     batch = Batch(X, Y, dtype)
     with threadpool_limits(limits=threads):
         net = Network(arch, dtype)  # inside the limit: it takes its thread count from BLAS
-        whole = Network(arch, dtype)
+        whole, blocked = Network(arch, dtype), Network(arch, dtype)
         whole.chunk = rows
-        step, gemms, unchunked = Timing.alternating(
+        grid = BlockGrid(rows, auto_block_rows(rows))
+        step, gemms, unchunked, exact = Timing.alternating(
             [
                 lambda: net.gradient(theta, batch),
                 gemms_of_step(net, theta, batch),
                 lambda: whole.gradient(theta, batch),
+                lambda: blocked.block_gradient(theta, batch, grid.bounds(0, rows), 0, grid),
             ],
             repeats,
         )
@@ -105,12 +109,21 @@ def bench_network(
         "name": f"network step ({rows:,} x {features} -> {list(hidden)} -> 1, {dtype})",
         "workload": {"rows": rows, "features": features, "hidden": list(hidden), "dtype": dtype},
         "blas": blas,
-        "timings": [("step", "step"), ("gemms", "GEMMs alone"), ("whole", "whole columns")],
+        "timings": [
+            ("step", "step"),
+            ("gemms", "GEMMs alone"),
+            ("whole", "whole columns"),
+            ("exact", "exact reduction"),
+        ],
         "step": asdict(step),
         "gemms": asdict(gemms),
         "whole": asdict(unchunked),
+        "exact": asdict(exact),
         "ratio": step.median / gemms.median,
-        "also": {"step / whole columns": step.median / unchunked.median},
+        "also": {
+            "step / whole columns": step.median / unchunked.median,
+            "exact / step": exact.median / step.median,
+        },
     }
 
 

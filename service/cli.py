@@ -383,8 +383,8 @@ def bench_network(
     repeats: Annotated[int, typer.Option(help="Timed repeats per measurement.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
 ) -> None:
-    """One forward+backward step against the same step's matrix products alone, and
-    against the same step on the whole columns at once instead of in chunks."""
+    """One forward+backward step against the same step's matrix products alone, against
+    itself on the whole columns at once instead of in chunks, and the exact reduction's."""
     from service import bench
 
     widths = int_list(hidden)

@@ -40,6 +40,8 @@ def test_bench_network_reports_step_against_its_gemms(tmp_path):
         assert r["ratio"] == pytest.approx(r["step"]["median"] / r["gemms"]["median"])
         chunked = r["step"]["median"] / r["whole"]["median"]
         assert r["also"]["step / whole columns"] == pytest.approx(chunked)
+        exact = r["exact"]["median"] / r["step"]["median"]
+        assert r["also"]["exact / step"] == pytest.approx(exact)
 
 
 @pytest.mark.slow

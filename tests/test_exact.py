@@ -63,7 +63,7 @@ def test_block_tree_gives_the_same_bits_for_any_split_and_arrival_order(problem,
 
 
 def test_blocks_run_in_chunks_give_the_same_bits_for_any_split(problem):
-    """Blocks of 143 columns in chunks of 47, 48 and 48: the chunks depend on the block's
+    """Blocks of 143 columns in chunks of 50, 50 and 43: the chunks depend on the block's
     bounds alone, so the bits still do not depend on the workers."""
     X, Y, arch, theta = problem
     grid = BlockGrid(X.shape[1], 143)

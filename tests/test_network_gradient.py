@@ -100,7 +100,7 @@ def test_a_batch_run_in_chunks_gives_the_whole_batchs_sums(task, threads):
     m = 3 * 2048 + 5  # three parts of 2048 columns and more
     arch, theta, X, Y = problem(task, "relu", (6, 5), m=m)
     whole, chunked = Network(arch, threads=1), Network(arch, threads=threads)
-    whole.chunk, chunked.chunk = m, 300  # parts of 2048 or more: 7 chunks of 292-294
+    whole.chunk, chunked.chunk = m, 300  # parts of 2048 or more: 300 columns, 6 times, and the rest
     batch = Batch(X, Y)
     one, many = whole.gradient(theta, batch), chunked.gradient(theta, batch)
     assert chunked._per_thread[0].width == 300  # it did run in chunks

@@ -36,13 +36,17 @@ Chunk = Callable[[int, int, "Buffers", np.ndarray], tuple[Sums, float]]
 # fewer rows than this per part are not worth a thread
 PART_MIN_ROWS = 2048
 # A chunk's widest activation is about CHUNK_BYTES, within CHUNK_COLUMNS. Measured on the
-# 2-core EPYC, one thread's forward + backward against the whole columns at once (100,000
-# rows of [256, 256] unless said): float64 0.96 with 512-768 columns (1024: 0.97-0.99,
-# 2048: 1.00); float32 0.93 with 1024 (512: 0.93); 250,000 rows of [64, 64] 0.88 in float64
-# with 2048 and 0.81 in float32 with 4096. Wide layers gain little and narrow chunks lose:
-# [512, 512] and [1024, 1024] at 512-1024 columns 0.99-1.02, at 256 1.04, at 128 1.11.
+# 2-core EPYC (L2 1 MiB a core), one thread's forward + backward against the whole columns
+# at once, 100,000 rows of [256, 256] unless said, over several runs (the host drifts):
+# float64 0.96-1.00 with 512-768 columns (1024: 0.97-0.99, 2048: 1.00); float32 0.93-0.94
+# with 1024 (512: 0.93); 250,000 rows of [64, 64] 0.88 in float64 with 2048 and 0.81 in
+# float32 with 4096. Wide layers gain little and narrow chunks lose: [512, 512] and
+# [1024, 1024] at 512-1024 columns 0.99-1.02, at 256 1.04, at 128 1.11.
 CHUNK_BYTES = 2**20
 CHUNK_COLUMNS = (512, 4096)
+# chunks as wide as a multiple of this: 510-column chunks (100,000 columns in 196 equal ones)
+# took 1.03 of the whole columns' time in float64 where 512-column ones took 0.96
+CHUNK_ALIGN = 64
 
 
 def chunk_columns(sizes: Sequence[int], dtype: np.dtype | str) -> int:
@@ -114,7 +118,7 @@ class Buffers:
 
 
 class Network:
-    """One architecture in one dtype, with the buffers for one batch size kept between calls."""
+    """One architecture in one dtype, with a chunk's buffers per thread kept between calls."""
 
     def __init__(
         self, arch: Architecture, dtype: np.dtype | str = np.float64, threads: int | None = None
@@ -286,15 +290,17 @@ class Network:
     def _in_chunks(
         self, chunk: Chunk, lo: int, hi: int, buffers: Buffers, into: np.ndarray
     ) -> tuple[Sums, float]:
-        """`chunk` over columns [lo, hi) cut into as few near-equal chunks of at most
-        `self.chunk` columns as there can be (no runt at the end), through `buffers`; the
-        sums added in column order into `into`. Returns them and the forward seconds."""
+        """`chunk` over columns [lo, hi) cut into as few chunks of at most `self.chunk`
+        columns as there can be, all but the last a multiple of CHUNK_ALIGN columns wide and
+        the last no runt, through `buffers`; the sums added in column order into `into`.
+        Returns them and the forward seconds."""
         count = max(1, -(-(hi - lo) // self.chunk))
-        cuts = [lo + (hi - lo) * i // count for i in range(count + 1)]
-        sums, forward_seconds = chunk(cuts[0], cuts[1], buffers, into)
-        spare = np.empty_like(into) if count > 1 else into
-        for start, stop in pairwise(cuts[1:]):
-            more, seconds = chunk(start, stop, buffers, spare)
+        even = -(-(hi - lo) // count)  # columns per chunk, cut evenly
+        width = max(1, min(self.chunk, -(-even // CHUNK_ALIGN) * CHUNK_ALIGN))
+        sums, forward_seconds = chunk(lo, min(hi, lo + width), buffers, into)
+        spare = np.empty_like(into) if hi - lo > width else into
+        for start in range(lo + width, hi, width):
+            more, seconds = chunk(start, min(hi, start + width), buffers, spare)
             sums += more
             forward_seconds += seconds
         return sums, forward_seconds
