@@ -81,8 +81,10 @@ class StepServer:
 
 
 def send_request(sock: socket.socket, method: str, theta: np.ndarray) -> None:
-    sock.sendall(REQUEST.pack(method.encode(), theta.dtype.str.encode(), theta.nbytes))
-    sock.sendall(theta.data)
+    """The header and the parameters in one `sendmsg`, the parameters sent from where they
+    lie."""
+    header = REQUEST.pack(method.encode(), theta.dtype.str.encode(), theta.nbytes)
+    send_parts(sock, [header, theta.data])
 
 
 def reply_to(method: Callable[[np.ndarray], Any], theta: np.ndarray) -> list[Any]:
