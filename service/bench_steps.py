@@ -102,6 +102,23 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
         prepared.group.close()
 
 
+def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[Timing, Timing]:
+    """The in-process step and fresh workers' step for `config`, taking turns. Timed minutes
+    apart, their ratio moved with the host's drift by more than the gap between them; side
+    by side, the same drift falls on both. (The idle workers' own ticks, 0.3 % of a core
+    each, fall on the in-process step alone.)"""
+    prepared = prepare(config, 0)
+    try:
+        here, there = Timing.alternating([step(local), step(prepared)], repeats)
+        return here, there
+    finally:
+        prepared.group.close()
+
+
+def beside(k: int) -> str:
+    return f"in-process step, beside {k} Ray worker(s)"
+
+
 def bench_steps(
     workload: Workload,
     workers: tuple[int, ...],
@@ -115,63 +132,36 @@ def bench_steps(
     ray_train: dict[str, Any] = {}
     with threadpool_limits(limits=workload.threads):
         local = prepare(workload.config(0), workload.seed)
-        exact = prepare(workload.config(0, reduction="exact"), workload.seed)
-        worker = local.group.workers[0]
-        (
-            timings["in-process step"],
-            timings["GEMMs alone"],
-            timings[f"in-process step{EXACT}"],
-        ) = Timing.alternating(
-            [step(local), gemms_of_step(worker.network, local.theta, worker.batch), step(exact)],
-            repeats,
-        )
-        exact.group.close()
-        losses["shardprop"] = step(local)()
-        if peers:
-            losses |= bench_sklearn(local, workload, repeats, timings)
-            losses |= bench_torch(local, workload, repeats, timings)
-            if bench_raytrain.available():
-                start = bench_raytrain.same_start(local)
-                steps = repeats + 1  # the first is its warm-up
-                ours = bench_raytrain.our_losses(local, steps, LEARNING_RATE)
-                ray_train = {"steps": steps, "losses": {"shardprop": ours}}
-        local.group.close()
-    started_ray = connect_ray(
-        None, max((*workers, *tree_workers), default=2)
-    )  # once for every group below
-    try:
-        for k in workers:
-            if k:
-                timings[f"{k} Ray worker(s)"] = timed(workload.config(k), repeats)
-                config = workload.config(k, reduction="exact")
-                timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
-        null_repeats = max(repeats, 50)
-        for road, name in ROADS.items():
-            timings[f"Ray alone, 2 workers, {name}"] = timed(
-                workload.config(2, road), null_repeats, "null_gradient"
-            )
-        for k in tree_workers:  # the coordinator receives k gradients, or one
-            for allreduce in ("star", "tree"):
-                config = workload.config(k, "plain", allreduce=allreduce)
-                timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
-                    config, null_repeats, "null_gradient"
-                )
-        if ray_train:  # last: its trainer's processes wind down after fit() returns
-            run = bench_raytrain.fit_ray_train(start, ray_train["steps"], LEARNING_RATE)
-            timings[RAY_TRAIN_STEP] = run.step
-            losses["Ray Train"] = run.losses[0]
-            ray_train["losses"]["Ray Train"] = run.losses
-            ray_train["fit_to"] = {
-                "training function": run.to_train_function,
-                "first step (ready)": run.to_first_step,
-                "first step done": run.to_first_step_done,
-                "return": run.to_return,
-            }
-    finally:
-        if started_ray:
-            import ray
+        try:
+            bench_in_process(local, workload, repeats, timings)
+            losses["shardprop"] = step(local)()
+            if peers:
+                losses |= bench_sklearn(local, workload, repeats, timings)
+                losses |= bench_torch(local, workload, repeats, timings)
+                if bench_raytrain.available():
+                    start = bench_raytrain.same_start(local)
+                    steps = repeats + 1  # the first is its warm-up
+                    ours = bench_raytrain.our_losses(local, steps, LEARNING_RATE)
+                    ray_train = {"steps": steps, "losses": {"shardprop": ours}}
+            started_ray = connect_ray(None, max((*workers, *tree_workers), default=2))
+            try:  # one Ray runtime for every group below
+                for k in (k for k in workers if k):
+                    timings[beside(k)], timings[f"{k} Ray worker(s)"] = beside_local(
+                        local, workload.config(k), repeats
+                    )
+                    config = workload.config(k, reduction="exact")
+                    timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
+                local.group.close()
+                bench_ray_alone(workload, max(repeats, 50), tree_workers, timings)
+                if ray_train:  # last: its trainer's processes wind down after fit() returns
+                    bench_ray_train(start, ray_train, timings, losses)
+            finally:
+                if started_ray:
+                    import ray
 
-            ray.shutdown()
+                    ray.shutdown()
+        finally:
+            local.group.close()
     result = {
         "workload": asdict(workload),
         "seconds": {name: asdict(t) for name, t in timings.items()},
@@ -183,6 +173,55 @@ def bench_steps(
     return result
 
 
+def bench_in_process(
+    local: Prepared, workload: Workload, repeats: int, timings: dict[str, Timing]
+) -> None:
+    """The in-process step against its GEMMs alone and against the exact reduction's."""
+    exact = prepare(workload.config(0, reduction="exact"), workload.seed)
+    worker = local.group.workers[0]
+    gemms = gemms_of_step(worker.network, local.theta, worker.batch)
+    (
+        timings["in-process step"],
+        timings["GEMMs alone"],
+        timings[f"in-process step{EXACT}"],
+    ) = Timing.alternating([step(local), gemms, step(exact)], repeats)
+    exact.group.close()
+
+
+def bench_ray_train(
+    start: Any, ray_train: dict[str, Any], timings: dict[str, Timing], losses: dict[str, float]
+) -> None:
+    """Ray Train's DDP step from the same start; its losses step by step beside ours, and
+    its fit()'s moments, go into `ray_train`."""
+    run = bench_raytrain.fit_ray_train(start, ray_train["steps"], LEARNING_RATE)
+    timings[RAY_TRAIN_STEP] = run.step
+    losses["Ray Train"] = run.losses[0]
+    ray_train["losses"]["Ray Train"] = run.losses
+    ray_train["fit_to"] = {
+        "training function": run.to_train_function,
+        "first step (ready)": run.to_first_step,
+        "first step done": run.to_first_step_done,
+        "return": run.to_return,
+    }
+
+
+def bench_ray_alone(
+    workload: Workload, repeats: int, tree_workers: tuple[int, ...], timings: dict[str, Timing]
+) -> None:
+    """Ray's own cost per step: a step without the math, on each road, and star against
+    tree over many workers (the coordinator receives k gradients, or one)."""
+    for road, name in ROADS.items():
+        timings[f"Ray alone, 2 workers, {name}"] = timed(
+            workload.config(2, road), repeats, "null_gradient"
+        )
+    for k in tree_workers:
+        for allreduce in ("star", "tree"):
+            config = workload.config(k, "plain", allreduce=allreduce)
+            timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
+                config, repeats, "null_gradient"
+            )
+
+
 def ratios(median: dict[str, float]) -> dict[str, float]:
     """The comparisons the targets are stated in."""
     local = median["in-process step"]
@@ -190,8 +229,9 @@ def ratios(median: dict[str, float]) -> dict[str, float]:
     for name, seconds in median.items():
         if name.startswith(("scikit-learn", "PyTorch")):
             out[f"in-process step / {name}"] = local / seconds
-        elif name.endswith("Ray worker(s)"):
-            out[f"{name} / in-process step"] = seconds / local
+        elif name.endswith("Ray worker(s)") and not name.startswith("in-process"):
+            k = name.split()[0]  # timed in turns with the in-process step, where it was
+            out[f"{name} / in-process step"] = seconds / median.get(beside(int(k)), local)
         elif name.endswith(EXACT):  # the exact reduction's cost: the default if <= 1.03
             out[f"{name} / rank order"] = seconds / median[name.removesuffix(EXACT)]
     if RAY_TRAIN_STEP in median:  # the issue's target: ≤ 0.6
