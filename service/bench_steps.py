@@ -20,6 +20,7 @@ from service.config import Config, load_config
 from service.group import WorkerGroup, connect_ray, start_group
 from service.reduce import batch_mean, reduce_sums
 from service.trainer import make_plan, set_up_workers
+from workers.channel import SPIN_SECONDS
 from workers.network import Architecture
 from workers.params import init_params
 
@@ -105,11 +106,13 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
 def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[Timing, Timing]:
     """The in-process step and fresh workers' step for `config`, taking turns. Timed minutes
     apart, their ratio moved with the host's drift by more than the gap between them; side
-    by side, the same drift falls on both. (The idle workers' own ticks, 0.3 % of a core
-    each, fall on the in-process step alone.)"""
+    by side, the same drift falls on both. Each starts after the workers' poll for the next
+    request has ended (they would spin on the cores the in-process step computes on); their
+    idle ticks, 0.3 % of a core each, still fall on the in-process step alone."""
     prepared = prepare(config, 0)
     try:
-        here, there = Timing.alternating([step(local), step(prepared)], repeats)
+        settle = 5 * SPIN_SECONDS
+        here, there = Timing.alternating([step(local), step(prepared)], repeats, settle)
         return here, there
     finally:
         prepared.group.close()
