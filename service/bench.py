@@ -34,21 +34,28 @@ class Timing:
     def alternating(
         cls, runs: list[Callable[[], object]], repeats: int, settle: float = 0.0
     ) -> list["Timing"]:
-        """Time each run `repeats` times, taking turns, so that a slow spell of the machine
-        falls on all of them alike; each round starts one run later, so that none always
-        comes after the same one (whose memory traffic it would inherit). Before each, an
-        untimed pause of `settle` seconds: what the last one left spinning stops first."""
-        for run in runs:
-            run()  # warm-up: first-touch page faults and BLAS start-up are not the step
-        seconds: list[list[float]] = [[] for _ in runs]
-        for round_ in range(repeats):
-            for i in range(len(runs)):
-                k = (round_ + i) % len(runs)
-                time.sleep(settle)
-                start = time.perf_counter()
-                runs[k]()
-                seconds[k].append(time.perf_counter() - start)
-        return [cls.over(times) for times in seconds]
+        return [cls.over(times) for times in alternating_seconds(runs, repeats, settle)]
+
+
+def alternating_seconds(
+    runs: list[Callable[[], object]], repeats: int, settle: float = 0.0
+) -> list[list[float]]:
+    """Time each run `repeats` times, taking turns, so that a slow spell of the machine
+    falls on all of them alike; each round starts one run later, so that none always comes
+    after the same one (whose memory traffic it would inherit). Before each, an untimed
+    pause of `settle` seconds: what the last one left spinning stops first. The seconds of
+    each run, round by round."""
+    for run in runs:
+        run()  # warm-up: first-touch page faults and BLAS start-up are not the step
+    seconds: list[list[float]] = [[] for _ in runs]
+    for round_ in range(repeats):
+        for i in range(len(runs)):
+            k = (round_ + i) % len(runs)
+            time.sleep(settle)
+            start = time.perf_counter()
+            runs[k]()
+            seconds[k].append(time.perf_counter() - start)
+    return seconds
 
 
 def gemms_of_step(net: Network, theta: np.ndarray, batch: Batch) -> Callable[[], None]:

@@ -15,7 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from service import bench_raytrain
-from service.bench import Timing, gemms_of_step
+from service.bench import Timing, alternating_seconds, gemms_of_step
 from service.config import Config, load_config
 from service.group import WorkerGroup, connect_ray, start_group
 from service.reduce import batch_mean, reduce_sums
@@ -27,6 +27,7 @@ from workers.params import init_params
 LEARNING_RATE = 0.1
 RAY_TRAIN_STEP = "Ray Train DDP step"
 EXACT = ", exact reduction"  # train.reduction: exact, beside the same figure in rank order
+PAIRED_REPEATS = 15  # at least, for the ratio to the in-process step: the target is at 1.00
 ROADS = {"direct": "direct connections", "compiled": "compiled graph", "plain": "plain actor calls"}
 
 
@@ -103,16 +104,17 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
         prepared.group.close()
 
 
-def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[Timing, Timing]:
-    """The in-process step and fresh workers' step for `config`, taking turns. Timed minutes
-    apart, their ratio moved with the host's drift by more than the gap between them; side
-    by side, the same drift falls on both. Each starts after the workers' poll for the next
-    request has ended (they would spin on the cores the in-process step computes on); their
-    idle ticks, 0.3 % of a core each, still fall on the in-process step alone."""
+def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[Timing, Timing, float]:
+    """The in-process step and fresh workers' step for `config`, taking turns, and the
+    median of their ratio round by round. Timed minutes apart, their ratio moved with the
+    host's drift by more than the gap between them; side by side, the same drift falls on
+    both. Each starts after the workers' poll for the next request has ended (they would
+    spin on the cores the in-process step computes on); their idle ticks, 0.3 % of a core
+    each, still fall on the in-process step alone."""
     prepared = prepare(config, 0)
     try:
-        settle = 5 * SPIN_SECONDS
-        here, there = Timing.alternating([step(local), step(prepared)], repeats, settle)
+        runs = [step(local), step(prepared)]
+        here, there = alternating_seconds(runs, max(repeats, PAIRED_REPEATS), 5 * SPIN_SECONDS)
         return here, there
     finally:
         prepared.group.close()
@@ -131,6 +133,7 @@ def bench_steps(
 ) -> dict[str, Any]:
     """Every figure of the table, in seconds, plus the losses the peers reached."""
     timings: dict[str, Timing] = {}
+    rounds: dict[str, dict[str, list[float]]] = {}  # k Ray workers and the in-process step
     losses: dict[str, float] = {}
     ray_train: dict[str, Any] = {}
     with threadpool_limits(limits=workload.threads):
@@ -149,9 +152,10 @@ def bench_steps(
             started_ray = connect_ray(None, max((*workers, *tree_workers), default=2))
             try:  # one Ray runtime for every group below
                 for k in (k for k in workers if k):
-                    timings[beside(k)], timings[f"{k} Ray worker(s)"] = beside_local(
-                        local, workload.config(k), repeats
-                    )
+                    name = f"{k} Ray worker(s)"
+                    here, there = beside_local(local, workload.config(k), repeats)
+                    timings[beside(k)], timings[name] = Timing.over(here), Timing.over(there)
+                    rounds[name] = {"in-process step": here, name: there}
                     config = workload.config(k, reduction="exact")
                     timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
                 local.group.close()
@@ -168,8 +172,9 @@ def bench_steps(
     result = {
         "workload": asdict(workload),
         "seconds": {name: asdict(t) for name, t in timings.items()},
-        "ratios": ratios({name: t.median for name, t in timings.items()}),
+        "ratios": ratios({name: t.median for name, t in timings.items()}, rounds),
         "losses": losses,
+        "rounds": rounds,
     }
     if ray_train:  # the step-by-step losses and start-up of Ray Train's run
         result["ray_train"] = ray_train
@@ -225,16 +230,21 @@ def bench_ray_alone(
             )
 
 
-def ratios(median: dict[str, float]) -> dict[str, float]:
-    """The comparisons the targets are stated in."""
+def ratios(median: dict[str, float], rounds: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """The comparisons the targets are stated in. Ray workers timed in turns with the
+    in-process step: the median of their ratio round by round, which a drift of the host
+    over the rounds leaves alone."""
     local = median["in-process step"]
     out = {"in-process step / GEMMs alone": local / median["GEMMs alone"]}
     for name, seconds in median.items():
         if name.startswith(("scikit-learn", "PyTorch")):
             out[f"in-process step / {name}"] = local / seconds
         elif name.endswith("Ray worker(s)") and not name.startswith("in-process"):
-            k = name.split()[0]  # timed in turns with the in-process step, where it was
-            out[f"{name} / in-process step"] = seconds / median.get(beside(int(k)), local)
+            if name in rounds:
+                here, there = rounds[name]["in-process step"], rounds[name][name]
+                out[f"{name} / in-process step"] = float(np.median(np.divide(there, here)))
+            else:
+                out[f"{name} / in-process step"] = seconds / local
         elif name.endswith(EXACT):  # the exact reduction's cost: the default if <= 1.03
             out[f"{name} / rank order"] = seconds / median[name.removesuffix(EXACT)]
     if RAY_TRAIN_STEP in median:  # the issue's target: ≤ 0.6
