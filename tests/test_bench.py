@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from service.bench_steps import PAIRED_REPEATS
 from service.cli import app
 
 
@@ -88,7 +89,7 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     assert "in-process step, exact reduction / rank order" in table["ratios"]
     # against the in-process step timed in turns with it, round by round
     here, there = table["rounds"]["2 Ray worker(s)"].values()
-    assert len(here) == len(there) >= 15
+    assert len(here) == len(there) == PAIRED_REPEATS
     assert table["ratios"]["2 Ray worker(s) / in-process step"] == pytest.approx(
         float(np.median(np.divide(there, here)))
     )
