@@ -155,4 +155,6 @@ def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
         assert 0 < t["low"] <= t["median"] <= t["high"]
     assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
     if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
-        assert set(table["ratios"]) >= {"command to first step done / Ray Train fit() to ready"}
+        assert "command to first step done / Ray Train fit() to ready" in table["ratios"]
+        ray_start_too = "command to first step done / Ray Train ray.init() + fit() to ready"
+        assert table["ratios"][ray_start_too] <= 0.75  # issue #7's target 0.5 (0.41-0.45 measured)
