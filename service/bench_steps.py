@@ -107,13 +107,13 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
         prepared.group.close()
 
 
-def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[Timing, Timing, float]:
-    """The in-process step and fresh workers' step for `config`, taking turns, and the
-    median of their ratio round by round. Timed minutes apart, their ratio moved with the
-    host's drift by more than the gap between them; side by side, the same drift falls on
-    both. Each starts after the workers' poll for the next request has ended (they would
-    spin on the cores the in-process step computes on); their idle ticks, 0.3 % of a core
-    each, still fall on the in-process step alone."""
+def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[list[float], list[float]]:
+    """The seconds of the in-process step and of fresh workers' step for `config`, taken in
+    turns, round by round. Timed minutes apart, their ratio moved with the host's drift by
+    more than the gap between them; in turns, the same drift falls on both. Each starts
+    after the workers' poll for the next request has ended (they would spin on the cores
+    the in-process step computes on); their idle ticks, 0.3 % of a core each, still fall on
+    the in-process step alone."""
     prepared = prepare(config, 0)
     try:
         runs = [step(local), step(prepared)]
@@ -136,7 +136,7 @@ def bench_steps(
 ) -> dict[str, Any]:
     """Every figure of the table, in seconds, plus the losses the peers reached."""
     timings: dict[str, Timing] = {}
-    rounds: dict[str, dict[str, list[float]]] = {}  # k Ray workers and the in-process step
+    rounds: dict[str, dict[str, list[float]]] = {}  # k Ray workers' and the in-process step's
     losses: dict[str, float] = {}
     ray_train: dict[str, Any] = {}
     with threadpool_limits(limits=workload.threads):
@@ -158,7 +158,7 @@ def bench_steps(
                     name = f"{k} Ray worker(s)"
                     here, there = beside_local(local, workload.config(k), repeats)
                     timings[beside(k)], timings[name] = Timing.over(here), Timing.over(there)
-                    rounds[name] = {"in-process step": here, name: there}
+                    rounds[name] = {"in-process step": here, "Ray workers": there}
                     config = workload.config(k, reduction="exact")
                     timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
                 local.group.close()
@@ -242,12 +242,9 @@ def ratios(median: dict[str, float], rounds: dict[str, dict[str, list[float]]]) 
     for name, seconds in median.items():
         if name.startswith(("scikit-learn", "PyTorch")):
             out[f"in-process step / {name}"] = local / seconds
-        elif name.endswith("Ray worker(s)") and not name.startswith("in-process"):
-            if name in rounds:
-                here, there = rounds[name]["in-process step"], rounds[name][name]
-                out[f"{name} / in-process step"] = float(np.median(np.divide(there, here)))
-            else:
-                out[f"{name} / in-process step"] = seconds / local
+        elif name in rounds:
+            here, there = rounds[name]["in-process step"], rounds[name]["Ray workers"]
+            out[f"{name} / in-process step"] = float(np.median(np.divide(there, here)))
         elif name.endswith(EXACT):  # the exact reduction's cost: the default if <= 1.03
             out[f"{name} / rank order"] = seconds / median[name.removesuffix(EXACT)]
     if RAY_TRAIN_STEP in median:  # the issue's target: ≤ 0.6

@@ -88,7 +88,8 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
         assert 0 < t["low"] <= t["median"] <= t["high"]
     assert "in-process step, exact reduction / rank order" in table["ratios"]
     # against the in-process step timed in turns with it, round by round
-    here, there = table["rounds"]["2 Ray worker(s)"].values()
+    rounds = table["rounds"]["2 Ray worker(s)"]
+    here, there = rounds["in-process step"], rounds["Ray workers"]
     assert len(here) == len(there) == PAIRED_REPEATS
     assert table["ratios"]["2 Ray worker(s) / in-process step"] == pytest.approx(
         float(np.median(np.divide(there, here)))
