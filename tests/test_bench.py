@@ -156,6 +156,9 @@ def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
         assert 0 < t["low"] <= t["median"] <= t["high"]
     assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
     if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
-        assert "command to first step done / Ray Train fit() to ready" in table["ratios"]
-        ray_start_too = "command to first step done / Ray Train ray.init() + fit() to ready"
-        assert table["ratios"][ray_start_too] <= 0.75  # issue #7's target 0.5 (0.41-0.45 measured)
+        ours = "command to first step done / Ray Train "
+        ratios = table["ratios"]
+        if f"{ours}ray.init() + fit() to ready" in ratios:  # issue #7's target 0.5 (0.41-0.45)
+            assert ratios[f"{ours}ray.init() + fit() to ready"] <= 0.75
+        else:  # Ray was already up here (an earlier test's): fit() alone, 0.53-0.62 measured
+            assert ratios[f"{ours}fit() to ready"] <= 1.0
