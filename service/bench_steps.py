@@ -123,10 +123,6 @@ def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[list[fl
         prepared.group.close()
 
 
-def beside(k: int) -> str:
-    return f"in-process step, beside {k} Ray worker(s)"
-
-
 def bench_steps(
     workload: Workload,
     workers: tuple[int, ...],
@@ -157,11 +153,12 @@ def bench_steps(
                 for k in (k for k in workers if k):
                     name = f"{k} Ray worker(s)"
                     here, there = beside_local(local, workload.config(k), repeats)
-                    timings[beside(k)], timings[name] = Timing.over(here), Timing.over(there)
+                    timings[f"in-process step, beside {name}"] = Timing.over(here)
+                    timings[name] = Timing.over(there)
                     rounds[name] = {"in-process step": here, "Ray workers": there}
                     config = workload.config(k, reduction="exact")
                     timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
-                local.group.close()
+                local.group.close()  # its rows are not needed below (closing twice is safe)
                 bench_ray_alone(workload, max(repeats, 50), tree_workers, timings)
                 if ray_train:  # last: its trainer's processes wind down after fit() returns
                     bench_ray_train(start, ray_train, timings, losses)

@@ -32,11 +32,12 @@ def test_the_step_costs_little_more_than_its_matrix_products(dtype):
 
 @pytest.fixture(scope="module")
 def local():
-    """The in-process step's workers, on 2 BLAS threads."""
+    """The in-process step's workers, with a thread per BLAS thread (2), as its network
+    counts them when it is made."""
     with threadpool_limits(limits=WORKLOAD.threads):
         prepared = prepare(WORKLOAD.config(0), WORKLOAD.seed)
-        yield prepared
-        prepared.group.close()
+    yield prepared
+    prepared.group.close()
 
 
 @pytest.mark.slow

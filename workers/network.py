@@ -149,7 +149,7 @@ class Network:
         and only ever grown, so that a step allocates none."""
         have = self._per_thread
         if len(have) < parts or have[0].width < width:
-            parts, width = max(parts, len(have)), max([width] + [b.width for b in have])
+            parts, width = max(parts, len(have)), max(width, have[0].width if have else 0)
             self._per_thread = []  # freed before the new ones are made
             self._per_thread = [Buffers(self.layout.sizes, width, self.dtype) for _ in range(parts)]
         return self._per_thread
