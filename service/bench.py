@@ -19,6 +19,13 @@ from workers.blocktree import BlockGrid, auto_block_rows
 from workers.network import Architecture, Batch, Network
 from workers.params import init_params
 
+# How long to pause before timing a run when the one before it may have used several BLAS
+# threads: OpenBLAS's idle threads spin for about 0.1 s after a call (2**28 cycles, its
+# THREAD_TIMEOUT) and take a core from whatever runs then. Two Ray workers timed after a
+# step on 2 BLAS threads took 0.137 s with a 10 ms pause and 0.093 s with 0.3 s (40,000
+# rows, float32); pauses of 0.1 s and more all gave 0.093-0.102 s.
+BLAS_SPIN_SECONDS = 0.3
+
 
 @dataclass
 class Timing:
@@ -110,6 +117,7 @@ def bench_network(
                 lambda: blocked.block_gradient(theta, batch, grid.bounds(0, rows), 0, grid),
             ],
             repeats,
+            settle=BLAS_SPIN_SECONDS,  # after the GEMMs alone, on every BLAS thread
         )
         blas = [
             (i["internal_api"], i.get("architecture"), i["num_threads"])

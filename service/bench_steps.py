@@ -15,7 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from service import bench_raytrain
-from service.bench import Timing, alternating_seconds, gemms_of_step
+from service.bench import BLAS_SPIN_SECONDS, Timing, alternating_seconds, gemms_of_step
 from service.config import Config, load_config
 from service.group import WorkerGroup, connect_ray, start_group
 from service.reduce import batch_mean, reduce_sums
@@ -31,6 +31,9 @@ EXACT = ", exact reduction"  # train.reduction: exact, beside the same figure in
 # round's ratio swings by +-5 % on these VMs, the median of 15 still by +-1.5 % from run to
 # run (2 workers: 0.980-1.006), of 41 by +-0.5 % (0.978-0.989, five runs)
 PAIRED_REPEATS = 41
+# the in-process step the issue timed ("careful numpy", its target's reference): one thread,
+# its products on all the BLAS threads, against which two single-thread workers were to win
+ONE_THREAD = "in-process step on one thread"
 ROADS = {"direct": "direct connections", "compiled": "compiled graph", "plain": "plain actor calls"}
 
 
@@ -107,17 +110,19 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
         prepared.group.close()
 
 
-def beside_local(local: Prepared, config: Config, repeats: int) -> tuple[list[float], list[float]]:
+def beside_local(
+    local: Prepared, config: Config, repeats: int, settle: float = 5 * SPIN_SECONDS
+) -> tuple[list[float], list[float]]:
     """The seconds of the in-process step and of fresh workers' step for `config`, taken in
     turns, round by round. Timed minutes apart, their ratio moved with the host's drift by
     more than the gap between them; in turns, the same drift falls on both. Each starts
     after the workers' poll for the next request has ended (they would spin on the cores
     the in-process step computes on); their idle ticks, 0.3 % of a core each, still fall on
-    the in-process step alone."""
+    the in-process step alone. A `local` on several BLAS threads needs BLAS_SPIN_SECONDS."""
     prepared = prepare(config, 0)
     try:
         runs = [step(local), step(prepared)]
-        here, there = alternating_seconds(runs, max(repeats, PAIRED_REPEATS), 5 * SPIN_SECONDS)
+        here, there = alternating_seconds(runs, max(repeats, PAIRED_REPEATS), settle)
         return here, there
     finally:
         prepared.group.close()
@@ -181,19 +186,33 @@ def bench_steps(
     return result
 
 
+def prepare_one_thread(workload: Workload) -> Prepared:
+    """The in-process step as the issue measured it: one thread driving all the BLAS threads
+    (made under a limit of one, its network runs one part; timed under the workload's limit,
+    its products use every BLAS thread, its elementwise passes one core)."""
+    with threadpool_limits(limits=1):
+        return prepare(workload.config(0), workload.seed)
+
+
 def bench_in_process(
     local: Prepared, workload: Workload, repeats: int, timings: dict[str, Timing]
 ) -> None:
-    """The in-process step against its GEMMs alone and against the exact reduction's."""
+    """The in-process step against its GEMMs alone, against the exact reduction's and
+    against one thread on all the BLAS threads."""
     exact = prepare(workload.config(0, reduction="exact"), workload.seed)
+    one_thread = prepare_one_thread(workload)
     worker = local.group.workers[0]
     gemms = gemms_of_step(worker.network, local.theta, worker.batch)
     (
         timings["in-process step"],
         timings["GEMMs alone"],
         timings[f"in-process step{EXACT}"],
-    ) = Timing.alternating([step(local), gemms, step(exact)], repeats)
+        timings[ONE_THREAD],
+    ) = Timing.alternating(
+        [step(local), gemms, step(exact), step(one_thread)], repeats, settle=BLAS_SPIN_SECONDS
+    )
     exact.group.close()
+    one_thread.group.close()
 
 
 def bench_ray_train(
@@ -242,8 +261,13 @@ def ratios(median: dict[str, float], rounds: dict[str, dict[str, list[float]]]) 
         elif name in rounds:
             here, there = rounds[name]["in-process step"], rounds[name]["Ray workers"]
             out[f"{name} / in-process step"] = float(np.median(np.divide(there, here)))
+        elif name == ONE_THREAD:
+            out[f"{ONE_THREAD} / in-process step"] = seconds / local
         elif name.endswith(EXACT):  # the exact reduction's cost: the default if <= 1.03
             out[f"{name} / rank order"] = seconds / median[name.removesuffix(EXACT)]
+    two = "2 Ray worker(s) / in-process step"
+    if two in out and ONE_THREAD in median:  # both ratios were timed in turns
+        out[f"2 Ray worker(s) / {ONE_THREAD}"] = out[two] * local / median[ONE_THREAD]
     if RAY_TRAIN_STEP in median:  # the issue's target: ≤ 0.6
         ddp = median[RAY_TRAIN_STEP]
         out[f"in-process step / {RAY_TRAIN_STEP}"] = local / ddp

@@ -72,6 +72,7 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     assert set(table["seconds"]) >= {
         "in-process step",
         "in-process step, exact reduction",
+        "in-process step on one thread",
         "GEMMs alone",
         "1 Ray worker(s)",
         "2 Ray worker(s)",
@@ -96,6 +97,13 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
     )
     assert table["seconds"]["in-process step, beside 2 Ray worker(s)"]["median"] == pytest.approx(
         float(np.median(here))
+    )
+    # against the one-thread step, by way of the in-process step: two ratios timed in turns
+    seconds, ratios = table["seconds"], table["ratios"]
+    assert ratios["2 Ray worker(s) / in-process step on one thread"] == pytest.approx(
+        ratios["2 Ray worker(s) / in-process step"]
+        * seconds["in-process step"]["median"]
+        / seconds["in-process step on one thread"]["median"]
     )
     # the same computation: scikit-learn's loss from the same weights on the same rows
     assert table["losses"]["scikit-learn"] == pytest.approx(table["losses"]["shardprop"], 1e-9)

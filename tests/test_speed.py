@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from service.bench import bench_network
+from service.bench import BLAS_SPIN_SECONDS, bench_network
 from service.bench_steps import (
     Workload,
     bench_in_process,
@@ -16,6 +16,7 @@ from service.bench_steps import (
     bench_torch,
     beside_local,
     prepare,
+    prepare_one_thread,
     timed,
 )
 
@@ -47,6 +48,22 @@ def test_two_ray_workers_take_no_longer_than_the_in_process_step(ray_session, lo
     with threadpool_limits(limits=WORKLOAD.threads):
         here, there = beside_local(local, WORKLOAD.config(2), repeats=0)
     assert np.median(np.divide(there, here)) <= 1.2
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_two_ray_workers_beat_one_thread_on_two_blas_threads(ray_session):
+    """The target's reference as the issue timed it: one thread, its products on both BLAS
+    threads and its elementwise passes on one core (bench figures: 0.90-0.91)."""
+    one_thread = prepare_one_thread(WORKLOAD)
+    try:
+        with threadpool_limits(limits=WORKLOAD.threads):
+            here, there = beside_local(
+                one_thread, WORKLOAD.config(2), repeats=0, settle=BLAS_SPIN_SECONDS
+            )
+    finally:
+        one_thread.group.close()
+    assert np.median(np.divide(there, here)) <= 1.0
 
 
 @pytest.mark.slow
