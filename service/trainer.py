@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
+from math import sqrt
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from service.progress import Reporter
 from service.reduce import BatchMean, batch_mean, reduce_sums
 from service.store_probe import check_reachable
 from service.untracked import Recorder, Untracked
-from workers.losses import l2_penalty
+from workers.losses import l2_penalty, sum_of_squares
 from workers.network import Architecture
 from workers.params import Layout, fingerprint, init_params, load_weights, save_weights
 from workers.shard import ShardStats
@@ -184,7 +185,7 @@ def step_metrics(
     timings = [timing for part in parts for timing in part.timings()]  # per rank
     computes = [seconds for seconds, _ in timings]
     metrics |= {
-        "grad_norm": float(np.linalg.norm(grad)),
+        "grad_norm": sqrt(sum_of_squares(grad)),
         "step_seconds": updated - started,
         # beyond the slowest worker's compute: broadcast, gather and sum
         "allreduce_seconds": (gathered - started) - max(computes) + (reduced - gathered),
