@@ -118,7 +118,8 @@ def beside_local(
     more than the gap between them; in turns, the same drift falls on both. Each starts
     after the workers' poll for the next request has ended (they would spin on the cores
     the in-process step computes on); their idle ticks, 0.3 % of a core each, still fall on
-    the in-process step alone. A `local` on several BLAS threads needs BLAS_SPIN_SECONDS."""
+    the in-process step alone. A `local` whose one thread drives several BLAS threads needs
+    `settle` = BLAS_SPIN_SECONDS: their spinning after it would fall on the workers."""
     prepared = prepare(config, 0)
     try:
         runs = [step(local), step(prepared)]

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from service.bench import BLAS_SPIN_SECONDS, bench_network
+from service.bench import BLAS_SPIN_SECONDS, Timing, bench_network
 from service.bench_steps import (
     Workload,
-    bench_in_process,
     bench_sklearn,
     bench_torch,
     beside_local,
     prepare,
     prepare_one_thread,
+    step,
     timed,
 )
 from service.trainer import objective, step_metrics
@@ -81,9 +81,8 @@ def test_rays_own_cost_is_a_small_part_of_a_step(ray_session, local):
     speed (bench figures: 0.4-0.6 ms)."""
     ray_alone = timed(WORKLOAD.config(2), 30, "null_gradient")
     with threadpool_limits(limits=WORKLOAD.threads):
-        timings = {}
-        bench_in_process(local, WORKLOAD, 3, timings)
-    assert ray_alone.median <= 0.03 * timings["in-process step"].median
+        (ours,) = Timing.alternating([step(local)], 3)
+    assert ray_alone.median <= 0.03 * ours.median
 
 
 @pytest.mark.slow
@@ -94,10 +93,9 @@ def test_the_step_is_faster_than_scikit_learns_and_pytorchs(local):
     scikit-learn's epoch is relatively cheaper (its fresh arrays are smaller): 0.64."""
     timings = {}
     with threadpool_limits(limits=WORKLOAD.threads):
-        bench_in_process(local, WORKLOAD, 3, timings)
+        ours = Timing.alternating([step(local)], 3)[0].median
         bench_sklearn(local, WORKLOAD, 3, timings)
         bench_torch(local, WORKLOAD, 3, timings)
-    ours = timings["in-process step"].median
     assert ours <= 0.85 * timings["scikit-learn MLPClassifier epoch"].median
     if "PyTorch CPU eager step" in timings:
         assert ours <= 0.9 * timings["PyTorch CPU eager step"].median
