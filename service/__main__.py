@@ -1,6 +1,6 @@
-"""`python -m service ...` is `shardprop ...`: the entry a Ray Job runs where the package is
-shipped with the job rather than installed."""
+"""`python -m shardprop.service ...` is `shardprop ...`: the entry a Ray Job runs where the
+package is shipped with the job rather than installed."""
 
-from service.cli import app
+from shardprop.service.cli.app import app
 
 app()

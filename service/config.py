@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import ConfigError
-from service.policy import InjectedFailure
+from shardprop.service.cluster.policy import InjectedFailure
+from shardprop.service.errors import ConfigError
 
 
 class Section(BaseModel):

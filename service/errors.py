@@ -1,6 +1,6 @@
 """The user-caused error types. The CLI turns every UserError into one line and exit code 2."""
 
-from workers.errors import DataError, UserError, WeightsFileError
+from shardprop.workers.errors import DataError, UserError, WeightsFileError
 
 
 class ConfigError(UserError):

@@ -3,10 +3,10 @@ shared start of the tests of the step's roads."""
 
 import numpy as np
 
-from service.config import load_config
-from service.group import WorkerGroup, start_group
-from service.trainer import make_plan, set_up_workers
-from workers.params import init_params
+from shardprop.service.cluster.group import WorkerGroup, start_group
+from shardprop.service.config import load_config
+from shardprop.service.training.run import make_plan, set_up_workers
+from shardprop.workers.network.params import init_params
 
 SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
 

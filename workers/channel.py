@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.errors import UserError
+from shardprop.workers.errors import UserError
 
 HANDSHAKE = struct.Struct("<16sI")  # the coordinator's token, the worker's rank
 REQUEST = struct.Struct("<16s8sQ")  # method name, parameter dtype, parameter bytes

@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from workers.blocktree import BlockGrid
-from workers.channel import StepServer
-from workers.errors import DataError
-from workers.network import Architecture, Batch, Network
-from workers.source import Source
-from workers.split import validation_mask
-from workers.sums import BlockSums, ShardSums
+from shardprop.workers.channel import StepServer
+from shardprop.workers.data.source import Source
+from shardprop.workers.data.split import validation_mask
+from shardprop.workers.errors import DataError
+from shardprop.workers.network.backprop import Architecture, Batch, Network
+from shardprop.workers.reduction.blocktree import BlockGrid
+from shardprop.workers.reduction.sums import BlockSums, ShardSums
 
 MAX_LABEL_VALUES = 1000  # more distinct labels than this is not a classification task
 

@@ -1,0 +1,1 @@
+"""`shardprop bench`: workloads and peers; imports the product, never the reverse."""

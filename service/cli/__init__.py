@@ -1,0 +1,1 @@
+"""The `shardprop` command line: parse, call the library, render."""

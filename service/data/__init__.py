@@ -1,0 +1,1 @@
+"""Data on the coordinator: discovery, schema, the shard plan, estimates, lineage."""

@@ -1,0 +1,1 @@
+"""MLflow: the run's tracker, the logged model and its serving, the store."""

@@ -1,0 +1,494 @@
+"""Everything MLflow for one training run, through an explicit client and run id.
+
+Nothing here relies on MLflow's global active run: every call names the run. The one MLflow
+API that only works on the active run (logging a model) gets the run lent to it for that call
+and nothing else (`Tracker._lend_run`).
+
+Per-step metrics never touch the store on the training loop's thread: `log_metrics` appends
+to a queue and a writer thread sends the queue with `log_batch` every few seconds, uploading
+the checkpoints saved meanwhile after it. The store's cost is per metric row (about 70 µs in
+a sqlite store, all of it Python holding the GIL), so writing more often saves nothing;
+what the interval decides is how much of a short run's writing lands after its loop, where
+it overlaps Ray's shutdown instead of slowing the steps.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+import pyarrow as pa
+import yaml
+from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.types import ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from shardprop.service.config import FLUSH_SECONDS
+from shardprop.service.data.lineage import InputRecord
+from shardprop.service.shipped_code import stage
+from shardprop.service.tracking.serving import load_bundle, predict_frame
+from shardprop.service.tracking.store import resolve_tracking_uri
+from shardprop.service.training.checkpoint import weights_fingerprint
+from shardprop.workers.data.source import one_line
+from shardprop.workers.errors import UserError
+
+MODEL_NAME = "model"  # the model is at runs:/<run_id>/model
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "threadpoolctl")
+INPUT_EXAMPLE_ROWS = 5
+# MLflow's limits per log_batch call, and a param value length every server accepts
+# (older tracking servers refuse more than 500 characters; MLflow 3 takes 6000)
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+PARAM_VALUE_LIMIT = 500
+TAG_VALUE_LIMIT = 5000
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TrackingError(UserError):
+    """A tracking store that cannot take this run (e.g. the experiment is deleted)."""
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return str(value)
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    # JSON is YAML's flow style: [32, 32], null, true, 0.5
+    return json.dumps(value, default=_json_default)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"model": {"hidden": [32, 32]}} -> {"model.hidden": "[32, 32]"}: one MLflow param a leaf."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = _render(value)
+    return flat
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database file, not into the working dir."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri.removeprefix("sqlite:///").split("?")[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlruns").as_uri()
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=_sqlite_artifact_location(tracking_uri)
+            )
+        except mlflow.MlflowException:
+            # another process created it between our lookup and create
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"experiment {name!r} is deleted in {tracking_uri}; restore it with "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` "
+            "or choose another experiment name"
+        )
+    return experiment.experiment_id
+
+
+def stage_model_code(folder: Path) -> list[str]:
+    """The model's code_paths: all of shardprop.workers (the math), but of shardprop.service
+    only the pyfunc class, so the model does not drag the CLI, Ray or the trainer along; it
+    imports them under the installed names (`shardprop.…`), which a user's own packages
+    cannot clash with."""
+    return [str(stage(folder, ("workers", "service/tracking/serving.py")))]
+
+
+class Tracker:
+    """One MLflow run: params, buffered metrics, artifacts, the model, and its final status."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        tracking_uri: str,
+        flush_seconds: float = FLUSH_SECONDS,
+    ):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = tracking_uri
+        # (step, timestamp ms, {name: value}); deque append/popleft are thread-safe
+        self._pending: deque[tuple[int, int, dict[str, float]]] = deque()
+        self._write_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # write now rather than at the next tick
+        # checkpoint folders to upload, by the writer thread after the metrics before them
+        self._artifacts: deque[Path] = deque()
+        self._flush_seconds = flush_seconds
+        self._writer_error: Exception | None = None
+        self._last_step = 0
+        self._logged_through = -1  # steps up to this one are in the store already
+        self._ended = False
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
+        )
+        self._writer.start()
+
+    @classmethod
+    def start(
+        cls,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None,
+        tags: Mapping[str, Any] | None = None,
+        flush_seconds: float = FLUSH_SECONDS,
+    ) -> Self:
+        """Open a new run in `experiment` (created if missing) on the store at `uri`.
+
+        Queued metrics are written every `flush_seconds` by a background thread.
+        """
+        tracking_uri = resolve_tracking_uri(uri)
+        client = MlflowClient(tracking_uri)
+        experiment_id = _experiment_id(client, experiment, tracking_uri)
+        # user, source and git commit, as mlflow.start_run would record them
+        run_tags = resolve_tags({key: str(value) for key, value in (tags or {}).items()})
+        run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds)
+
+    @classmethod
+    def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = FLUSH_SECONDS) -> Self:
+        """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
+        it is RUNNING again, and steps it already has metrics for are not logged twice."""
+        tracking_uri = resolve_tracking_uri(uri)
+        client = MlflowClient(tracking_uri)
+        run = _get_run(client, run_id, tracking_uri)
+        client.update_run(run_id, status="RUNNING")
+        logged = client.get_metric_history(run_id, "loss")
+        tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds)
+        tracker._logged_through = max((point.step for point in logged), default=-1)
+        return tracker
+
+    # --- params and tags -------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Values are stringified and cut to PARAM_VALUE_LIMIT characters."""
+        items = [
+            Param(key, _truncate(_render(value), PARAM_VALUE_LIMIT))
+            for key, value in params.items()
+        ]
+        for chunk in _chunks(items, PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=list(chunk))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [
+            RunTag(key, _truncate(_render(value), TAG_VALUE_LIMIT)) for key, value in tags.items()
+        ]
+        for chunk in _chunks(items, PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=list(chunk))
+
+    def log_config(self, resolved: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        """The resolved config as flattened params (plus `extra`) and as config.yaml."""
+        self.log_params(flatten(resolved) | dict(extra))
+        self.log_dict(resolved, "config.yaml")
+
+    def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
+        """The input dataset as MLflow records inputs (mlflow.log_input's entity, logged
+        through our client) and the shard plan as shards.json."""
+        if record.uri.startswith("synthetic:"):
+            source = CodeDatasetSource({"generator": record.uri})
+        else:
+            try:
+                source = resolve_dataset_source(record.uri)
+            except mlflow.MlflowException:  # a scheme MLflow has no source type for
+                source = CodeDatasetSource({"uri": record.uri})
+        schema = Schema([ColSpec(_mlflow_type(kind), name) for name, kind in record.columns])
+        dataset = MetaDataset(source, name=record.name, digest=record.digest, schema=schema)
+        context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+        self.client.log_inputs(
+            self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+        )
+        self.log_dict({"shards": shards}, "shards.json")
+
+    # --- metrics ---------------------------------------------------------------------------
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Queue one step's metrics. The store is not touched here: this runs every step."""
+        if self._ended:
+            raise RuntimeError(f"run {self.run_id} has ended; its metrics can no longer change")
+        if step <= self._logged_through:
+            return  # a resumed run recomputes these steps: the store has them already
+        self._pending.append((step, int(time.time() * 1000), dict(metrics)))
+        self._last_step = step
+
+    def flush(self) -> None:
+        """Write every queued metric now; raises if the store refuses them."""
+        self._write_pending()
+        self._writer_error = None  # whatever the writer failed on has been written now
+
+    def download_checkpoints(self, destination: Path) -> Path:
+        """The run's uploaded checkpoints, for a resume where its output folder is gone."""
+        destination.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.client.download_artifacts(self.run_id, "checkpoints", destination))
+        except (mlflow.MlflowException, OSError):
+            return destination / "checkpoints"  # none uploaded: an empty place to look
+
+    def log_checkpoint(self, folder: Path) -> None:
+        """Upload a checkpoint folder under checkpoints/ and tag the run with its weights'
+        fingerprint (`weights_sha256.step-NNNNNN`), from the writer thread at its next tick
+        (the folder is on local disk already: the upload is for a resume elsewhere)."""
+        self._artifacts.append(folder)
+
+    def _upload_checkpoints(self) -> None:
+        while self._artifacts:
+            folder = self._artifacts[0]
+            self.client.log_artifact(self.run_id, os.fspath(folder), "checkpoints")
+            self.set_tags({f"weights_sha256.{folder.name}": weights_fingerprint(folder)})
+            self._artifacts.popleft()
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._flush_seconds)
+            self._wake.clear()
+            try:
+                self._write_pending()
+                self._upload_checkpoints()
+            # a thread boundary: an error here would vanish with the thread; the queues keep
+            # the metrics and checkpoints, and the next tick, flush() or end() retries them
+            except Exception as error:
+                if self._writer_error is None:
+                    log.warning("MLflow store unreachable, will retry: %s", one_line(error))
+                self._writer_error = error
+            else:
+                if self._writer_error is not None:
+                    log.warning("MLflow store reachable again: queued metrics written")
+                self._writer_error = None
+
+    def _write_pending(self) -> None:
+        with self._write_lock:
+            while self._pending:
+                taken: list[tuple[int, int, dict[str, float]]] = []
+                batch: list[Metric] = []
+                while self._pending and len(batch) < METRICS_PER_BATCH:
+                    entry = self._pending.popleft()
+                    taken.append(entry)
+                    step, timestamp, values = entry
+                    batch.extend(
+                        Metric(key, float(value), timestamp, step) for key, value in values.items()
+                    )
+                try:
+                    for chunk in _chunks(batch, METRICS_PER_BATCH):
+                        self.client.log_batch(self.run_id, metrics=list(chunk))
+                except BaseException:
+                    self._pending.extendleft(reversed(taken))
+                    raise
+
+    # --- artifacts -------------------------------------------------------------------------
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        """YAML for .yaml/.yml (keys in the given order, lists inline), JSON otherwise."""
+        if Path(artifact_file).suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(dict(d), sort_keys=False, default_flow_style=None)
+        else:
+            text = json.dumps(d, indent=2, default=_json_default)
+        self.log_text(text, artifact_file)
+
+    # --- the model -------------------------------------------------------------------------
+
+    def log_model(
+        self, weights_path: str | os.PathLike, meta: Mapping[str, Any], input_example: pd.DataFrame
+    ) -> ModelInfo:
+        """Log the pyfunc model at runs:/<run_id>/model: weights + meta JSON, loaded from code.
+
+        The signature and input example are built from the first rows of `input_example`
+        (feature columns only, so the label is not asked for at predict time).
+        """
+        self.flush()  # the logged model links the run's metrics at the last step
+        with tempfile.TemporaryDirectory(prefix="shardprop-model-") as tmp:
+            meta_path = Path(tmp) / "meta.json"
+            meta_path.write_text(
+                json.dumps(dict(meta), indent=2, default=_json_default), encoding="utf-8"
+            )
+            bundle = load_bundle(weights_path, meta_path)  # a bad meta fails here, clearly
+            example = input_example.head(INPUT_EXAMPLE_ROWS)
+            predict_frame(bundle, example)  # names a missing column before MLflow does
+            example = example.loc[:, list(bundle.features)]
+            signature = infer_signature(
+                example, predict_frame(bundle, example), params={"output": "probabilities"}
+            )
+            code_paths = stage_model_code(Path(tmp) / "code")
+            with self._lend_run():
+                return mlflow.pyfunc.log_model(
+                    name=MODEL_NAME,
+                    python_model=os.fspath(MODEL_CODE),
+                    artifacts={"weights": os.fspath(weights_path), "meta": os.fspath(meta_path)},
+                    code_paths=code_paths,
+                    signature=signature,
+                    input_example=example,
+                    # listed, not inferred: inference loads the model in a subprocess (seconds)
+                    pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
+                    step=self._last_step,
+                )
+
+    def log_final(
+        self, weights_path: Path, meta: Mapping[str, Any], input_example: pa.Table
+    ) -> None:
+        """The end of a run: weights/final.npz and the model (the example: a few raw rows)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            final = shutil.copy(weights_path, Path(tmp) / "final.npz")
+            self.log_artifact(final, "weights")
+        self.log_model(weights_path, meta, input_example.to_pandas())
+
+    @contextmanager
+    def _lend_run(self) -> Iterator[None]:
+        """Make our run MLflow's active run (on our store) for one call, then give it back.
+
+        Ending the borrowed run keeps it RUNNING: its real status is set by end(). The model
+        load MLflow does to validate the input example prepends the model's code dir to
+        sys.path; that is undone too.
+        """
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        saved_sys_path = list(sys.path)
+        try:
+            with _use_tracking_uri(self.tracking_uri):
+                mlflow.start_run(run_id=self.run_id, nested=True, log_system_metrics=False)
+                try:
+                    yield
+                finally:
+                    mlflow.end_run(status=RunStatus.to_string(RunStatus.RUNNING))
+        finally:
+            sys.path[:] = saved_sys_path
+            # restoring MLflow's global URI may unset the variable the user had set
+            if env_uri is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Write the queued metrics, then mark the run FINISHED, FAILED or KILLED. Idempotent."""
+        if status not in STATUSES:
+            raise ValueError(
+                f"unknown run status {status!r}; expected one of {', '.join(STATUSES)}"
+            )
+        if self._ended:
+            return
+        self._ended = True
+        self._stop.set()
+        self._wake.set()
+        self._writer.join()
+        try:
+            self._write_pending()
+            self._upload_checkpoints()
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """FINISHED on normal exit, KILLED on Ctrl-C, FAILED on any other exception."""
+        if exc is None:
+            self.end("FINISHED")
+            return
+        # a stop the user asked for (Ctrl-C, SIGTERM) is KILLED; anything else FAILED
+        status = (
+            "KILLED" if isinstance(exc, KeyboardInterrupt) else getattr(exc, "run_status", "FAILED")
+        )
+        # a process boundary: the exception in flight matters more than a store that fails now
+        try:
+            if status == "FAILED":
+                self.set_tags(
+                    {"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "run_tags", {})}
+                )
+            self.end(status)
+        except Exception:
+            log.exception("could not mark MLflow run %s as %s", self.run_id, status)
+
+
+def _mlflow_type(arrow_type: str) -> str:
+    """The MLflow column type for an arrow type's name (schemas here come from metadata)."""
+    if arrow_type.startswith(("int", "uint")):
+        return "long"
+    if arrow_type in ("float", "halffloat"):
+        return "float"
+    if arrow_type.startswith(("double", "decimal")):
+        return "double"
+    return {"bool": "boolean"}.get(arrow_type, "string")
+
+
+def _get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except mlflow.MlflowException:
+        raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri}") from None
+
+
+def recall_run(uri: str | None, run_id: str) -> tuple[dict[str, Any], Path | None]:
+    """A run's logged config (config.yaml) and the folder it wrote its checkpoints under."""
+    tracking_uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri)
+    run = _get_run(client, run_id, tracking_uri)
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    except mlflow.MlflowException:
+        raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
+    output = run.data.tags.get("shardprop.output")
+    return yaml.safe_load(text), Path(output) if output else None

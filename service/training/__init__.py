@@ -1,0 +1,1 @@
+"""A training run: plan -> worker group -> loop -> outputs, and its parts."""

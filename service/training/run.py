@@ -1,0 +1,495 @@
+"""The training run: plan -> workers -> loop (gradient, reduce, step, log, checkpoint) -> model.
+
+Reads top to bottom like the algorithm. Never imports Ray: the worker group hides whether
+the shards live in this process or in Ray actors.
+"""
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from math import sqrt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardprop.service.cluster.group import WorkerGroup, start_group
+from shardprop.service.cluster.policy import InjectedFailure
+from shardprop.service.config import Config
+from shardprop.service.data.lineage import input_record, shard_records
+from shardprop.service.data.plan import DataPlan, plan_data
+from shardprop.service.data.prepare import DataSetup, decide
+from shardprop.service.errors import DivergenceError, TrainingError
+from shardprop.service.tracking.plots import plot_history, plot_timing
+from shardprop.service.tracking.store import check_reachable
+from shardprop.service.tracking.untracked import Recorder, Untracked
+from shardprop.service.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from shardprop.service.training.early_stop import EarlyStopping
+from shardprop.service.training.interpreter import RunInterpreter
+from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
+from shardprop.service.training.optim import make_optimizer
+from shardprop.service.training.progress import Reporter
+from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
+from shardprop.workers.data.synthetic import SyntheticSpec
+from shardprop.workers.network.backprop import Architecture
+from shardprop.workers.network.losses import l2_penalty, sum_of_squares
+from shardprop.workers.network.params import (
+    Layout,
+    fingerprint,
+    init_params,
+    load_weights,
+    save_weights,
+)
+from shardprop.workers.reduction.sums import ShardSums
+from shardprop.workers.shard import ShardStats
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    tracking_uri: str | None
+    arch: Architecture
+    theta: np.ndarray
+    setup: DataSetup
+    output: Path
+    final: dict[str, float]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    weights_sha256: str = ""  # of theta
+    compute_fraction: float = 0.0  # of the loop's wall time: see compute_fraction()
+
+
+def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
+    track = config.tracking
+    if not track.enabled:
+        return Untracked()
+    from shardprop.service.tracking.tracker import (
+        Tracker,  # MLflow takes a second to import: only when tracking
+    )
+
+    if resume_run:
+        return Tracker.reopen(track.uri, resume_run, track.flush_seconds)
+    return Tracker.start(
+        track.uri, track.experiment, track.run_name, flush_seconds=track.flush_seconds
+    )
+
+
+def make_plan(config: Config) -> DataPlan:
+    data = config.data
+    synthetic = SyntheticSpec(**data.synthetic.model_dump()) if data.synthetic else None
+    return plan_data(
+        data.path,
+        synthetic,
+        data.label,
+        data.features,
+        config.cluster.workers,
+        filesystem=data.filesystem.model_dump(),
+        exact=config.train.reduction == "exact",
+        block_rows=config.train.block_rows,
+    )
+
+
+def set_up_workers(
+    group: WorkerGroup, plan: DataPlan, config: Config
+) -> tuple[list[ShardStats], DataSetup, Architecture]:
+    """Each worker reads its rows; the task, classes and standardisation are decided from
+    all of them together; then each worker builds its network on its rows."""
+    loaded = group.call("load", config.data.validation_fraction, config.train.seed)
+    setup = decide(loaded, plan.features, config.data)
+    sizes = (len(plan.features), *config.model.hidden, setup.outputs)
+    arch = Architecture(sizes, config.model.activation, setup.task)
+    group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+    return loaded, setup, arch
+
+
+def initial_parameters(layout: Layout, config: Config, init_weights: Path | None) -> np.ndarray:
+    """Seeded draw, or a weights file that must fit the configured network."""
+    if init_weights is not None:
+        return load_weights(init_weights, layout, config.model.dtype)[1]
+    return init_params(layout, config.model.init, config.train.seed, config.model.dtype)
+
+
+def model_meta(arch: Architecture, config: Config, plan: DataPlan, setup: DataSetup) -> dict:
+    """What a prediction needs besides the weights; travels as JSON, never as pickle."""
+    return {
+        "sizes": list(arch.sizes),
+        "activation": arch.activation,
+        "task": arch.task,
+        "dtype": config.model.dtype,
+        "features": list(plan.features),
+        "label": plan.label,
+        "mean": None if setup.mean is None else setup.mean.tolist(),
+        "std": None if setup.std is None else setup.std.tolist(),
+        "classes": setup.classes,
+    }
+
+
+def objective(
+    parts: list[ShardSums], theta: np.ndarray, layout: Layout, l2: float
+) -> tuple[BatchMean, float, np.ndarray]:
+    """The reduced batch mean, and the loss and gradient with the L2 term added once."""
+    mean = batch_mean(reduce_sums(parts))
+    if not l2:
+        return mean, mean.loss, mean.grad
+    # data-free, so added here after the reduce and never by a worker
+    penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, l2)
+    return mean, mean.loss + penalty, mean.grad + penalty_grad
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "; no checkpoint was written before that"
+    weights = checkpoint / "weights.npz"
+    return f"; the last good weights are kept: --init-weights {weights} starts from them"
+
+
+def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{key}": value for key, value in arrays.items()}
+
+
+def records_to_arrays(records: list[tuple[int, dict[str, float]]]) -> dict[str, np.ndarray]:
+    """Every step's metrics as columns (NaN where a step has no such metric), for a checkpoint:
+    a resumed run re-logs whatever the store had not received before the crash."""
+    names = sorted({name for _, metrics in records for name in metrics})
+    arrays = {"steps": np.array([step for step, _ in records], dtype=np.int64)}
+    for name in names:
+        arrays[name] = np.array([metrics.get(name, np.nan) for _, metrics in records])
+    return arrays
+
+
+def records_from_arrays(arrays: dict[str, np.ndarray]) -> list[tuple[int, dict[str, float]]]:
+    steps = arrays.pop("steps", np.empty(0, dtype=np.int64))
+    return [
+        (int(step), {name: float(v[i]) for name, v in arrays.items() if not np.isnan(v[i])})
+        for i, step in enumerate(steps)
+    ]
+
+
+def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
+    """val_loss (data term only) and val_accuracy, reduced over the workers' validation rows."""
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
+    metrics = {"val_loss": mean.loss}
+    if mean.accuracy is not None:
+        metrics["val_accuracy"] = mean.accuracy
+    return metrics
+
+
+def step_metrics(
+    mean: BatchMean,
+    loss: float,
+    grad: np.ndarray,
+    parts: list[ShardSums],
+    timing: tuple[float, float, float, float],
+) -> dict[str, float]:
+    """The per-step metrics of DESIGN.md §3, from the step's reduce and its clock readings
+    (started, gathered, reduced, updated)."""
+    started, gathered, reduced, updated = timing
+    metrics = {"loss": loss}
+    if mean.accuracy is not None:
+        metrics["accuracy"] = mean.accuracy
+    timings = [timing for part in parts for timing in part.timings()]  # per rank
+    computes = [seconds for seconds, _ in timings]
+    metrics |= {
+        "grad_norm": sqrt(sum_of_squares(grad)),
+        "step_seconds": updated - started,
+        # beyond the slowest worker's compute: broadcast, gather and sum
+        "allreduce_seconds": (gathered - started) - max(computes) + (reduced - gathered),
+        "samples_per_second": mean.rows / (updated - started),
+        "straggler_ratio": max(computes) / max(float(np.median(computes)), 1e-12),
+    }
+    return metrics | worker_timings(timings, gathered - started)
+
+
+def worker_timings(timings: list[tuple[float, float]], gather_seconds: float) -> dict[str, float]:
+    """Where each worker's step went: forward, backward, and waiting for the slowest one
+    (with the transfers): `worker_R.forward_seconds`, `.backward_seconds`, `.wait_seconds`."""
+    out = {}
+    for rank, (seconds, forward) in enumerate(timings):
+        out[f"worker_{rank}.forward_seconds"] = forward
+        out[f"worker_{rank}.backward_seconds"] = seconds - forward
+        out[f"worker_{rank}.wait_seconds"] = max(0.0, gather_seconds - seconds)
+    return out
+
+
+def fit(
+    group: WorkerGroup,
+    theta: np.ndarray,
+    layout: Layout,
+    config: Config,
+    tracker: Recorder,
+    reporter: Reporter,
+    checkpoints: Path,
+    start: Checkpoint | None = None,
+    stop: StopRequests | None = None,
+) -> tuple[dict[str, list[float]], EarlyStopping | None]:
+    """Full-batch gradient descent; theta is updated in place (to the best weights when early
+    stopping is on). From `start`, it goes on exactly as the run that wrote it would have.
+    Returns the metric history and the early-stopping record."""
+    train = config.train
+    optimizer = make_optimizer(train, layout.size, theta.dtype)
+    stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
+    records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
+    history: dict[str, list[float]] = {}
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(step, metrics)  # a resumed run's tracker skips what it has
+        records.append((step, metrics))
+        for name, value in metrics.items():
+            history.setdefault(name, []).append(value)
+
+    # a step's metrics are worked out, recorded and shown while the workers compute the
+    # next one (50 us a step on the default config that the workers need not wait for);
+    # settled before anything reads the records, and when the loop ends however it ends
+    unsettled: list[Callable[[], None]] = []
+
+    def settle() -> None:
+        while unsettled:  # in step order
+            unsettled.pop(0)()
+
+    def report(step: int, metrics: dict[str, float], *measured: Any) -> None:
+        metrics |= step_metrics(*measured)
+        record(step, metrics)
+        reporter.update(step, metrics)
+
+    first_step, last_checkpoint = 1, None
+    if start is not None:
+        theta[...] = start.theta
+        optimizer.load_state(start.part("optimizer"))
+        if stopper:
+            stopper.load_state(start.part("early_stopping"))
+        for step, metrics in records_from_arrays(start.part("metrics")):
+            record(step, metrics)
+        first_step, last_checkpoint = start.step + 1, start.folder
+    chaos = config.cluster.inject_failure
+    injected = InjectedFailure.parse(chaos) if chaos else None
+    restarts = 0
+
+    def keep(step: int) -> Path:
+        state = prefixed("optimizer", optimizer.state()) | prefixed(
+            "metrics", records_to_arrays(records)
+        )
+        if stopper:
+            state |= prefixed("early_stopping", stopper.state())
+        folder = save_checkpoint(checkpoints, step, layout, theta, state)
+        tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
+        return folder
+
+    try:
+        for step in range(first_step, train.steps + 1):
+            metrics: dict[str, float] = {}
+            if injected and step == injected.step:
+                group.inject(injected)
+            if stopper and (step % train.eval_every == 0 or step == train.steps):
+                # measured at the parameters this step's gradient is taken at, as `loss` is
+                metrics = validate(group, theta)
+                if stopper.update(step, metrics["val_loss"], theta):
+                    settle()
+                    record(step, metrics)
+                    break
+            started = time.perf_counter()
+            parts = group.call("gradient", theta, meanwhile=settle)
+            gathered = time.perf_counter()
+            mean, loss, grad = objective(parts, theta, layout, train.l2)
+            reduced = time.perf_counter()
+            if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
+                raise DivergenceError(
+                    step,
+                    f"training diverged at step {step} (loss {loss}); "
+                    "try a lower train.learning_rate",
+                )
+            optimizer.step(theta, grad)
+            timing = (started, gathered, reduced, time.perf_counter())
+            if group.restarts != restarts:
+                restarts = metrics["worker_restarts"] = group.restarts
+            unsettled.append(
+                functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
+            )
+            stopping = stop is not None and stop.signum is not None
+            if stopping or (train.checkpoint_every and step % train.checkpoint_every == 0):
+                settle()
+                last_checkpoint = keep(step)
+            if stopping:
+                how = (
+                    f"shardprop resume {tracker.run_id} --tracking-uri '{tracker.tracking_uri}'"
+                    if tracker.tracking_uri
+                    else f"--init-weights {last_checkpoint / 'weights.npz'}"
+                )
+                raise Interrupted(
+                    stop.signum,
+                    f"stopped after step {step}; checkpoint {last_checkpoint}; go on with: {how}",
+                )
+    except TrainingError as error:
+        error.args = (f"{error}{resume_hint(last_checkpoint)}",)
+        raise
+    finally:
+        settle()
+    if stopper and train.patience and stopper.best_theta is not None:
+        theta[...] = stopper.best_theta  # early stopping keeps the best weights
+    return history, stopper
+
+
+def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: float) -> float:
+    """The share of the loop's wall time that went to the slowest worker's gradient, step by
+    step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
+    Over the last `steps` steps (a resumed run's earlier ones ran in another process)."""
+    ranks = {name.split(".")[0] for name in history if name.endswith(".forward_seconds")}
+    if not steps or not ranks:
+        return 0.0
+    computes = np.array(
+        [
+            np.add(history[f"{rank}.forward_seconds"], history[f"{rank}.backward_seconds"])
+            for rank in sorted(ranks)
+        ]
+    )
+    return float(computes[:, -steps:].max(axis=0).sum() / loop_seconds)
+
+
+def final_metrics(
+    group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float, stopper: EarlyStopping | None
+) -> dict:
+    """Loss (and accuracy) of the weights the run ends with, on both splits."""
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta)))
+    loss = mean.loss + (l2_penalty(theta, layout.weight_mask, l2)[0] if l2 else 0.0)
+    metrics = {"loss": loss, "rows": mean.rows}
+    if mean.accuracy is not None:
+        metrics["accuracy"] = mean.accuracy
+    if stopper is not None:
+        metrics |= validate(group, theta)
+        metrics["best_step"] = stopper.best_step
+    return metrics
+
+
+def open_run(
+    config: Config, plan: DataPlan, background: ThreadPoolExecutor, resume_run: str | None
+) -> tuple[Recorder, WorkerGroup]:
+    """Open the MLflow run and start the workers at once.
+
+    MLflow's imports and store set-up take a second or more, and so does Ray's start-up,
+    which mostly waits on other processes: done side by side, the run starts sooner.
+    """
+    opening = background.submit(open_tracker, config, resume_run)
+    try:
+        group = start_group(plan, config.cluster)
+    except BaseException as error:
+        if opening.exception() is None:
+            opening.result().__exit__(type(error), error, error.__traceback__)
+        raise
+    try:
+        return opening.result(), group
+    except BaseException:
+        group.close()
+        raise
+
+
+def train(
+    config: Config,
+    init_weights: Path | None = None,
+    output: Path | None = None,
+    reporter: Reporter | None = None,
+    resume_run: str | None = None,
+) -> RunResult:
+    """One training run; with `resume_run`, that run goes on from its last checkpoint in
+    `output` (the same MLflow run, the same config, the same result as if never stopped)."""
+    reporter = reporter or Reporter("quiet")
+    plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+    if config.tracking.enabled:
+        check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
+    with (
+        RunInterpreter() as interpreter,
+        ThreadPoolExecutor(1, thread_name_prefix="tracking") as background,
+    ):
+        tracker, group = open_run(config, plan, background, resume_run)
+        with tracker, closing(group), stop_requests() as stop:
+            output = output or Path(".shardprop") / "runs" / tracker.run_id
+            loaded, setup, arch = set_up_workers(group, plan, config)
+            start = None
+            if resume_run:
+                layout, dtype = arch.layout, config.model.dtype
+                start = latest_checkpoint(output / "checkpoints", layout, dtype)
+                if start is None:  # the output folder is gone or elsewhere: MLflow has copies
+                    fetched = tracker.download_checkpoints(output / "fetched")
+                    start = latest_checkpoint(fetched, layout, dtype)
+            theta = initial_parameters(arch.layout, config, init_weights)
+            if not resume_run:
+                placements = group.call("where")
+                tracker.set_tags({"shardprop.output": str(output.resolve())})
+                tracker.log_config(
+                    config.resolved(),
+                    {
+                        "n_params": arch.layout.size,
+                        "n_rows": setup.rows,
+                        "n_val_rows": setup.val_rows,
+                        "workers": config.cluster.workers,
+                        "task": setup.task,
+                    }
+                    | {
+                        f"worker_{r}.read_seconds": part.read_seconds
+                        for r, part in enumerate(loaded)
+                    }
+                    | {f"worker_{r}.blas": where["blas"] for r, where in enumerate(placements)},
+                )
+                tracker.log_lineage(
+                    input_record(plan, config.data.path), shard_records(plan, placements)
+                )
+            group.prepare_steps(theta)
+            reporter.start(config.train.steps, f"training on {group.size} worker(s)")
+            interpreter.started()
+            loop_started = time.perf_counter()
+            try:
+                history, stopper = fit(
+                    group,
+                    theta,
+                    arch.layout,
+                    config,
+                    tracker,
+                    reporter,
+                    output / "checkpoints",
+                    start,
+                    stop,
+                )
+            finally:
+                reporter.stop()
+            loop_seconds = time.perf_counter() - loop_started
+            final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
+            steps_run = len(history["step_seconds"]) - (start.step if start else 0)
+            fraction = compute_fraction(history, steps_run, loop_seconds)
+            weights_sha256 = fingerprint(theta)
+            tracker.set_tags({"weights_sha256": weights_sha256})
+
+            meta = model_meta(arch, config, plan, setup)
+            outcome = final | {
+                "run_id": tracker.run_id,
+                "weights_sha256": weights_sha256,
+                "compute_fraction": fraction,
+            }
+            write_outputs(output, arch.layout, theta, meta, outcome)
+            example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
+            logging_model = background.submit(
+                tracker.log_final, output / "weights.npz", meta, example
+            )
+            group.close()  # Ray's shutdown overlaps MLflow's model logging
+            logging_model.result()
+            tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+            tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
+    return RunResult(
+        tracker.run_id,
+        tracker.tracking_uri,
+        arch,
+        theta,
+        setup,
+        output,
+        final,
+        history,
+        weights_sha256,
+        fraction,
+    )
+
+
+def write_outputs(output: Path, layout: Layout, theta: np.ndarray, meta: dict, final: dict) -> None:
+    """DIR/weights.npz, DIR/model.json (what predicting needs besides), DIR/metrics.json."""
+    save_weights(output / "weights.npz", layout, theta)
+    (output / "model.json").write_text(json.dumps(meta, indent=2))
+    (output / "metrics.json").write_text(json.dumps(final, indent=2))

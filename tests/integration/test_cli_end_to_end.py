@@ -1,0 +1,192 @@
+"""`shardprop train` as a user runs it: a subprocess, real Ray, a real MLflow store, read back."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from shardprop.service.data.plan import write_table
+from shardprop.service.tracking.serving import load_bundle, predict_frame
+from shardprop.workers.data.synthetic import SyntheticSpec, generate
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shardprop(*args, cwd):
+    # the console script pip installed beside this interpreter: what a user runs
+    command = [str(Path(sys.executable).parent / "shardprop"), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def artifacts(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifacts(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def check_run(uri, run_id, steps, workers, rows):
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["workers"] == str(workers)
+    assert params["n_rows"] == str(rows)
+    assert int(params["n_params"]) > 0
+    assert params["model.hidden"] == "[32, 32]"
+    assert params["train.steps"] == str(steps)
+    names = {
+        "loss",
+        "accuracy",
+        "grad_norm",
+        "step_seconds",
+        "allreduce_seconds",
+        "samples_per_second",
+        "straggler_ratio",
+    }
+    names |= {
+        f"worker_{rank}.{phase}_seconds"
+        for rank in range(max(workers, 1))
+        for phase in ("forward", "backward", "wait")
+    }
+    assert names <= set(run.data.metrics)
+    assert run.data.metrics["straggler_ratio"] >= 1.0
+    assert all(float(params[f"worker_{r}.read_seconds"]) > 0 for r in range(max(workers, 1)))
+    for name in names:
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, steps + 1)), name
+    files = artifacts(client, run_id)
+    assert {"config.yaml", "weights/final.npz", "plots/loss.png", "plots/timing.png"} <= set(files)
+    return files
+
+
+def test_default_config_end_to_end(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    result = shardprop(
+        "train", ROOT / "configs/default.yaml", "--tracking-uri", uri, "--output", out, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["accuracy"] >= 0.97
+    # the slowest worker's share of the loop: issue #7's target 0.8 (0.84-0.89 measured)
+    assert 0.6 <= final["compute_fraction"] < 1
+    files = check_run(uri, final["run_id"], 500, 2, 20_000)
+    assert "checkpoints/step-000500/weights.npz" in files
+    assert final["run_id"] in result.stdout and "mlflow ui" in result.stdout
+
+
+def test_parquet_file_end_to_end_and_the_logged_model_predicts_like_the_network(tmp_path):
+    table = generate(SyntheticSpec("circles", rows=3001, noise=0.1, seed=4), 0, 3001)
+    data = write_table(table, tmp_path / "circles.parquet", row_group_rows=500)
+    config = tmp_path / "circles.yaml"
+    config.write_text(f"data: {{path: {data}}}\ntrain: {{steps: 40, checkpoint_every: 20}}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    result = shardprop(
+        "train",
+        config,
+        "--workers",
+        3,
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "circles",
+        "--run-name",
+        "e2e",
+        "--output",
+        out,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads((out / "metrics.json").read_text())["run_id"]
+    files = check_run(uri, run_id, 40, 3, 3001)
+    assert {
+        "checkpoints/step-000020/weights.npz",
+        "checkpoints/step-000040/state.npz",
+        "checkpoints/step-000040/manifest.json",
+    } <= set(files)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "e2e"
+
+    with np.load(out / "weights.npz", allow_pickle=False) as weights:
+        assert sorted(weights.files) == ["W1", "W2", "W3", "b1", "b2", "b3"]
+    frame = table.select(["x0", "x1"]).to_pandas()
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(frame)
+    expected = predict_frame(load_bundle(out / "weights.npz", out / "model.json"), frame)
+    np.testing.assert_allclose(np.asarray(served), expected, rtol=1e-12)
+    # and the bundle is the network itself: standardise by hand, run the forward pass
+    meta = json.loads((out / "model.json").read_text())
+    X = (frame.to_numpy() - meta["mean"]) / meta["std"]
+    bundle = load_bundle(out / "weights.npz", out / "model.json")
+    np.testing.assert_allclose(expected, bundle.network.predict(bundle.theta, X.T)[0], rtol=1e-12)
+
+
+def test_regression_through_the_cli_explains_98_percent_of_the_variance(tmp_path):
+    table = generate(SyntheticSpec("regression", rows=5000, noise=0.1, features=4), 0, 5000)
+    data = write_table(table, tmp_path / "reg.parquet")
+    out = tmp_path / "out"
+    result = shardprop(
+        "train",
+        "/dev/null",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "train.optimizer=adam",
+        "--set",
+        "train.learning_rate=0.01",
+        "--set",
+        "train.steps=300",
+        "--workers",
+        2,
+        "--output",
+        out,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    final = json.loads((out / "metrics.json").read_text())
+    mse = 2 * final["loss"]  # the loss is half the squared error
+    assert 1 - mse / table["y"].to_numpy().var() >= 0.97
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["task"], meta["classes"]) == ("regression", None)
+
+
+def test_multiclass_string_labels_through_the_cli(tmp_path):
+    import pyarrow as pa
+
+    spec = SyntheticSpec("blobs", rows=3000, noise=0.15, seed=3, classes=4, features=4)
+    table = generate(spec, 0, 3000)
+    names = np.array(["alpha", "beta", "delta", "gamma"])[table["y"].to_numpy()]
+    data = write_table(table.set_column(4, "y", pa.array(names)), tmp_path / "blobs.parquet")
+    out = tmp_path / "out"
+    result = shardprop(
+        "train",
+        ROOT / "configs/blobs-multiclass.yaml",
+        "--set",
+        "data.synthetic=null",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "train.steps=150",
+        "--workers",
+        3,
+        "--output",
+        out,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["accuracy"] >= 0.95
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["alpha", "beta", "delta", "gamma"]

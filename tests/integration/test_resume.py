@@ -1,0 +1,171 @@
+"""Stopped runs go on to the same weights: a killed coordinator, Ctrl-C, a corrupt checkpoint."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from shardprop.service.training.checkpoint import latest_checkpoint, save_checkpoint
+from shardprop.workers.network.params import Layout
+
+CONFIG = """
+data: {synthetic: {name: moons, rows: 40000, noise: 0.3, seed: 3}}
+model: {hidden: [64, 64]}
+train: {steps: 120, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
+cluster: {workers: 2}
+tracking: {flush_seconds: 0.2}
+"""
+
+
+def shardprop(*args, cwd):
+    command = [str(Path(sys.executable).parent / "shardprop"), *map(str, args)]
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def wait_for_tag(uri: str, prefix: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + seconds
+    while True:
+        runs = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+        if runs and any(key.startswith(prefix) for key in runs[0].data.tags):
+            return
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no tag {prefix}* appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def only_run(uri):
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+    return client, run
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("from_mlflow", [False, True], ids=["local", "from-mlflow"])
+def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config, from_mlflow):
+    reference = shardprop(
+        "train", config, "--no-tracking", "--output", tmp_path / "ref", cwd=tmp_path
+    )
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
+    wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
+    if from_mlflow:  # and for the writer to have uploaded one (tagged after its upload)
+        wait_for_tag(uri, "weights_sha256.step-", victim)
+    victim.send_signal(signal.SIGKILL)  # as an operator's kill -9, or a lost node
+    victim.wait(timeout=60)
+    client, run = only_run(uri)
+    assert run.info.status == "RUNNING"  # nobody was left to say otherwise
+
+    if from_mlflow:  # as on another machine: only the run's uploaded checkpoints are left
+        shutil.rmtree(out)
+    resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    if from_mlflow:
+        assert list((out / "fetched" / "checkpoints").glob("step-*")), "nothing was fetched"
+    with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
+        for name in want.files:
+            assert np.array_equal(got[name], want[name]), name
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 121))  # every step once, none twice
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors(
+    ray_session, tmp_path, config, signum, code
+):
+    from ray.util.state import list_actors
+
+    address = ray_session.get_runtime_context().gcs_address
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    process = shardprop(
+        "train", config, "--address", address, "--tracking-uri", uri, "--output", out, cwd=tmp_path
+    )
+    wait_for(out / "checkpoints" / "step-000010" / "manifest.json", process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "interrupted: stopped after step" in stderr
+    assert "shardprop resume" in stderr
+    stopped_at = int(stderr.split("stopped after step ")[1].split()[0].rstrip(";"))
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").exists()
+    _, run = only_run(uri)
+    assert run.info.status == "KILLED"
+    alive = [
+        actor
+        for actor in list_actors(
+            address=ray_session.dashboard_address, filters=[("state", "=", "ALIVE")]
+        )
+        if actor.class_name == "ShardWorker"
+    ]
+    assert alive == []
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    layout = Layout((2, 3, 1))
+    for step in (10, 20):
+        save_checkpoint(
+            tmp_path,
+            step,
+            layout,
+            np.full(layout.size, float(step)),
+            {"optimizer.m": np.arange(3.0)},
+        )
+    weights = tmp_path / "step-000020" / "weights.npz"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    checkpoint = latest_checkpoint(tmp_path, layout, "float64")
+    assert checkpoint.step == 10
+    assert np.all(checkpoint.theta == 10.0)
+    assert np.array_equal(checkpoint.part("optimizer")["m"], np.arange(3.0))
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    layout = Layout((2, 1))
+    theta = np.zeros(layout.size)
+    theta[0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(tmp_path, 1, layout, theta, {})
+    assert latest_checkpoint(tmp_path, layout, "float64") is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_carries_every_logged_metric_for_the_store_to_catch_up():
+    from shardprop.service.training.run import records_from_arrays, records_to_arrays
+
+    records = [(1, {"loss": 0.9}), (2, {"loss": 0.8, "val_loss": 0.85}), (3, {"loss": 0.7})]
+    assert records_from_arrays(records_to_arrays(records)) == records
+    assert records_from_arrays(records_to_arrays([])) == []

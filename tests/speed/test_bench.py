@@ -1,0 +1,172 @@
+"""The benchmark commands run and report ratios (their figures go in closing notes, not here)."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from shardprop.service.bench.steps import PAIRED_REPEATS
+from shardprop.service.cli.app import app
+
+
+def test_bench_network_reports_step_against_its_gemms(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "network",
+            "--rows",
+            "3000",
+            "--features",
+            "8",
+            "--hidden",
+            "16,16",
+            "--repeats",
+            "2",
+            "--dtype",
+            "float64",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("ratio") == 2
+    results = json.loads(out.read_text())
+    assert [r["workload"]["dtype"] for r in results] == ["float64", "float32"]
+    for r in results:
+        assert r["step"]["low"] <= r["step"]["median"] <= r["step"]["high"]
+        assert r["ratio"] == pytest.approx(r["step"]["median"] / r["gemms"]["median"])
+        chunked = r["step"]["median"] / r["whole"]["median"]
+        assert r["also"]["step / whole columns"] == pytest.approx(chunked)
+        exact = r["exact"]["median"] / r["step"]["median"]
+        assert r["also"]["exact / step"] == pytest.approx(exact)
+
+
+@pytest.mark.slow
+def test_bench_tracking_times_tracked_and_untracked_runs(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {synthetic: {rows: 500}}\ntrain: {steps: 5}\ncluster: {workers: 0}\n")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app, ["bench", "tracking", str(config), "--repeats", "1", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(out.read_text())
+    assert r["tracked"]["median"] > 0 and r["untracked"]["median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray_session, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--rows", "3000", "--features", "8", "--hidden", "16,8", "--repeats", "2"]
+    args += ["--workers", "1,2", "--tree-workers", "3", "--json", str(out)]
+    args += ["--track", "--tracking-uri"]
+    result = CliRunner().invoke(app, [*args, f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    assert set(table["seconds"]) >= {
+        "in-process step",
+        "in-process step, exact reduction",
+        "in-process step on one thread",
+        "GEMMs alone",
+        "1 Ray worker(s)",
+        "2 Ray worker(s)",
+        "in-process step, beside 2 Ray worker(s)",
+        "2 Ray worker(s), exact reduction",
+        "Ray alone, 2 workers, direct connections",
+        "Ray alone, 2 workers, compiled graph",
+        "Ray alone, 2 workers, plain actor calls",
+        "Ray alone, 3 workers, star all-reduce",
+        "Ray alone, 3 workers, tree all-reduce",
+        "scikit-learn MLPClassifier epoch",
+    }
+    for t in table["seconds"].values():
+        assert 0 < t["low"] <= t["median"] <= t["high"]
+    assert "in-process step, exact reduction / rank order" in table["ratios"]
+    # against the in-process step timed in turns with it, round by round
+    rounds = table["rounds"]["2 Ray worker(s)"]
+    here, there = rounds["in-process step"], rounds["Ray workers"]
+    assert len(here) == len(there) == PAIRED_REPEATS
+    assert table["ratios"]["2 Ray worker(s) / in-process step"] == pytest.approx(
+        float(np.median(np.divide(there, here)))
+    )
+    assert table["seconds"]["in-process step, beside 2 Ray worker(s)"]["median"] == pytest.approx(
+        float(np.median(here))
+    )
+    # against the one-thread step, by way of the in-process step: two ratios timed in turns
+    seconds, ratios = table["seconds"], table["ratios"]
+    assert ratios["2 Ray worker(s) / in-process step on one thread"] == pytest.approx(
+        ratios["2 Ray worker(s) / in-process step"]
+        * seconds["in-process step"]["median"]
+        / seconds["in-process step on one thread"]["median"]
+    )
+    # the same computation: scikit-learn's loss from the same weights on the same rows
+    assert table["losses"]["scikit-learn"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
+    if "PyTorch" in table["losses"]:  # an optional peer: measured where it is installed
+        assert table["losses"]["PyTorch"] == pytest.approx(table["losses"]["shardprop"], 1e-9)
+    assert "logged as MLflow run" in result.output
+    run_id = result.output.split("logged as MLflow run ")[1].split()[0]
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert metrics["seconds.in-process step"] == table["seconds"]["in-process step"]["median"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_ray_train_ddp_peer_reaches_our_losses_step_by_step(ray_session):
+    pytest.importorskip("torch")
+    pytest.importorskip("ray.train.torch")
+    from shardprop.service.bench import raytrain
+    from shardprop.service.bench.steps import LEARNING_RATE, Workload, prepare
+
+    workload = Workload(rows=2001, features=8, hidden=(8,))  # odd: the halves differ by a row
+    local = prepare(workload.config(0), workload.seed)
+    try:
+        start = raytrain.same_start(local)
+        ours = raytrain.our_losses(local, 4, LEARNING_RATE)
+    finally:
+        local.group.close()
+    run = raytrain.fit_ray_train(start, 4, LEARNING_RATE)
+    # the first loss checks the forward pass; the later ones DDP's averaged gradient
+    assert run.losses == pytest.approx(ours, rel=1e-9)
+    assert 0 < run.step.low <= run.step.median <= run.step.high
+    assert 0 < run.to_train_function <= run.to_first_step <= run.to_first_step_done
+    assert run.to_first_step_done <= run.to_return
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_startup_sees_the_commands_first_step(tmp_path):
+    from shardprop.service.bench.startup import time_command
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {synthetic: {rows: 500}}\ntrain: {steps: 2}\ncluster: {workers: 2}\n")
+    seen = time_command(config, tracking=False)
+    assert 0 < seen["training starts"] <= seen["first step done"] <= seen["exit"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
+    out = tmp_path / "startup.json"
+    args = ["bench", "startup", "--rows", "2000", "--features", "8", "--hidden", "8"]
+    args += ["--steps", "2", "--no-tracking", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    for t in table["seconds"].values():
+        assert 0 < t["low"] <= t["median"] <= t["high"]
+    assert table["seconds"]["shardprop train: command to first step done"]["median"] > 0
+    if "Ray Train: fit() to first step (ready)" in table["seconds"]:  # where it is installed
+        ours = "command to first step done / Ray Train "
+        ratios = table["ratios"]
+        if f"{ours}ray.init() + fit() to ready" in ratios:  # issue #7's target 0.5 (0.41-0.45)
+            assert ratios[f"{ours}ray.init() + fit() to ready"] <= 0.75
+        else:  # Ray was already up here (an earlier test's): fit() alone, 0.53-0.62 measured
+            assert ratios[f"{ours}fit() to ready"] <= 1.0

@@ -1,0 +1,1 @@
+"""What a worker reads: table sources, synthetic sets, the validation split."""

@@ -1,0 +1,306 @@
+"""A table described by its metadata, and the reading of one row range of it.
+
+The coordinator builds a Source from file footers alone (service/data.py) and ships it, small
+and picklable, to every worker; each worker then reads only its own rows [start, stop) and
+opens only the files, and for Parquet only the row groups, that hold them. Global row order is
+the order of `files`, then the order of rows inside each file.
+
+Remote files are reached through a filesystem that each process builds for itself from a URI
+and FilesystemOptions (never shipped as an object: a client holds sockets and credentials).
+"""
+
+import datetime
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from shardprop.workers.data.synthetic import SyntheticSpec, generate
+from shardprop.workers.errors import DataError
+
+FORMATS = ("parquet", "csv", "feather", "synthetic")
+ERROR_CHARS = 300  # pyarrow's messages can list dozens of paths tried (libjvm): keep the gist
+GCS_RETRY_SECONDS = 30.0  # GCS's own default retries for 15 minutes before it reports anything
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one short line: the CLI prints user errors on a single line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class FilesystemOptions:
+    """data.filesystem: where an object store answers and how to sign in; None = not set.
+
+    Unset options fall back to pyarrow's defaults and the process's environment
+    (AWS_REGION, ...). Credentials are deliberately not options: every process reads its own
+    (AWS_ACCESS_KEY_ID, ...), so no secret travels inside a pickled Source.
+    """
+
+    endpoint: str | None = None  # scheme://host[:port] of an S3 (or GCS) compatible server
+    region: str | None = None
+    anonymous: bool | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return any(value is not None for value in (self.endpoint, self.region, self.anonymous))
+
+
+def open_filesystem(uri: str, options: FilesystemOptions) -> tuple[pafs.FileSystem, str]:
+    """The filesystem a URI names, built from the URI and the options alone, and the path in it.
+
+    s3:// is always built explicitly, so that the options (and an endpoint without TLS) apply;
+    gs:// too when options are set; everything else (hdfs://, file://, ...) goes through
+    FileSystem.from_uri, whose options live in the URI's query. gs:// retries are bounded
+    (GCS_RETRY_SECONDS), so that an unreachable store fails instead of seeming to hang.
+    """
+    scheme = uri.partition("://")[0].lower()
+    named = uri
+    try:
+        if scheme == "s3":
+            return pafs.S3FileSystem(**_s3_arguments(uri, options)), _bucket_path(uri)
+        if scheme in ("gs", "gcs"):
+            if options.is_set:
+                return pafs.GcsFileSystem(**_gcs_arguments(uri, options)), _bucket_path(uri)
+            if "retry_limit_seconds=" not in uri:
+                uri += f"{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_RETRY_SECONDS}"
+        elif options.is_set and scheme != "file":
+            raise DataError(
+                f"data.filesystem: {scheme}:// takes no endpoint/region/anonymous options "
+                "(they apply to s3:// and gs://); leave data.filesystem unset"
+            )
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as error:
+        raise DataError(f"data.path: cannot open {named}: {one_line(error)}") from None
+
+
+def _s3_arguments(uri: str, options: FilesystemOptions) -> dict:
+    parts = urlsplit(uri)
+    if parts.query:
+        raise ValueError("put S3 options in data.filesystem, not in the URI's query")
+    credentials, _, _ = parts.netloc.rpartition("@")  # s3://KEY:SECRET@bucket, as pyarrow reads it
+    arguments: dict = {}
+    if credentials:
+        key, _, secret = credentials.partition(":")
+        arguments |= {"access_key": key, "secret_key": secret}
+    if options.endpoint is not None:
+        arguments |= _endpoint_arguments(options.endpoint)
+    if options.region is not None:
+        arguments["region"] = options.region
+    if options.anonymous is not None:
+        arguments["anonymous"] = options.anonymous
+    return arguments
+
+
+def _gcs_arguments(uri: str, options: FilesystemOptions) -> dict:
+    if urlsplit(uri).query:
+        raise ValueError("filesystem options in the URI and in data.filesystem; use one place")
+    if options.region is not None:
+        raise DataError("data.filesystem.region: gs:// buckets have no region option; unset it")
+    arguments: dict = {"retry_time_limit": datetime.timedelta(seconds=GCS_RETRY_SECONDS)}
+    if options.endpoint is not None:
+        arguments |= _endpoint_arguments(options.endpoint)
+    if options.anonymous is not None:
+        arguments["anonymous"] = options.anonymous
+    return arguments
+
+
+def _endpoint_arguments(endpoint: str) -> dict:
+    """endpoint_override and scheme from http(s)://host[:port]; a bare host:port keeps https."""
+    scheme, separator, address = endpoint.partition("://")
+    address = address.rstrip("/")
+    if not separator:
+        return {"endpoint_override": endpoint}
+    if scheme.lower() not in ("http", "https") or not address or "/" in address:
+        raise DataError(
+            f"data.filesystem.endpoint: expected http://host:port or https://host:port, "
+            f"got {endpoint!r}"
+        )
+    return {"scheme": scheme.lower(), "endpoint_override": address}
+
+
+def _bucket_path(uri: str) -> str:
+    """bucket/key of s3://[credentials@]bucket/key, as pyarrow's object stores name files."""
+    parts = urlsplit(uri)
+    return (parts.netloc.rpartition("@")[2] + parts.path).rstrip("/")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Files in one format (or a synthetic spec), their row counts and their unified schema.
+
+    `files` are paths inside the filesystem that `filesystem_uri` and `filesystem_options`
+    name (None: the local filesystem, and the paths are absolute): a URI and options, not a
+    filesystem object, travel to the workers, and each builds its own client (credentials
+    come from the worker's environment).
+    `schema` is the schema every read is cast to, so all workers see the same types even
+    where files differ (CSV types are inferred per file).
+    """
+
+    format: str
+    files: tuple[str, ...] = ()
+    file_rows: tuple[int, ...] = ()
+    synthetic: SyntheticSpec | None = None
+    schema: pa.Schema | None = None
+    filesystem_uri: str | None = None
+    filesystem_options: FilesystemOptions = field(default_factory=FilesystemOptions)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; expected one of {FORMATS}")
+        if (self.format == "synthetic") != (self.synthetic is not None):
+            raise ValueError("a synthetic source needs a spec, and only a synthetic source")
+        if len(self.files) != len(self.file_rows):
+            raise ValueError(f"{len(self.files)} files but {len(self.file_rows)} row counts")
+
+    @property
+    def total_rows(self) -> int:
+        if self.synthetic is not None:
+            return self.synthetic.rows
+        return sum(self.file_rows)
+
+    def read(self, columns: Sequence[str], start: int, stop: int) -> pa.Table:
+        """Global rows [start, stop) of `columns`, in order, cast to the source's schema."""
+        columns = list(columns)
+        if not 0 <= start <= stop <= self.total_rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.total_rows})")
+        if self.synthetic is not None:
+            return generate(self.synthetic, start, stop).select(columns)
+        target = self._target_schema(columns)
+        filesystem = self.filesystem()
+        pieces = [target.empty_table()]
+        for file, lo, hi in self.spans(start, stop):
+            pieces.append(self._read_file(filesystem, file, columns, lo, hi, target))
+        # chunks stay as read: combining them would copy the whole shard once more
+        return pa.concat_tables(pieces)
+
+    def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """(file, lo, hi) for each file that holds some of global rows [start, stop)."""
+        spans = []
+        offset = 0  # the global index of the file's first row
+        for file, rows in zip(self.files, self.file_rows, strict=True):
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            if lo < hi:
+                spans.append((file, lo, hi))
+            offset += rows
+        return spans
+
+    def _read_file(
+        self,
+        filesystem: pafs.FileSystem,
+        file: str,
+        columns: list[str],
+        lo: int,
+        hi: int,
+        target: pa.Schema,
+    ) -> pa.Table:
+        try:
+            piece = READERS[self.format](filesystem, file, columns, lo, hi, target)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise DataError(f"{file}: cannot read rows [{lo}, {hi}): {one_line(error)}") from None
+        if piece.num_rows != hi - lo:
+            raise DataError(
+                f"{file}: expected rows [{lo}, {hi}) but read {piece.num_rows}; "
+                "did the file change after the run was planned?"
+            )
+        return piece.select(columns).cast(target)
+
+    def filesystem(self) -> pafs.FileSystem:
+        """The filesystem the files live in, built where it is used, from the URI and options."""
+        if self.filesystem_uri is None:
+            return pafs.LocalFileSystem()
+        return open_filesystem(self.filesystem_uri, self.filesystem_options)[0]
+
+    def _target_schema(self, columns: list[str]) -> pa.Schema:
+        if self.schema is None:
+            raise ValueError("a file source needs its schema; build it with open_source()")
+        missing = [name for name in columns if name not in self.schema.names]
+        if missing:
+            raise ValueError(f"no column(s) {missing} in the source; it has {self.schema.names}")
+        return pa.schema([self.schema.field(name) for name in columns])
+
+
+def _read_parquet(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one file, decoding only the row groups that overlap them."""
+    with pq.ParquetFile(path, filesystem=filesystem) as parquet:
+        metadata = parquet.metadata
+        group_rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        offsets = [0, *itertools.accumulate(group_rows)]
+        groups = [g for g in range(len(group_rows)) if offsets[g] < hi and offsets[g + 1] > lo]
+        if not groups:
+            return target.empty_table()
+        table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(lo - offsets[groups[0]], hi - lo)
+
+
+def _read_feather(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one Arrow IPC file, decoding only `columns` of the batches up to `hi`.
+
+    Read, not memory-mapped: a shard lives for the whole run, and a mapped file rewritten
+    under a running worker would crash it with SIGBUS instead of raising an error.
+    """
+    with filesystem.open_input_file(path) as file:
+        full = ipc.open_file(file).schema
+        wanted = ipc.IpcReadOptions(included_fields=sorted(full.names.index(c) for c in columns))
+        reader = ipc.open_file(file, options=wanted)
+        batches = []
+        offset = 0
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            if offset + batch.num_rows > lo:
+                skip = max(lo - offset, 0)
+                batches.append(batch.select(columns).slice(skip, hi - offset - skip))
+            offset += batch.num_rows
+            if offset >= hi:
+                break
+    return pa.Table.from_batches(batches, schema=pa.schema(full.field(c) for c in columns))
+
+
+def _read_csv(
+    filesystem: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    lo: int,
+    hi: int,
+    target: pa.Schema,
+) -> pa.Table:
+    """Rows [lo, hi) of one CSV file: it has no index, so stream it from the top to `hi`."""
+    convert = pacsv.ConvertOptions(
+        column_types={field.name: field.type for field in target}, include_columns=columns
+    )
+    batches = []
+    offset = 0
+    with filesystem.open_input_stream(path) as stream:  # .gz/.bz2/.zst: decompressed on the fly
+        for batch in pacsv.open_csv(stream, convert_options=convert):
+            if offset + batch.num_rows > lo:
+                skip = max(lo - offset, 0)
+                batches.append(batch.slice(skip, hi - offset - skip))
+            offset += batch.num_rows
+            if offset >= hi:
+                break
+    return pa.Table.from_batches(batches, schema=target)
+
+
+READERS = {"parquet": _read_parquet, "feather": _read_feather, "csv": _read_csv}

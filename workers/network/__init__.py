@@ -1,0 +1,1 @@
+"""The network's math: activations, losses, parameters, forward and backward."""

@@ -1,0 +1,1 @@
+"""The shard contract's sums and the exact reduction's block tree."""
