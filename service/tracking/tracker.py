@@ -1,28 +1,23 @@
 """Everything MLflow for one training run, through an explicit client and run id.
 
-Nothing here relies on MLflow's global active run: every call names the run. The one MLflow
-API that only works on the active run (logging a model) gets the run lent to it for that call
-and nothing else (`Tracker._lend_run`).
+Nothing here uses MLflow's global state (tracking URI, active run): every call names the
+store and the run, so a caller's own MLflow session is left as it was.
 
 Per-step metrics never touch the store on the training loop's thread: `log_metrics` appends
-to a queue and a writer thread sends the queue with `log_batch` every few seconds, uploading
-the checkpoints saved meanwhile after it. The store's cost is per metric row (about 70 µs in
-a sqlite store, all of it Python holding the GIL), so writing more often saves nothing;
-what the interval decides is how much of a short run's writing lands after its loop, where
-it overlaps Ray's shutdown instead of slowing the steps.
+to a queue and a writer thread sends it with `log_batch` every `flush_seconds`, then uploads
+the checkpoints saved since. The store's cost is per metric row, so writing more often saves
+nothing; the interval only decides how much of a short run's writing lands after its loop.
 """
 
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from types import TracebackType
@@ -37,10 +32,18 @@ from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
-from mlflow.models import infer_signature
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
+from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -149,6 +152,27 @@ def stage_model_code(folder: Path) -> list[str]:
     return [str(stage(folder, ("workers", "service/tracking/serving.py")))]
 
 
+def save_model(
+    folder: Path,
+    config: Model,
+    artifacts: Mapping[str, str | os.PathLike],
+    signature: ModelSignature,
+    example: pd.DataFrame,
+) -> None:
+    """Write the pyfunc model into `folder`, its code staged beside it (see stage_model_code)."""
+    mlflow.pyfunc.save_model(
+        folder,
+        python_model=os.fspath(MODEL_CODE),
+        artifacts={name: os.fspath(path) for name, path in artifacts.items()},
+        code_paths=stage_model_code(folder.with_name("code")),
+        mlflow_model=config,
+        signature=signature,
+        input_example=example,
+        # listed, not inferred: inference loads the model in a subprocess
+        pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
+    )
+
+
 class Tracker:
     """One MLflow run: params, buffered metrics, artifacts, the model, and its final status."""
 
@@ -173,7 +197,7 @@ class Tracker:
         self._artifacts: deque[Path] = deque()
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
-        self._last_step = 0
+        self._last_logged: tuple[int, int, dict[str, float]] | None = None  # the newest step
         self._logged_through = -1  # steps up to this one are in the store already
         self._ended = False
         self._writer = threading.Thread(
@@ -239,7 +263,7 @@ class Tracker:
         self.log_dict(resolved, "config.yaml")
 
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
-        """The input dataset as MLflow records inputs (mlflow.log_input's entity, logged
+        """The input dataset as the run's input (what mlflow.log_input records, logged
         through our client) and the shard plan as shards.json."""
         if record.uri.startswith("synthetic:"):
             source = CodeDatasetSource({"generator": record.uri})
@@ -251,9 +275,8 @@ class Tracker:
         schema = Schema([ColSpec(_mlflow_type(kind), name) for name, kind in record.columns])
         dataset = MetaDataset(source, name=record.name, digest=record.digest, schema=schema)
         context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-        self.client.log_inputs(
-            self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
-        )
+        entity = Dataset(**dataset.to_dict())  # name, digest, source, source_type, schema
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[context])])
         self.log_dict({"shards": shards}, "shards.json")
 
     # --- metrics ---------------------------------------------------------------------------
@@ -264,8 +287,8 @@ class Tracker:
             raise RuntimeError(f"run {self.run_id} has ended; its metrics can no longer change")
         if step <= self._logged_through:
             return  # a resumed run recomputes these steps: the store has them already
-        self._pending.append((step, int(time.time() * 1000), dict(metrics)))
-        self._last_step = step
+        self._last_logged = (step, int(time.time() * 1000), dict(metrics))
+        self._pending.append(self._last_logged)
 
     def flush(self) -> None:
         """Write every queued metric now; raises if the store refuses them."""
@@ -354,9 +377,10 @@ class Tracker:
         """Log the pyfunc model at runs:/<run_id>/model: weights + meta JSON, loaded from code.
 
         The signature and input example are built from the first rows of `input_example`
-        (feature columns only, so the label is not asked for at predict time).
+        (feature columns only, so the label is not asked for at predict time). These are
+        mlflow.pyfunc.log_model's steps through our client: it logs to the global run only.
         """
-        self.flush()  # the logged model links the run's metrics at the last step
+        self.flush()  # the model owns the metrics of the run's last step: they must be in
         with tempfile.TemporaryDirectory(prefix="shardprop-model-") as tmp:
             meta_path = Path(tmp) / "meta.json"
             meta_path.write_text(
@@ -369,19 +393,43 @@ class Tracker:
             signature = infer_signature(
                 example, predict_frame(bundle, example), params={"output": "probabilities"}
             )
-            code_paths = stage_model_code(Path(tmp) / "code")
-            with self._lend_run():
-                return mlflow.pyfunc.log_model(
-                    name=MODEL_NAME,
-                    python_model=os.fspath(MODEL_CODE),
-                    artifacts={"weights": os.fspath(weights_path), "meta": os.fspath(meta_path)},
-                    code_paths=code_paths,
-                    signature=signature,
-                    input_example=example,
-                    # listed, not inferred: inference loads the model in a subprocess (seconds)
-                    pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
-                    step=self._last_step,
-                )
+            model = self.client.create_logged_model(
+                self.experiment_id,
+                name=MODEL_NAME,
+                source_run_id=self.run_id,
+                params=self.client.get_run(self.run_id).data.params,
+            )
+            config = Model(
+                artifact_path=model.artifact_location,
+                run_id=self.run_id,
+                model_uuid=model.model_id,
+                model_id=model.model_id,
+            )
+            try:
+                folder = Path(tmp) / "model"
+                artifacts = {"weights": weights_path, "meta": meta_path}
+                save_model(folder, config, artifacts, signature, example)
+                self.client.log_model_artifacts(model.model_id, os.fspath(folder))
+                self._link_model(model.model_id)
+            except BaseException:
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                raise
+            model = self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            return config.get_model_info(model)
+
+    def _link_model(self, model_id: str) -> None:
+        """The model is the run's output at its last step, and owns that step's metrics (as
+        mlflow.pyfunc.log_model records them, so the UI shows them on the model's page)."""
+        if self._last_logged is None:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)])
+            return
+        step, timestamp, values = self._last_logged
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=step)])
+        metrics = [
+            Metric(key, float(value), timestamp, step, model_id=model_id)
+            for key, value in values.items()
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_final(
         self, weights_path: Path, meta: Mapping[str, Any], input_example: pa.Table
@@ -391,29 +439,6 @@ class Tracker:
             final = shutil.copy(weights_path, Path(tmp) / "final.npz")
             self.log_artifact(final, "weights")
         self.log_model(weights_path, meta, input_example.to_pandas())
-
-    @contextmanager
-    def _lend_run(self) -> Iterator[None]:
-        """Make our run MLflow's active run (on our store) for one call, then give it back.
-
-        Ending the borrowed run keeps it RUNNING: its real status is set by end(). The model
-        load MLflow does to validate the input example prepends the model's code dir to
-        sys.path; that is undone too.
-        """
-        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        saved_sys_path = list(sys.path)
-        try:
-            with _use_tracking_uri(self.tracking_uri):
-                mlflow.start_run(run_id=self.run_id, nested=True, log_system_metrics=False)
-                try:
-                    yield
-                finally:
-                    mlflow.end_run(status=RunStatus.to_string(RunStatus.RUNNING))
-        finally:
-            sys.path[:] = saved_sys_path
-            # restoring MLflow's global URI may unset the variable the user had set
-            if env_uri is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
     # --- the end ---------------------------------------------------------------------------
 

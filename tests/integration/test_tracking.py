@@ -1,11 +1,14 @@
 """MLflow tracking of a run: params, buffered metrics, artifacts, status. Real sqlite stores."""
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import matplotlib.image
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -13,6 +16,7 @@ from mlflow import MlflowClient
 from shardprop.service.tracking.plots import plot_history
 from shardprop.service.tracking.store import resolve_tracking_uri, ui_command
 from shardprop.service.tracking.tracker import PARAM_VALUE_LIMIT, Tracker, TrackingError, flatten
+from shardprop.workers.network.params import Layout, init_params, save_weights
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -204,11 +208,43 @@ def test_ui_command_opens_this_store():
     assert ui_command("http://mlflow:5000") == "python -m webbrowser http://mlflow:5000"
 
 
-def test_tracker_does_not_touch_the_global_mlflow_state(store):
-    before = (mlflow.active_run(), os.environ.get("MLFLOW_TRACKING_URI"))
-    with start(store) as tracker:
-        tracker.log_metrics(1, {"loss": 1.0})
-    assert (mlflow.active_run(), os.environ.get("MLFLOW_TRACKING_URI")) == before
+def test_tracker_does_not_touch_the_global_mlflow_state(store, tmp_path, monkeypatch):
+    """A caller with its own MLflow session (store, active run) keeps it through a whole run,
+    model included, and nothing of the run lands in the caller's store."""
+    theirs = f"sqlite:///{tmp_path / 'theirs.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", theirs)
+    layout = Layout((2, 3, 1))
+    weights = save_weights(tmp_path / "w.npz", layout, init_params(layout, "he", 0, np.float64))
+    meta = {
+        "sizes": [2, 3, 1],
+        "activation": "relu",
+        "task": "binary",
+        "dtype": "float64",
+        "features": ["a", "b"],
+        "label": "y",
+        "mean": None,
+        "std": None,
+        "classes": None,
+    }
+    example = pd.DataFrame({"a": [0.5, -1.0], "b": [2.0, 0.0], "y": [1, 0]})
+    with mlflow.start_run() as their_run:
+        before = (mlflow.get_tracking_uri(), os.environ["MLFLOW_TRACKING_URI"], list(sys.path))
+        with start(store) as tracker:
+            tracker.log_metrics(1, {"loss": 1.0})
+            info = tracker.log_model(weights, meta, example)
+            assert mlflow.active_run().info.run_id == their_run.info.run_id
+        after = (mlflow.get_tracking_uri(), os.environ["MLFLOW_TRACKING_URI"], list(sys.path))
+        assert after == before
+        assert mlflow.active_run().info.run_id == their_run.info.run_id
+    assert MlflowClient(theirs).get_run(their_run.info.run_id).outputs.model_outputs == []
+    ours = MlflowClient(store)
+    assert [o.model_id for o in ours.get_run(tracker.run_id).outputs.model_outputs] == [
+        info.model_id
+    ]
+    model = ours.get_logged_model(info.model_id)
+    assert (model.experiment_id, model.source_run_id) == (tracker.experiment_id, tracker.run_id)
+    assert model.status == "READY"
+    assert [(m.key, m.step) for m in model.metrics] == [("loss", 1)]  # the run's last step
 
 
 def test_plot_is_a_png_with_a_panel_per_curve_family(tmp_path):
