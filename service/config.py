@@ -5,6 +5,7 @@ unknown key, suggest the closest known one.
 """
 
 import difflib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from pydantic import (
 
 from shardprop.service.cluster.policy import InjectedFailure
 from shardprop.service.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -96,6 +99,14 @@ class TrainConfig(Section):
     block_rows: int | None = Field(None, gt=0)  # rows per block of `exact`; null: by row count
 
 
+# old cluster keys -> what the warning says instead
+DEPRECATED_CLUSTER_KEYS = {
+    "compiled_graph": "use cluster.transport (compiled_graph: false is transport: plain)",
+    "direct_steps": "no longer used, ignored (the step's transport is cluster.transport)",
+    "allreduce": "no longer used, ignored (the workers' sums are added on the coordinator)",
+}
+
+
 class ClusterConfig(Section):
     workers: int = Field(2, ge=0)
     address: str | None = None
@@ -109,14 +120,24 @@ class ClusterConfig(Section):
     # send workers/ to the nodes with the job (runtime_env py_modules); auto: when joining a
     # cluster, whose nodes may have another version installed, or none
     ship_code: Literal["auto", "always", "never"] = "auto"
-    # the step's parameters and sums over a TCP connection per worker (~0.15 ms a step on
-    # the default config); else, or where workers cannot connect, through a Ray Compiled
-    # Graph (compiled_graph: ~0.55 ms), else plain actor calls (~4 ms)
-    direct_steps: bool = True
-    compiled_graph: bool = True
-    # star: every worker's sums to the coordinator, added in rank order; tree: added pairwise
-    # on the workers, the coordinator receives one (plain actor calls, no compiled graph)
-    allreduce: Literal["star", "tree"] = "star"
+    # how a step's parameters and sums travel: through a Ray Compiled Graph, or as plain
+    # actor calls (the fallback, also taken where a graph cannot be compiled)
+    transport: Literal["compiled", "plain"] = "compiled"
+
+    @model_validator(mode="before")
+    @classmethod
+    def deprecated_keys(cls, raw: Any) -> Any:
+        """Old transport keys: still accepted, with a one-line warning naming the new one."""
+        if not isinstance(raw, dict) or not DEPRECATED_CLUSTER_KEYS.keys() & raw.keys():
+            return raw
+        raw = dict(raw)
+        for key, message in DEPRECATED_CLUSTER_KEYS.items():
+            if key in raw:
+                value = raw.pop(key)
+                log.warning("cluster.%s is deprecated: %s", key, message)
+                if key == "compiled_graph" and value is False:
+                    raw.setdefault("transport", "plain")
+        return raw
 
     @field_validator("inject_failure")
     @classmethod

@@ -1,5 +1,9 @@
 """Worker groups as a run has them before its first step, on a small two-class job: the
-shared start of the tests of the step's roads."""
+shared start of the tests of the step's transports."""
+
+import os
+import signal
+import time
 
 import numpy as np
 
@@ -18,3 +22,18 @@ def prepared(workers: int, *sets: str, **flags) -> tuple[WorkerGroup, np.ndarray
     group = start_group(plan, config.cluster)
     _, _, arch = set_up_workers(group, plan, config)
     return group, init_params(arch.layout, "he", 0, config.model.dtype)
+
+
+def kill_and_wait(ray, actor) -> None:
+    """Kill the worker's process behind the group's back, as `kill -9` would, and wait until
+    Ray knows it is dead."""
+    pid = ray.get(actor.__ray_call__.remote(lambda worker: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed worker still answers")

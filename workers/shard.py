@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from shardprop.workers.channel import StepServer
 from shardprop.workers.data.source import Source
 from shardprop.workers.data.split import validation_mask
 from shardprop.workers.errors import DataError
@@ -108,7 +107,6 @@ class ShardWorker:
         self.network: Network | None = None
         self.val_batch: Batch | None = None
         self.val_network: Network | None = None
-        self._server: StepServer | None = None
 
     def load(self, validation_fraction: float = 0.0, seed: int = 0) -> ShardStats:
         """Read this shard's rows (once), set its validation rows aside, describe them."""
@@ -228,11 +226,6 @@ class ShardWorker:
         sums.seconds = time.perf_counter() - start
         return sums
 
-    def add_sums(self, first: ShardSums, second: ShardSums) -> ShardSums:
-        """An inner node of a tree all-reduce: two subtrees' sums as one (`first` holds the
-        lower ranks). Run on a worker so that the coordinator receives one gradient."""
-        return first + second
-
     def null_gradient(self, theta: np.ndarray) -> ShardSums:
         """The gradient call minus the math: sums of the real size, all zero. What moving a
         step's parameters and sums costs on its own (`shardprop bench`)."""
@@ -253,18 +246,6 @@ class ShardWorker:
                 return ShardSums(np.empty(0, theta.dtype), 0.0, 0, correct)
             return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
-
-    def serve_steps(self, address: tuple[str, int], token: bytes) -> None:
-        """Take the step's calls from the coordinator at `address` over a connection of
-        their own (`workers.channel`), until it hangs up or `stop_serving` is called."""
-        self.stop_serving()
-        self._server = StepServer(self, address, token, self.rank)
-
-    def stop_serving(self) -> None:
-        """Returns once no step call is running: the calls after it use the same buffers."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
 
     def die(self, *_: object) -> None:
         """Chaos testing (--inject-failure): end this process the way `kill -9` does."""

@@ -25,7 +25,6 @@ from shardprop.service.cluster.group import WorkerGroup, connect_ray, start_grou
 from shardprop.service.config import Config, load_config
 from shardprop.service.training.reduce import batch_mean, reduce_sums
 from shardprop.service.training.run import make_plan, set_up_workers
-from shardprop.workers.channel import SPIN_SECONDS
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.params import init_params
 
@@ -39,7 +38,8 @@ PAIRED_REPEATS = 41
 # the in-process step the issue timed ("careful numpy", its target's reference): one thread,
 # its products on all the BLAS threads, against which two single-thread workers were to win
 ONE_THREAD = "in-process step on one thread"
-ROADS = {"direct": "direct connections", "compiled": "compiled graph", "plain": "plain actor calls"}
+TRANSPORTS = {"compiled": "compiled graph", "plain": "plain actor calls"}
+IDLE_SECONDS = 0.01  # a pause before each timed run, so that nothing still spins beside it
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,9 @@ class Workload:
     def config(
         self,
         workers: int,
-        road: str = "direct",
-        allreduce: str = "star",
+        transport: str = "compiled",
         reduction: str = "rank_order",
     ) -> Config:
-        """`road`: the step's, as `cluster.direct_steps` and `cluster.compiled_graph` choose
-        it: direct, compiled or plain."""
         data = (
             f"data.synthetic={{name: blobs, rows: {self.rows}, features: {self.features}, "
             f"classes: 2, seed: {self.seed}}}"
@@ -70,9 +67,7 @@ class Workload:
             {
                 "cluster.workers": workers,
                 "cluster.cpus_per_worker": 1,
-                "cluster.direct_steps": road == "direct",
-                "cluster.compiled_graph": road == "compiled",
-                "cluster.allreduce": allreduce,
+                "cluster.transport": transport,
                 "train.reduction": reduction,
                 "tracking.enabled": False,
             },
@@ -116,7 +111,7 @@ def timed(config: Config, repeats: int, method: str = "gradient") -> Timing:
 
 
 def beside_local(
-    local: Prepared, config: Config, repeats: int, settle: float = 5 * SPIN_SECONDS
+    local: Prepared, config: Config, repeats: int, settle: float = IDLE_SECONDS
 ) -> tuple[list[float], list[float]]:
     """The seconds of the in-process step and of fresh workers' step for `config`, taken in
     turns, round by round. Timed minutes apart, their ratio moved with the host's drift by
@@ -139,7 +134,7 @@ def bench_steps(
     workers: tuple[int, ...],
     repeats: int,
     peers: bool = True,
-    tree_workers: tuple[int, ...] = (8,),
+    tree_workers: tuple[int, ...] = (),  # no longer used: the tree all-reduce is gone
 ) -> dict[str, Any]:
     """Every figure of the table, in seconds, plus the losses the peers reached."""
     timings: dict[str, Timing] = {}
@@ -159,7 +154,7 @@ def bench_steps(
                     steps = repeats + 1  # the first is its warm-up
                     ours = raytrain.our_losses(local, steps, LEARNING_RATE)
                     ray_train = {"steps": steps, "losses": {"shardprop": ours}}
-            started_ray = connect_ray(None, max((*workers, *tree_workers), default=2))
+            started_ray = connect_ray(None, max(workers, default=2))
             try:  # one Ray runtime for every group below
                 for k in (k for k in workers if k):
                     name = f"{k} Ray worker(s)"
@@ -170,7 +165,7 @@ def bench_steps(
                     config = workload.config(k, reduction="exact")
                     timings[f"{k} Ray worker(s){EXACT}"] = timed(config, repeats)
                 local.group.close()  # its rows are not needed below (closing twice is safe)
-                bench_ray_alone(workload, max(repeats, 50), tree_workers, timings)
+                bench_ray_alone(workload, max(repeats, 50), timings)
                 if ray_train:  # last: its trainer's processes wind down after fit() returns
                     bench_ray_train(start, ray_train, timings, losses)
             finally:
@@ -238,21 +233,12 @@ def bench_ray_train(
     }
 
 
-def bench_ray_alone(
-    workload: Workload, repeats: int, tree_workers: tuple[int, ...], timings: dict[str, Timing]
-) -> None:
-    """Ray's own cost per step: a step without the math, on each road, and star against
-    tree over many workers (the coordinator receives k gradients, or one)."""
-    for road, name in ROADS.items():
+def bench_ray_alone(workload: Workload, repeats: int, timings: dict[str, Timing]) -> None:
+    """Ray's own cost per step: a step without the math, on each transport."""
+    for transport, name in TRANSPORTS.items():
         timings[f"Ray alone, 2 workers, {name}"] = timed(
-            workload.config(2, road), repeats, "null_gradient"
+            workload.config(2, transport), repeats, "null_gradient"
         )
-    for k in tree_workers:
-        for allreduce in ("star", "tree"):
-            config = workload.config(k, "plain", allreduce=allreduce)
-            timings[f"Ray alone, {k} workers, {allreduce} all-reduce"] = timed(
-                config, repeats, "null_gradient"
-            )
 
 
 def ratios(median: dict[str, float], rounds: dict[str, dict[str, list[float]]]) -> dict[str, float]:

@@ -24,7 +24,6 @@ from shardprop.service.cluster.compiled import (
     compile_step,
     start_driver_proxy,
 )
-from shardprop.service.cluster.direct import DirectStep, open_direct_step
 from shardprop.service.cluster.policy import WHEN, Decision, FailurePolicy, InjectedFailure
 from shardprop.service.config import ClusterConfig
 from shardprop.service.data.plan import DataPlan
@@ -35,8 +34,6 @@ from shardprop.workers.shard import ShardWorker
 
 # calls that build a worker's state: replayed, in order, on a replacement worker
 STATE_METHODS = ("load", "prepare")
-# the per-step calls, worth a compiled graph
-STEP_METHODS = ("gradient", "null_gradient")
 SPIN_MARGIN_SHARE = 0.01  # of a step's compute, left awake before the sums are due
 SPIN_MARGIN_SECONDS = 0.3e-3
 
@@ -55,7 +52,7 @@ class WorkerGroup(Protocol):
         """Arm a chaos failure: the next `gradient` calls on that worker kill its process."""
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Set up the road the `method` calls take, before the loop that makes them."""
+        """Set up the transport the `method` calls take, before the loop that makes them."""
 
     def close(self) -> None:
         """Stop the workers (and a Ray runtime the group started); safe to call twice."""
@@ -84,7 +81,7 @@ class LocalGroup:
         raise ConfigError("--inject-failure kills a worker process: it needs --workers 1 or more")
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        pass  # in-process calls have no road to set up
+        pass  # in-process calls have no transport to set up
 
     def close(self) -> None:
         self.workers.clear()
@@ -107,9 +104,7 @@ class RayGroup:
         timeout: float | None = None,
         placement: str = "spread",
         resources: dict[str, float] | None = None,
-        compiled: bool = True,
-        allreduce: str = "star",
-        direct: bool = True,
+        transport: str = "compiled",
     ):
         import ray
 
@@ -131,22 +126,19 @@ class RayGroup:
         self._timeout = timeout
         self._state_calls: list[tuple[str, tuple]] = []
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
-        # the step over direct connections or else through a Ray Compiled Graph, when
-        # possible: either can fail for a worker that died just before it was set up, so a
-        # replaced worker gets them tried again
-        self._direct = self._direct_wanted = direct
-        self._compiled = self._compile_wanted = compiled
-        self._step: DirectStep | CompiledStep | None = None
-        wants_graph = compiled and not direct and allreduce == "star"
-        self._driver_proxy = start_driver_proxy(ray) if wants_graph else None
-        # the slowest worker's compute in the last two steps: the compiled road sleeps
+        # the step through a compiled graph, when possible: a compile can fail for a worker
+        # that died just before it, so a replaced worker gets it tried again
+        self._transport = self._wanted_transport = transport
+        self._step_method = "gradient"  # the calls that take the transport
+        self._step: CompiledStep | None = None
+        self._driver_proxy = start_driver_proxy(ray) if transport == "compiled" else None
+        # the slowest worker's compute in the last two steps: the compiled step sleeps
         # through all but a margin of the smaller (a one-off slow step must not make the next
         # one wait), then spins for the sums. A worker's first step is not one of them: it
         # touches its buffers for the first time (3.3 s against 1.0 s on the standard
         # workload, and the next step slept as long)
         self._computes: deque[float] = deque(maxlen=2)
         self._cold = True  # no step yet since the workers (or a replacement) started
-        self._tree = allreduce == "tree"  # step sums added on the workers, pairwise
 
     @property
     def restarts(self) -> int:
@@ -155,21 +147,17 @@ class RayGroup:
     def call(
         self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
     ) -> list[Any]:
-        # once: a road that gives up hands the call on to the next one, which sends it again
+        # once: a compiled step that gives up hands the call on to plain calls
         meanwhile = functools.cache(meanwhile or (lambda: None))
-        # a step's faster roads; an armed chaos failure takes the plain one
-        if method in STEP_METHODS and not any(self._armed.values()):
-            if self._tree and (total := self._call_tree(method, args, meanwhile)) is not None:
-                return [total]
-            # the direct road serves every step. Without a graph compiled ahead
-            # (prepare_steps), steps take the plain road until one is timed: a graph compiled
-            # now would have its reader spin a core the whole step. With one, the actors
-            # already spin on its channels, and a plain call beside them took 2-4 times the
-            # math's time (default config)
-            compiled = self._compiled and (self._computes or self._ready_for(method))
-            if (self._direct or compiled) and (
-                results := self._call_fast(method, args, meanwhile)
-            ) is not None:
+        # an armed chaos failure takes plain calls
+        stepping = method == self._step_method
+        # without a graph compiled ahead (prepare_steps), steps take plain calls until one
+        # is timed: a graph compiled now would have its reader spin a core the whole step.
+        # With one, the actors already spin on its channels
+        compiled = self._transport == "compiled" and (self._computes or self._step is not None)
+        if stepping and compiled and not any(self._armed.values()):
+            results = self._call_compiled(method, args, meanwhile)
+            if results is not None:
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}
@@ -193,43 +181,19 @@ class RayGroup:
         if method in STATE_METHODS:
             self._state_calls.append((method, args))
         in_order = [results[rank] for rank in range(self.size)]
-        if method in STEP_METHODS:
+        if stepping:
             self._timed(in_order)
         return in_order
-
-    def _call_tree(self, method: str, args: tuple, meanwhile: Callable[[], None]) -> Any | None:
-        """The step's sums added along a binary tree over the ranks, on the workers: rank r
-        adds rank r + s's subtree for s = 1, 2, 4, ..., so the coordinator receives one
-        gradient instead of one per worker, and no worker more than log2(k). The partial
-        sums travel worker to worker through the object store, never through here.
-        None on a lost worker: the plain road then makes the call and replaces it."""
-        args = self._broadcast(args)
-        refs = [self._submit(rank, method, args) for rank in range(self.size)]
-        stride = 1
-        while stride < self.size:
-            for rank in range(0, self.size - stride, 2 * stride):
-                refs[rank] = self.actors[rank].add_sums.remote(refs[rank], refs[rank + stride])
-            stride *= 2
-        meanwhile()
-        try:
-            return self._ray.get(refs[0], timeout=self._timeout)
-        except self._ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, self._ray.exceptions.RayActorError):
-                return None  # a subtree's worker died under an inner node
-            raise_user_error(error)
-        except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
-            return None
 
     def _broadcast(self, args: tuple) -> tuple:
         """One object-store copy per array, shared by every worker."""
         return tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
 
-    def _call_fast(
+    def _call_compiled(
         self, method: str, args: tuple, meanwhile: Callable[[], None]
     ) -> list[Any] | None:
-        """The call over direct connections or through the compiled graph; None when it
-        could not be made (neither road, or a failure on it): the plain road then makes the
-        call, and finds any dead worker."""
+        """The call through the compiled graph; None when it could not be made (no graph, or
+        a failure on it): plain calls then make it, and find any dead worker."""
         if not self._open(method, args[0]):
             return None
         try:
@@ -238,11 +202,11 @@ class RayGroup:
                 *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
             )
         except BrokenStepError as broken:
-            # the others' results went with the road: the plain one redoes the step
+            # the others' results went with the graph: plain calls redo the step
             if broken.silent is None:
                 self._drop_step()
             else:
-                self._recover(broken.silent, method, broken.reason)  # drops the road too
+                self._recover(broken.silent, method, broken.reason)  # drops the graph too
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
@@ -250,13 +214,13 @@ class RayGroup:
         return results
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Connect or compile the step's road now: compiling takes 0.15–0.3 s (measured on
-        the default config), which a step of the loop would otherwise pay."""
-        if (self._direct or self._compiled) and not self._tree:
+        """Compile the graph for `method` calls now, not in a step of the loop."""
+        self._step_method = method
+        if self._transport == "compiled":
             self._open(method, theta)
 
     def _expected(self) -> float:
-        """How long the compiled road sleeps before it reads the sums. With one step timed,
+        """How long the compiled step sleeps before it reads the sums. With one step timed,
         half as long: that step may have spun for its whole time beside the workers, whose
         compute it then slowed (1.29 s against 1.02 s on the standard workload)."""
         if len(self._computes) < 2:
@@ -273,18 +237,14 @@ class RayGroup:
         return self._step is not None and self._step.method == method
 
     def _open(self, method: str, theta: np.ndarray) -> bool:
-        """A road for `method` is ready: direct connections, else a compiled graph; False
-        where neither can be had."""
+        """A compiled graph for `method` is ready; False where none can be had."""
         if not self._ready_for(method):
-            self._drop_step()  # an actor serves one road at a time
-            if self._direct:
-                self._step = open_direct_step(self._ray, self.actors, method)
-                self._direct = self._step is not None
-            if self._step is None and self._compiled:
-                self._step = compile_step(
-                    self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
-                )
-                self._compiled = self._step is not None
+            self._drop_step()  # an actor serves one graph at a time
+            self._step = compile_step(
+                self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
+            )
+            if self._step is None:
+                self._transport = "plain"
         return self._step is not None
 
     def _drop_step(self) -> None:
@@ -302,8 +262,8 @@ class RayGroup:
 
     def _recover(self, rank: int, method: str, reason: str) -> None:
         self._ray.kill(self.actors[rank])  # a hung worker must not linger, nor be waited for
-        self._drop_step()  # opened for the lost actor: opened again for its replacement
-        self._direct, self._compiled = self._direct_wanted, self._compile_wanted
+        self._drop_step()  # compiled for the lost actor: compiled again for its replacement
+        self._transport = self._wanted_transport
         self._cold = True
         start, stop = self._shards[rank]
         if self._policy.on_lost(rank, reason) is Decision.RAISE:
@@ -441,7 +401,5 @@ def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
         timeout=cluster.step_timeout,
         placement=cluster.placement,
         resources=cluster.worker_resources,
-        compiled=cluster.compiled_graph,
-        allreduce=cluster.allreduce,
-        direct=cluster.direct_steps,
+        transport=cluster.transport,
     )

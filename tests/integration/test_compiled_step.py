@@ -1,42 +1,18 @@
-"""The step's other roads: through a Ray Compiled Graph (the same bits as plain actor calls)
-and through a tree all-reduce on the workers; on both, a worker killed behind the group's
-back is replaced as on the plain road. (The direct road: test_direct_step.py.)"""
-
-import os
-import signal
-import time
+"""The step through a Ray Compiled Graph: the same bits as plain actor calls, and a worker
+killed behind the group's back is replaced as with plain calls."""
 
 import numpy as np
 import pytest
 
 from shardprop.service.cluster.group import RayGroup, asleep_for
 from shardprop.service.training.reduce import reduce_sums
-from tests.groups import prepared
+from tests.groups import kill_and_wait, prepared
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def prepared_group(
-    compiled: bool, workers: int = 2, allreduce: str = "star", direct: bool = False
-) -> tuple[RayGroup, np.ndarray]:
-    flags = {"cluster.compiled_graph": compiled, "cluster.direct_steps": direct}
-    return prepared(workers, f"cluster.allreduce={allreduce}", **flags)
-
-
-def kill_and_wait(ray, actor) -> None:
-    """Kill the worker's process behind the group's back, as `kill -9` would (`ray.kill`
-    lets the process run on for a moment after Ray calls the actor dead, long enough for a
-    few direct steps), and wait until Ray knows it is dead."""
-    pid = ray.get(actor.__ray_call__.remote(lambda worker: os.getpid()))
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=5)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the killed worker still answers")
+def prepared_group(compiled: bool, workers: int = 2) -> tuple[RayGroup, np.ndarray]:
+    return prepared(workers, **{"cluster.transport": "compiled" if compiled else "plain"})
 
 
 def test_compiled_and_plain_calls_return_the_same_bits(ray_session):
@@ -76,14 +52,14 @@ def test_a_graph_compiled_before_the_loop_serves_every_compiled_step(ray_session
         # the first step too takes the graph: a plain call would run beside its spinning
         # readers
         served = []
-        through_graph = compiled._call_fast
+        through_graph = compiled._call_compiled
 
         def recording(*args, **kwargs):
             results = through_graph(*args, **kwargs)
             served.append(results is not None)
             return results
 
-        compiled._call_fast = recording
+        compiled._call_compiled = recording
         for _ in range(3):
             fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
             assert compiled._step is graph
@@ -179,55 +155,25 @@ def test_a_worker_killed_between_compiled_steps_is_replaced(ray_session):
         group.close()
 
 
-def test_a_tree_all_reduce_survives_a_killed_worker(ray_session):
-    group, theta = prepared_group(compiled=False, workers=3, allreduce="tree")
-    try:
-        before = reduce_sums(group.call("gradient", theta))  # one sum: the tree's root
-        kill_and_wait(ray_session, group.actors[2])
-        after = reduce_sums(group.call("gradient", theta))  # the plain road recovers rank 2
-        assert group.restarts == 1
-        assert np.array_equal(after.grad, before.grad)  # exact: the same bits on either road
-        again = reduce_sums(group.call("gradient", theta))  # back on the tree
-        assert np.array_equal(again.grad, before.grad) and again.rows == before.rows
-        assert len(again.timings()) == 3
-    finally:
-        group.close()
-
-
 @pytest.mark.parametrize(
-    "road",
-    [
-        "direct",
-        "compiled",
-        "plain",
-        "tree",
-        "direct, a worker lost",
-        "compiled, a worker lost",
-        "tree, a worker lost",
-    ],
+    "transport", ["compiled", "plain", "compiled, a worker lost", "plain, a worker lost"]
 )
-def test_the_callers_own_work_runs_once_per_step_on_every_road(ray_session, road):
-    """The trainer settles a step's metrics while the next step computes: a road that gives
-    up and hands the step on to the plain road must not settle them twice."""
-    tree = road.startswith("tree")
-    group, theta = prepared_group(
-        compiled=road.startswith("compiled"),
-        workers=3 if tree else 2,
-        allreduce="tree" if tree else "star",
-        direct=road.startswith("direct"),
-    )
+def test_the_callers_own_work_runs_once_per_step_on_either_transport(ray_session, transport):
+    """The trainer logs a step's metrics while the next step computes: a compiled step that
+    gives up and hands the step on to plain calls must not log them twice."""
+    group, theta = prepared_group(compiled=transport.startswith("compiled"))
     ran = []
     try:
-        group.call("gradient", theta)  # the first steps time the math on the plain road
+        group.call("gradient", theta)  # the first steps time the math on plain calls
         reference = reduce_sums(group.call("gradient", theta))
-        if road.endswith("lost"):
+        if transport.endswith("lost"):
             kill_and_wait(ray_session, group.actors[1])
         for step in range(3):
             parts = group.call("gradient", theta, meanwhile=lambda step=step: ran.append(step))
             assert ran == list(range(step + 1))
             assert np.array_equal(reduce_sums(parts).grad, reference.grad)
-        assert group.restarts == road.endswith("lost")
-        assert (group._step is not None) == (road.startswith(("compiled", "direct")))
+        assert group.restarts == transport.endswith("lost")
+        assert (group._step is not None) == transport.startswith("compiled")
     finally:
         group.close()
 

@@ -180,14 +180,20 @@ CASES = {
 }
 
 
+TRANSPORTS = ["compiled", "plain"]
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("case", CASES)
-def test_exact_weights_after_30_steps_are_bitwise_equal_for_workers_0_1_2_3_5(ray_session, case):
+def test_exact_weights_after_30_steps_are_bitwise_equal_for_workers_0_1_2_3_5(
+    ray_session, case, transport
+):
     reference = run(0, *CASES[case])
     assert reference.history["loss"][-1] < reference.history["loss"][0]  # it trained at all
     for workers in (1, 2, 3, 5):
-        result = run(workers, *CASES[case])
+        result = run(workers, *CASES[case], **{"cluster.transport": transport})
         assert np.array_equal(result.theta, reference.theta), f"{workers} workers"
         assert result.final == reference.final
         assert result.history["loss"] == reference.history["loss"]
@@ -195,23 +201,14 @@ def test_exact_weights_after_30_steps_are_bitwise_equal_for_workers_0_1_2_3_5(ra
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_exact_weights_survive_a_worker_killed_mid_run(ray_session):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exact_weights_survive_a_worker_killed_mid_run(ray_session, transport):
     reference = run(0)
     for workers in (2, 3):
-        result = run(workers, **{"cluster.inject_failure": "worker=1,step=10"})
+        flags = {"cluster.inject_failure": "worker=1,step=10", "cluster.transport": transport}
+        result = run(workers, **flags)
         assert result.history["worker_restarts"] == [1]
         assert np.array_equal(result.theta, reference.theta), f"{workers} workers"
-
-
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_exact_on_every_road_of_the_step(ray_session):
-    """Direct connections (the default), the compiled graph, plain calls, the tree."""
-    reference = run(0)
-    compiled = {"cluster.direct_steps": False}
-    plain = {"cluster.direct_steps": False, "cluster.compiled_graph": False}
-    for flags in ({}, compiled, plain, {"cluster.allreduce": "tree"}):
-        assert np.array_equal(run(3, **flags).theta, reference.theta), flags
 
 
 @pytest.mark.cluster

@@ -1,5 +1,6 @@
 """The config: defaults, overrides, and errors that name the key."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,53 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["train.steps"])
+
+
+def test_transport_defaults_to_the_compiled_graph():
+    assert load_config(None).cluster.transport == "compiled"
+    assert load_config(None, ["cluster.transport=plain"]).cluster.transport == "plain"
+    with pytest.raises(ConfigError, match=r"cluster\.transport: Input should be 'compiled'"):
+        load_config(None, ["cluster.transport=direct"])
+
+
+@pytest.mark.parametrize(
+    "override, transport, message",
+    [
+        (
+            "cluster.compiled_graph=false",
+            "plain",
+            "cluster.compiled_graph is deprecated: use cluster.transport "
+            "(compiled_graph: false is transport: plain)",
+        ),
+        (
+            "cluster.compiled_graph=true",
+            "compiled",
+            "cluster.compiled_graph is deprecated: use cluster.transport",
+        ),
+        (
+            "cluster.direct_steps=true",
+            "compiled",
+            "cluster.direct_steps is deprecated: no longer used, ignored",
+        ),
+        (
+            "cluster.allreduce=tree",
+            "compiled",
+            "cluster.allreduce is deprecated: no longer used, ignored",
+        ),
+    ],
+)
+def test_old_transport_keys_are_accepted_with_one_warning_line(
+    caplog, override, transport, message
+):
+    with caplog.at_level(logging.WARNING, logger="shardprop.service.config"):
+        config = load_config(None, [override])
+    assert config.cluster.transport == transport
+    (record,) = caplog.records
+    assert message in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert "compiled_graph" not in config.resolved()["cluster"]  # logged as the new key only
+
+
+def test_an_explicit_transport_wins_over_the_old_key():
+    config = load_config(None, ["cluster.compiled_graph=false", "cluster.transport=compiled"])
+    assert config.cluster.transport == "compiled"
