@@ -1,0 +1,150 @@
+"""`shardprop bench ...`: the benchmarks of service/bench, as commands."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shardprop.service.cli.errors import errors_as_exit_codes
+from shardprop.service.cli.options import JsonOption, int_list, quiet_mlflow
+from shardprop.service.cli.render import write_json
+
+bench_app = typer.Typer(
+    help="Benchmarks: ratios measured within one run, never absolute.",
+    invoke_without_command=True,
+)
+
+RowsOption = Annotated[int, typer.Option(help="Rows of the workload.")]
+FeaturesOption = Annotated[int, typer.Option(help="Input features.")]
+HiddenOption = Annotated[str, typer.Option(help="Hidden widths, comma-separated.")]
+DtypeOption = Annotated[str, typer.Option(help="float64 or float32.")]
+
+
+@bench_app.callback()
+def bench_steps(
+    ctx: typer.Context,
+    rows: RowsOption = 200_000,
+    features: FeaturesOption = 64,
+    hidden: HiddenOption = "256,256",
+    dtype: DtypeOption = "float64",
+    threads: Annotated[int, typer.Option(help="BLAS threads of the in-process step.")] = 2,
+    workers: Annotated[str, typer.Option(help="Ray worker counts, comma-separated.")] = "1,2,4",
+    tree_workers: Annotated[
+        str, typer.Option(help="Worker counts for star vs tree all-reduce alone.")
+    ] = "8",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
+    peers: Annotated[
+        bool,
+        typer.Option(help="Also time scikit-learn, PyTorch and Ray Train, where installed."),
+    ] = True,
+    json_out: JsonOption = None,
+    track: Annotated[bool, typer.Option(help="Log the table to MLflow as a run.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store for --track.")] = None,
+) -> None:
+    """The standard workload's step: in-process, on Ray workers, its GEMMs, Ray alone."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from shardprop.service.bench import steps as suite
+
+    quiet_mlflow()
+    workload = suite.Workload(rows, features, int_list(hidden), dtype, threads)
+    with errors_as_exit_codes():
+        result = suite.bench_steps(
+            workload, int_list(workers), repeats, peers, int_list(tree_workers)
+        )
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)
+    if track:
+        typer.echo(f"logged as MLflow run {suite.track(result, tracking_uri)}")
+
+
+def report(results: list[dict], json_out: Path | None) -> None:
+    """One line per result: each timing's median and range, then the ratio."""
+    for r in results:
+        parts = [r["name"]] + [
+            f"{label} {r[key]['median']:.3f} s [{r[key]['low']:.3f}-{r[key]['high']:.3f}]"
+            for key, label in r["timings"]
+        ]
+        also = "".join(f", {name} {value:.3f}" for name, value in r.get("also", {}).items())
+        typer.echo(", ".join(parts) + f", ratio {r['ratio']:.3f}{also}")
+    write_json(json_out, results)
+
+
+@bench_app.command("network")
+def bench_network(
+    rows: Annotated[int, typer.Option(help="Rows of the synthetic batch.")] = 200_000,
+    features: FeaturesOption = 64,
+    hidden: HiddenOption = "256,256",
+    dtype: Annotated[list[str] | None, typer.Option(help="float64 and/or float32.")] = None,
+    threads: Annotated[int | None, typer.Option(help="BLAS threads (default: all).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per measurement.")] = 5,
+    json_out: JsonOption = None,
+) -> None:
+    """One forward+backward step against the same step's matrix products alone, against
+    itself on the whole columns at once instead of in chunks, and the exact reduction's."""
+    from shardprop.service.bench import timing as bench
+
+    widths = int_list(hidden)
+    dtypes = dtype or ["float64", "float32"]
+    report(
+        [bench.bench_network(rows, features, widths, dt, threads, repeats) for dt in dtypes],
+        json_out,
+    )
+
+
+@bench_app.command("data")
+def bench_data(
+    rows: Annotated[int, typer.Option(help="Rows of the Parquet dataset.")] = 10_000_000,
+    files: Annotated[int, typer.Option(help="Files it is cut into.")] = 100,
+    folder: Annotated[
+        Path | None, typer.Option(help="Keep the dataset here between runs (default: a temp dir).")
+    ] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Planning time and coordinator memory for a large Parquet dataset; one worker's read."""
+    from shardprop.service.bench.data import bench_planning
+
+    figures = bench_planning(rows=rows, files=files, folder=folder)
+    for key, value in figures.items():
+        typer.echo(
+            f"{key:28s} {value:,.4g}" if isinstance(value, float) else f"{key:28s} {value:,}"
+        )
+    write_json(json_out, figures)
+
+
+@bench_app.command("tracking")
+def bench_tracking(
+    config: Annotated[Path, typer.Argument(help="The job to time.")] = Path("configs/default.yaml"),
+    repeats: Annotated[int, typer.Option(help="Runs of each kind, alternated.")] = 3,
+    json_out: JsonOption = None,
+) -> None:
+    """Wall time of `shardprop train CONFIG` with MLflow tracking against --no-tracking."""
+    from shardprop.service.bench import timing as bench
+
+    report([bench.bench_tracking(config, repeats)], json_out)
+
+
+@bench_app.command("startup")
+def bench_startup(
+    rows: RowsOption = 200_000,
+    features: FeaturesOption = 64,
+    hidden: HiddenOption = "256,256",
+    dtype: DtypeOption = "float64",
+    steps: Annotated[int, typer.Option(help="Steps of each run.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Runs of each kind.")] = 1,
+    tracking: Annotated[bool, typer.Option(help="MLflow tracking on in the command.")] = True,
+    json_out: JsonOption = None,
+) -> None:
+    """`shardprop train` from the command to its first step, 2 workers, Ray's start-up
+    included, against Ray Train's fit() to its first step (where it is installed)."""
+    from shardprop.service.bench import startup as suite
+    from shardprop.service.bench.steps import Workload
+
+    quiet_mlflow()
+    workload = Workload(rows, features, int_list(hidden), dtype)
+    with errors_as_exit_codes():
+        result = suite.bench_startup(workload, steps, repeats, tracking)
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)

@@ -1,0 +1,144 @@
+"""What the commands print: a run's closing lines, the verify table, the plan's costs."""
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shardprop.service.config import Config
+from shardprop.service.tracking.store import ui_command
+
+if TYPE_CHECKING:  # rich, pyarrow and the estimates load only when a command needs them
+    from rich.console import Console
+
+    from shardprop.service.data.estimate import PlanEstimate
+    from shardprop.service.data.plan import DataPlan
+    from shardprop.service.training.progress import Reporter
+    from shardprop.service.training.run import RunResult
+    from shardprop.service.training.verify import Report as VerifyReport
+
+
+def write_json(path: Path | None, data: object) -> None:
+    if path:
+        path.write_text(json.dumps(data, indent=2))
+
+
+def stdout_console() -> "Console":
+    """A log or a pipe gets whole rows, a terminal its own width; soft wrap keeps a long line
+    one line for grep."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=True)
+
+
+def summarise(result: "RunResult", reporter: "Reporter") -> None:
+    """The closing lines: run id, final loss, where the weights are, how to see the run."""
+    final = result.final
+    accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
+    reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
+    weights = result.output / "weights.npz"
+    reporter.say(f"weights: {weights} (sha256 {result.weights_sha256[:16]}...)")
+    if result.tracking_uri:
+        reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
+
+
+def render_verify(report: "VerifyReport", quiet: bool) -> None:
+    """The table on stdout, then where the MLflow run is."""
+    if quiet:
+        return
+    from shardprop.service.training.verify import table
+
+    console = stdout_console()
+    console.print(table(report))
+    if report.run_id:
+        console.print(f"logged as MLflow run {report.run_id} (verify.result={report.result})")
+        console.print(f"see it in the MLflow UI: {ui_command(report.tracking_uri)}")
+
+
+def render_plan(
+    cfg: Config,
+    data_plan: "DataPlan",
+    estimate: "PlanEstimate",
+    known: int | None,
+    outputs: int | None,
+) -> None:
+    """The plan as a table per worker, then the whole step's totals, on stdout."""
+    from rich.table import Table
+
+    from shardprop.service.data.estimate import human_bytes
+
+    console = stdout_console()
+    source = data_plan.source
+    if source.synthetic is not None:
+        what = f"synthetic {source.synthetic.name}"
+    else:
+        what = f"{len(source.files)} {source.format} file(s)"
+    console.print(
+        f"data: {what}, {data_plan.total_rows:,} rows, {len(data_plan.features)} features, "
+        f"label {data_plan.label!r}"
+    )
+    if outputs is not None:
+        units = f"{outputs} (--outputs)"
+    elif known is not None:
+        units = str(known)
+    else:
+        units = (
+            "1 (binary/regression) or K (multiclass, K unknown until the workers read the "
+            "labels); the numbers below assume 1, --outputs K plans for K"
+        )
+    console.print(f"output units: {units}")
+    sizes = " -> ".join(str(n) for n in estimate.sizes)
+    console.print(
+        f"network: {sizes} ({cfg.model.activation}, {cfg.model.dtype}), "
+        f"{estimate.n_params:,} parameters"
+    )
+    in_process = cfg.cluster.workers == 0
+    table = Table(title=None, show_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("row range", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("memory", justify="right")
+    table.add_column("loading peak", justify="right")
+    table.add_column("FLOPs/step", justify="right")
+    for shard in estimate.shards:
+        table.add_row(
+            "in-process" if in_process else str(shard.rank),
+            f"{shard.start:,}..{shard.stop:,}",
+            f"{shard.rows:,}",
+            human_bytes(shard.memory.training),
+            human_bytes(shard.memory.loading),
+            f"{shard.flops.total:,}",
+        )
+    console.print(table)
+    first = estimate.shards[0].memory
+    console.print(
+        f"memory per worker (rank 0): batch {human_bytes(first.batch)}, activations "
+        f"{human_bytes(first.activations)}, deltas {human_bytes(first.deltas)}, parameters + "
+        f"gradient {human_bytes(first.parameters)}"
+    )
+    traffic = estimate.traffic
+    if in_process:
+        console.print("all-reduce per step: none (in-process, nothing leaves this process)")
+    else:
+        back = (
+            "the whole subtrees of the block tree back"
+            if data_plan.grid
+            else "one gradient vector back from each"
+        )
+        console.print(
+            f"all-reduce per step: {human_bytes(traffic.total)} = parameters to each of "
+            f"{len(estimate.shards)} workers {human_bytes(traffic.broadcast)} + {back} "
+            f"{human_bytes(traffic.gather)} (an upper bound: workers on this machine share the "
+            "one broadcast copy)"
+        )
+    flops = estimate.flops
+    console.print(
+        f"FLOPs per step: {flops.total:,} (forward {flops.forward:,}, backward dW "
+        f"{flops.backward_weights:,}, backward dA {flops.backward_inputs:,}; GEMMs only)"
+    )
+    if cfg.data.validation_fraction:
+        console.print(
+            f"validation: about {cfg.data.validation_fraction:.0%} of each shard's rows are held "
+            "out, so the gradient FLOPs are that much lower and a forward pass on them runs "
+            f"every {cfg.train.eval_every} steps; the memory is the same"
+        )
