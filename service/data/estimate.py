@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shardprop.workers.data.synthetic import SyntheticSpec
-from shardprop.workers.network.backprop import chunk_columns
+from shardprop.workers.network.chunks import chunk_columns
 from shardprop.workers.network.params import Layout
 from shardprop.workers.reduction.blocktree import BlockGrid, subtree_count
 

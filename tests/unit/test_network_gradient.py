@@ -84,11 +84,11 @@ def test_buffers_are_reused_and_results_do_not_change_between_calls():
     net = Network(arch, threads=2)
     batch = Batch(X, Y)
     first = net.gradient(theta, batch)
-    buffers = [id(A1) for b in net._per_thread for A1 in b.A1]
+    buffers = [id(A1) for b in net.buffers for A1 in b.A1]
     second = net.gradient(theta, batch)
     net.evaluate(theta, batch)
     net.predict(theta, X)
-    assert [id(A1) for b in net._per_thread for A1 in b.A1] == buffers
+    assert [id(A1) for b in net.buffers for A1 in b.A1] == buffers
     assert np.array_equal(first.grad, second.grad)
     assert first.grad is not second.grad
 
@@ -103,7 +103,7 @@ def test_a_batch_run_in_chunks_gives_the_whole_batchs_sums(task, threads):
     whole.chunk, chunked.chunk = m, 300  # parts of 2048 or more: 300 columns, 6 times, and the rest
     batch = Batch(X, Y)
     one, many = whole.gradient(theta, batch), chunked.gradient(theta, batch)
-    assert chunked._per_thread[0].width == 300  # it did run in chunks
+    assert chunked.buffers[0].width == 300  # it did run in chunks
     np.testing.assert_allclose(many.grad, one.grad, rtol=1e-12, atol=1e-12)
     assert many.loss == pytest.approx(one.loss, rel=1e-12)
     assert (many.rows, many.correct) == (one.rows, one.correct)
@@ -117,11 +117,11 @@ def test_a_worker_holds_a_chunk_of_activations_per_thread_not_its_shard():
     net = Network(arch, np.float32, threads=2)
     assert net.chunk == 1024  # 1 MiB of the widest activation, in float32
     net.gradient(theta.astype(np.float32), Batch(X, Y, np.float32))
-    assert [b.width for b in net._per_thread] == [1024, 1024]
+    assert [b.width for b in net.buffers] == [1024, 1024]
 
 
 def test_threads_split_the_columns_and_their_sums_add_up_to_the_one_thread_gradient():
-    from shardprop.workers.network.backprop import PART_MIN_ROWS
+    from shardprop.workers.network.chunks import PART_MIN_ROWS
 
     m = 20_000
     assert m >= 3 * PART_MIN_ROWS  # big enough for three parts
