@@ -1,7 +1,7 @@
 """Datasets to train on, written as Parquet: the synthetic generators, and two real tables.
 
 Synthetic sets are written file by file and row group by row group, each piece generated on
-its own by workers.synthetic.generate (seeded by block), so a billion-row set never has to
+its own by workers/data/synthetic.py's generate (seeded by block), so a billion-row set never has to
 fit in memory and the files hold exactly the rows a `data.synthetic` config would train on.
 The real tables (`breast-cancer`, `digits`) are the ones scikit-learn ships inside its
 package: no network, and scikit-learn is imported only when one of them is asked for.

@@ -2,7 +2,7 @@
 
 Pure functions of the layer sizes (n0, n1, ..., nL), a shard's rows m and the dtype, so each
 number can be checked by hand and `shardprop plan` can print them from metadata alone. They
-count what workers/network.py and workers/shard.py allocate and multiply, nothing else:
+count what workers/network/backprop.py and workers/shard.py allocate and multiply, nothing else:
 Python objects, Arrow's read buffers, Ray's own memory and elementwise passes are left out.
 """
 
@@ -119,7 +119,7 @@ def allreduce_bytes(
 def output_units(task: str, synthetic: SyntheticSpec | None) -> int | None:
     """n_L when the config tells it; None when only the labels can (multiclass from files).
 
-    Mirrors service.prepare.decide_task: binary and regression have one output unit,
+    Mirrors service/data/prepare.py's decide_task: binary and regression have one output unit,
     multiclass one per class; `auto` picks by the label values, which a synthetic spec knows.
     """
     if task in ("binary", "regression"):
@@ -203,7 +203,7 @@ def buffer_columns(
     sizes: Sequence[int], dtype: str, threads: int, grid: BlockGrid | None = None
 ) -> int:
     """The activations' width in a worker: each thread runs a chunk of columns at a time
-    (`workers.network.chunk_columns`), or a block of the exact reduction where it is narrower."""
+    (workers/network/chunks.py), or a block of the exact reduction where it is narrower."""
     chunk = chunk_columns(sizes, dtype)
     return threads * (min(chunk, grid.block_rows) if grid else chunk)
 

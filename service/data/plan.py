@@ -2,10 +2,10 @@
 
 Planned from metadata only (Parquet and Feather footers; CSV has none, so its rows are
 counted by streaming each file once, without keeping it). No row is ever held on the
-coordinator: the workers read their own ranges through workers.source.Source.
+coordinator: the workers read their own ranges through workers/data/source.py's Source.
 
 Remote paths (s3://, gs://, hdfs://, ...) take data.filesystem options; the coordinator
-settles them once (environment, URI query, bucket region) and the Source carries the result,
+resolves them once (environment, URI query, bucket region) and the Source carries the result,
 so every worker builds the same client the plan was made with.
 """
 
@@ -263,12 +263,12 @@ def _find_files(
 
 
 def _s3_options(path: str, uri: str, query: str, options: FilesystemOptions) -> FilesystemOptions:
-    """The options every worker will use for an s3:// path, settled once, on the coordinator.
+    """The options every worker will use for an s3:// path, resolved once, on the coordinator.
 
     pyarrow's URI options (?endpoint_override=&scheme=&region=) fold into data.filesystem; an
     unset endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (pyarrow ignores those);
     an unset region on AWS itself is looked up from the bucket, as FileSystem.from_uri does.
-    Settled here, so that the workers read from the very server the plan was made from.
+    Resolved here, so that the workers read from the very server the plan was made from.
     """
     if query:
         if options.is_set:

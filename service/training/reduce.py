@@ -4,7 +4,7 @@
 
 is the full-batch mean gradient for any split; a mean of per-worker means is not, as soon as
 shards differ in size. Adding in rank order makes a run bitwise repeatable; adding row
-blocks along a fixed tree (`train.reduction: exact`, workers.blocktree) makes it the same
+blocks along a fixed tree (`train.reduction: exact`, docs/exactness.md) makes it the same
 bits for any number of workers.
 """
 

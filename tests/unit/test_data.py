@@ -371,7 +371,7 @@ def test_read_outside_the_rows_is_a_programming_error(tmp_path):
         Source("parquet", synthetic=SyntheticSpec("moons", 10))
 
 
-# ---- filesystem options (data.filesystem); a real S3 server: tests/test_data_s3.py ----
+# ---- filesystem options (data.filesystem); a real S3 server: integration/test_data_s3.py ----
 
 
 def closed_port() -> int:

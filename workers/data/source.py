@@ -1,6 +1,6 @@
 """A table described by its metadata, and the reading of one row range of it.
 
-The coordinator builds a Source from file footers alone (service/data.py) and ships it, small
+The coordinator builds a Source from file footers alone (service/data/plan.py) and ships it, small
 and picklable, to every worker; each worker then reads only its own rows [start, stop) and
 opens only the files, and for Parquet only the row groups, that hold them. Global row order is
 the order of `files`, then the order of rows inside each file.

@@ -112,8 +112,7 @@ def generate(spec: SyntheticSpec, start: int, stop: int) -> pa.Table:
     out = schema(spec)
     X = np.concatenate(X_parts) if X_parts else np.empty((0, spec.n_features))  # (m, n0)
     y = np.concatenate(y_parts) if y_parts else np.empty(0)  # (m,)
-    # one transpose, then each column is contiguous (column by column, a strided copy each:
-    # 0.16 s for 100,000 x 64 rows against 0.02 s)
+    # one transpose, then each column is contiguous: no strided copy per column
     columns = [pa.array(column) for column in np.ascontiguousarray(X.T)]
     columns.append(pa.array(y, type=out.field(LABEL).type))
     return pa.Table.from_arrays(columns, schema=out)

@@ -12,9 +12,8 @@ from shardprop.workers.network.activations import sigmoid
 
 
 def sum_of_squares(x: np.ndarray) -> float:
-    """x . x for a vector, by numpy's own loop rather than BLAS: OpenBLAS runs a dot of over
-    10,000 values on all its threads, and those then spin for about 0.1 s on cores that the
-    workers (or the next step's parts) compute on."""
+    """x . x for a vector, by numpy's own loop rather than BLAS: OpenBLAS runs a long dot on
+    all its threads, which then spin on the cores the workers compute on."""
     return float(np.einsum("i,i->", x, x))
 
 

@@ -2,7 +2,7 @@
 
 `ShardSums` is one worker's rows in one sum (the rank-order reduction adds them rank 0
 first); `BlockSums` is a worker's blocks as whole subtrees of the block tree (the exact
-reduction, `workers.blocktree`). Both carry the worker's timings for the step's metrics.
+reduction, blocktree.py). Both carry the worker's timings for the step's metrics.
 """
 
 import copy
