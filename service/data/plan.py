@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shardprop.workers.data.source import FilesystemOptions, Source, one_line, open_filesystem
+from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.data.synthetic import schema as synthetic_schema
 from shardprop.workers.errors import DataError
@@ -155,13 +156,7 @@ def split_rows(total_rows: int, workers: int) -> list[tuple[int, int]]:
             f"cluster.workers: {workers} workers but only {total_rows} rows; "
             f"use at most {total_rows} workers"
         )
-    base, extra = divmod(total_rows, workers)
-    shards, start = [], 0
-    for rank in range(workers):
-        stop = start + base + (rank < extra)
-        shards.append((start, stop))
-        start = stop
-    return shards
+    return contiguous_ranges(total_rows, workers)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""What a worker reads: table sources, synthetic sets, the validation split."""
+"""What a worker reads: table sources, synthetic sets, and how rows are split."""

@@ -11,7 +11,7 @@ and FilesystemOptions (never shipped as an object: a client holds sockets and cr
 
 import datetime
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -265,16 +265,8 @@ def _read_feather(
         full = ipc.open_file(file).schema
         wanted = ipc.IpcReadOptions(included_fields=sorted(full.names.index(c) for c in columns))
         reader = ipc.open_file(file, options=wanted)
-        batches = []
-        offset = 0
-        for b in range(reader.num_record_batches):
-            batch = reader.get_batch(b)
-            if offset + batch.num_rows > lo:
-                skip = max(lo - offset, 0)
-                batches.append(batch.select(columns).slice(skip, hi - offset - skip))
-            offset += batch.num_rows
-            if offset >= hi:
-                break
+        every = (reader.get_batch(b).select(columns) for b in range(reader.num_record_batches))
+        batches = _rows_of(every, lo, hi)
     return pa.Table.from_batches(batches, schema=pa.schema(full.field(c) for c in columns))
 
 
@@ -290,17 +282,23 @@ def _read_csv(
     convert = pacsv.ConvertOptions(
         column_types={field.name: field.type for field in target}, include_columns=columns
     )
-    batches = []
-    offset = 0
     with filesystem.open_input_stream(path) as stream:  # .gz/.bz2/.zst: decompressed on the fly
-        for batch in pacsv.open_csv(stream, convert_options=convert):
-            if offset + batch.num_rows > lo:
-                skip = max(lo - offset, 0)
-                batches.append(batch.slice(skip, hi - offset - skip))
-            offset += batch.num_rows
-            if offset >= hi:
-                break
+        batches = _rows_of(pacsv.open_csv(stream, convert_options=convert), lo, hi)
     return pa.Table.from_batches(batches, schema=target)
+
+
+def _rows_of(batches: Iterable[pa.RecordBatch], lo: int, hi: int) -> list[pa.RecordBatch]:
+    """Rows [lo, hi) of a stream of record batches, as slices; reads no batch past `hi`."""
+    kept = []
+    offset = 0  # the stream's row index of the batch's first row
+    for batch in batches:
+        if offset + batch.num_rows > lo:
+            skip = max(lo - offset, 0)
+            kept.append(batch.slice(skip, hi - offset - skip))
+        offset += batch.num_rows
+        if offset >= hi:
+            break
+    return kept
 
 
 READERS = {"parquet": _read_parquet, "feather": _read_feather, "csv": _read_csv}

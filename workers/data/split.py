@@ -1,12 +1,26 @@
-"""The validation split: decided row by row from the row's global index and the seed.
+"""How rows are split: into contiguous ranges, one per worker, and into training and
+validation rows.
 
-A row's side never depends on which worker holds it or how many workers there are, so every
-worker count trains on the same rows and validates on the same rows.
+A row's validation side is decided from its global index and the seed alone: it never
+depends on which worker holds it or how many workers there are, so every worker count trains
+on the same rows and validates on the same rows.
 """
 
 import numpy as np
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def contiguous_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """[0, count) as `parts` contiguous (start, stop) ranges, in order; the first
+    count % parts ranges are one longer."""
+    base, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for part in range(parts):
+        stop = start + base + (part < extra)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

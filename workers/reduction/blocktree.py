@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.errors import DataError
 
 Node = tuple[int, int]  # (level k, index i): blocks [i 2^k, (i + 1) 2^k)
@@ -64,13 +65,10 @@ class BlockGrid:
                 f"{self.rows} rows into {self.blocks} blocks of {self.block_rows}; use at most "
                 f"{self.blocks} workers or a smaller train.block_rows"
             )
-        base, extra = divmod(self.blocks, workers)
-        shards, block = [], 0
-        for rank in range(workers):
-            stop = block + base + (rank < extra)
-            shards.append((block * self.block_rows, min(stop * self.block_rows, self.rows)))
-            block = stop
-        return shards
+        return [
+            (first * self.block_rows, min(stop * self.block_rows, self.rows))
+            for first, stop in contiguous_ranges(self.blocks, workers)
+        ]
 
     def bounds(self, start: int, stop: int) -> list[int]:
         """The block bounds inside rows [start, stop), which must be whole blocks, relative
