@@ -119,7 +119,7 @@ class Network:
 
     @property
     def buffers(self) -> list[Buffers]:
-        """One thread's buffers per thread, kept between calls."""
+        """Each thread's buffers, kept between calls and only ever grown."""
         return self.runner.buffers
 
     # the name tests/integration/test_data_commands.py reads; remove once it reads `buffers`
