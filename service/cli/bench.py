@@ -30,8 +30,9 @@ def bench_steps(
     threads: Annotated[int, typer.Option(help="BLAS threads of the in-process step.")] = 2,
     workers: Annotated[str, typer.Option(help="Ray worker counts, comma-separated.")] = "1,2,4",
     tree_workers: Annotated[
-        str, typer.Option(help="Worker counts for star vs tree all-reduce alone.")
-    ] = "8",
+        str | None,
+        typer.Option(help="Deprecated and ignored: the tree all-reduce is gone.", hidden=True),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 5,
     peers: Annotated[
         bool,
@@ -46,12 +47,12 @@ def bench_steps(
         return
     from shardprop.service.bench import steps as suite
 
+    if tree_workers is not None:
+        typer.echo("warning: --tree-workers is deprecated and ignored", err=True)
     quiet_mlflow()
     workload = suite.Workload(rows, features, int_list(hidden), dtype, threads)
     with errors_as_exit_codes():
-        result = suite.bench_steps(
-            workload, int_list(workers), repeats, peers, int_list(tree_workers)
-        )
+        result = suite.bench_steps(workload, int_list(workers), repeats, peers)
     for line in suite.render(result):
         typer.echo(line)
     write_json(json_out, result)

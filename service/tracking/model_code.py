@@ -1,7 +1,7 @@
 """The file MLflow logs as the model ("models from code").
 
 Loading the model runs this file instead of unpickling an object. It stays tiny: the model is
-service.serving.ShardpropModel, shipped beside it through code_paths.
+serving.ShardpropModel, shipped beside it through code_paths.
 """
 
 import mlflow.models

@@ -2,9 +2,9 @@
 
 A model is two files beside each other: the .npz weights and a JSON meta file (sizes,
 activation, task, dtype, feature names, standardisation, classes). The pyfunc model is logged
-as code (service/model_code.py), so loading it runs this source and reads arrays and JSON:
-nothing is unpickled. The forward pass is workers.network.Network.predict; this module only
-turns a table into X and the output rows back into what a caller of `predict` expects.
+as code (model_code.py), so loading it runs this source and reads arrays and JSON: nothing is
+unpickled. The forward pass is the workers' Network.predict; this module only turns a table
+into X, and the output rows into what a caller of `predict` expects.
 """
 
 import json
@@ -165,7 +165,7 @@ def predict_frame(
 
 
 class ShardpropModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc face of a Bundle; logged as code by service/model_code.py."""
+    """The pyfunc face of a Bundle; logged as code by model_code.py."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self._bundle = load_bundle(context.artifacts["weights"], context.artifacts["meta"])

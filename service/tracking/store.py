@@ -1,7 +1,7 @@
-"""Where the tracking store is, and is it there? Answered without MLflow, in seconds at most.
+"""Where the tracking store is, and is it there? Answered quickly, without MLflow.
 
-Plain urllib, not MLflow: MLflow's client retries a dead server for minutes, and importing it
-takes a second, both before the user would learn that the URI is wrong.
+Plain urllib, not MLflow: MLflow's client retries a dead server for minutes by default, and
+importing it is slow; a wrong URI should be named before either.
 """
 
 import os

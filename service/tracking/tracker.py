@@ -377,8 +377,7 @@ class Tracker:
         """Log the pyfunc model at runs:/<run_id>/model: weights + meta JSON, loaded from code.
 
         The signature and input example are built from the first rows of `input_example`
-        (feature columns only, so the label is not asked for at predict time). These are
-        mlflow.pyfunc.log_model's steps through our client: it logs to the global run only.
+        (feature columns only, so the label is not asked for at predict time).
         """
         self.flush()  # the model owns the metrics of the run's last step: they must be in
         with tempfile.TemporaryDirectory(prefix="shardprop-model-") as tmp:
@@ -393,6 +392,7 @@ class Tracker:
             signature = infer_signature(
                 example, predict_frame(bundle, example), params={"output": "probabilities"}
             )
+            # mlflow.pyfunc.log_model taking a run_id and tracking_uri would replace what follows
             model = self.client.create_logged_model(
                 self.experiment_id,
                 name=MODEL_NAME,

@@ -15,6 +15,7 @@ from rich.progress import (
 )
 
 Mode = Literal["auto", "rich", "plain", "quiet"]
+PLAIN_LINE_SECONDS = 30  # a log shows a slow run is alive between its tenth-of-the-run lines
 
 
 def describe(metrics: dict[str, float]) -> str:
@@ -62,7 +63,8 @@ class Reporter:
             self._bar.update(self._task, completed=step, metrics=describe(metrics))
         elif self.mode == "plain":
             now = time.monotonic()
-            if step % self.every == 0 or step == self.total or now - self._last_line > 30:
+            quiet_for = now - self._last_line
+            if step % self.every == 0 or step == self.total or quiet_for > PLAIN_LINE_SECONDS:
                 self._last_line = now
                 line = f"step {step}/{self.total}  {describe(metrics)}"
                 self.console.print(line, highlight=False)
