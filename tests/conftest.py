@@ -1,8 +1,29 @@
-"""Shared fixtures: one real local Ray runtime per test session, real MLflow stores on disk."""
+"""Shared fixtures: one real local Ray runtime per test session, real MLflow stores on disk; each
+test marked with its level, from its folder."""
 
 import os
+from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).parent
+LEVELS = ("unit", "integration", "cluster", "speed")
+SLOW_LEVELS = ("cluster", "speed")  # left out of the day-to-day `pytest -m "not slow"`
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the markers added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        level = item.path.relative_to(TESTS).parts[0]
+        if level not in LEVELS:
+            raise pytest.UsageError(
+                f"{item.path}: a test module lives in one of tests/{{{','.join(LEVELS)}}}"
+            )
+        item.add_marker(level)
+        if level in SLOW_LEVELS:
+            item.add_marker("slow")
 
 
 @pytest.fixture(scope="session")
