@@ -18,12 +18,7 @@ import numpy as np
 
 from shardprop.service.cluster import local_ray
 from shardprop.service.cluster.auth import TOKEN_VARIABLE, check_token
-from shardprop.service.cluster.compiled import (
-    BrokenStepError,
-    CompiledStep,
-    compile_step,
-    start_driver_proxy,
-)
+from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
 from shardprop.service.cluster.policy import WHEN, Decision, FailurePolicy, InjectedFailure
 from shardprop.service.config import ClusterConfig
 from shardprop.service.data.plan import DataPlan
@@ -34,8 +29,8 @@ from shardprop.workers.shard import ShardWorker
 
 # calls that build a worker's state: replayed, in order, on a replacement worker
 STATE_METHODS = ("load", "prepare")
-SPIN_MARGIN_SHARE = 0.01  # of a step's compute, left awake before the sums are due
-SPIN_MARGIN_SECONDS = 0.3e-3
+SPIN_MARGIN_SHARE = 0.01  # of a step's compute, awake before the sums are due
+SPIN_MARGIN_SECONDS = 0.3e-3  # at least
 
 
 class WorkerGroup(Protocol):
@@ -43,9 +38,9 @@ class WorkerGroup(Protocol):
     restarts: int  # workers replaced so far
 
     def call(
-        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+        self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
     ) -> list[Any]:
-        """Run a ShardWorker method on every worker; results in rank order. `meanwhile`:
+        """Run a ShardWorker method on every worker; results in rank order. `while_waiting`:
         the caller's own work, done once while the workers compute."""
 
     def inject(self, failure: InjectedFailure) -> None:
@@ -71,10 +66,10 @@ class LocalGroup:
         self.restarts = 0
 
     def call(
-        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+        self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
     ) -> list[Any]:
-        if meanwhile is not None:
-            meanwhile()  # nothing runs beside this process's own workers: first, then
+        if while_waiting is not None:
+            while_waiting()  # nothing runs beside this process's own worker: first, then
         return [getattr(worker, method)(*args) for worker in self.workers]
 
     def inject(self, failure: InjectedFailure) -> None:
@@ -92,7 +87,9 @@ class RayGroup:
 
     A worker whose process dies (or that does not answer within `timeout` seconds) is
     replaced by a new actor that rebuilds the same state from the same calls, and the call is
-    made again, as long as the failure policy allows.
+    made again, as long as the failure policy allows. The step's calls take the `transport`,
+    a compiled graph or plain actor calls; every other call, a step that failed on the graph
+    and a step with a chaos failure armed take plain calls.
     """
 
     def __init__(
@@ -126,43 +123,34 @@ class RayGroup:
         self._timeout = timeout
         self._state_calls: list[tuple[str, tuple]] = []
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
-        # the step through a compiled graph, when possible: a compile can fail for a worker
-        # that died just before it, so a replaced worker gets it tried again
+        # a compile can fail for a worker that died just before it: a replaced worker gets
+        # the wanted transport tried again
         self._transport = self._wanted_transport = transport
         self._step_method = "gradient"  # the calls that take the transport
-        self._step: CompiledStep | None = None
-        self._driver_proxy = start_driver_proxy(ray) if transport == "compiled" else None
-        # the slowest worker's compute in the last two steps: the compiled step sleeps
-        # through all but a margin of the smaller (a one-off slow step must not make the next
-        # one wait), then spins for the sums. A worker's first step is not one of them: it
-        # touches its buffers for the first time (3.3 s against 1.0 s on the standard
-        # workload, and the next step slept as long)
+        self._graph: CompiledStep | None = None
+        # the slowest worker's compute in the last two compiled steps: the next one sleeps
+        # through all but a margin of the smaller (a one-off slow step must not make the
+        # next one wait), then spins for the sums
         self._computes: deque[float] = deque(maxlen=2)
-        self._cold = True  # no step yet since the workers (or a replacement) started
 
     @property
     def restarts(self) -> int:
         return self._policy.restarts
 
     def call(
-        self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None
+        self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
     ) -> list[Any]:
         # once: a compiled step that gives up hands the call on to plain calls
-        meanwhile = functools.cache(meanwhile or (lambda: None))
-        # an armed chaos failure takes plain calls
-        stepping = method == self._step_method
-        # without a graph compiled ahead (prepare_steps), steps take plain calls until one
-        # is timed: a graph compiled now would have its reader spin a core the whole step.
-        # With one, the actors already spin on its channels
-        compiled = self._transport == "compiled" and (self._computes or self._step is not None)
-        if stepping and compiled and not any(self._armed.values()):
-            results = self._call_compiled(method, args, meanwhile)
+        while_waiting = functools.cache(while_waiting or (lambda: None))
+        armed = any(self._armed.values())
+        if method == self._step_method and self._transport == "compiled" and not armed:
+            results = self._call_compiled(args, while_waiting)
             if results is not None:
                 return results
         args = self._broadcast(args)
         results: dict[int, Any] = {}
         pending = {rank: self._submit(rank, method, args) for rank in range(self.size)}
-        meanwhile()
+        while_waiting()
         while pending:
             lost = {}
             for rank, future in pending.items():
@@ -180,77 +168,54 @@ class RayGroup:
                 pending[rank] = self._submit(rank, method, args)
         if method in STATE_METHODS:
             self._state_calls.append((method, args))
-        in_order = [results[rank] for rank in range(self.size)]
-        if stepping:
-            self._timed(in_order)
-        return in_order
+        return [results[rank] for rank in range(self.size)]
 
     def _broadcast(self, args: tuple) -> tuple:
         """One object-store copy per array, shared by every worker."""
         return tuple(self._ray.put(a) if isinstance(a, np.ndarray) else a for a in args)
 
-    def _call_compiled(
-        self, method: str, args: tuple, meanwhile: Callable[[], None]
-    ) -> list[Any] | None:
-        """The call through the compiled graph; None when it could not be made (no graph, or
-        a failure on it): plain calls then make it, and find any dead worker."""
-        if not self._open(method, args[0]):
-            return None
+    def _call_compiled(self, args: tuple, while_waiting: Callable[[], None]) -> list[Any] | None:
+        """The step through the compiled graph, compiled first if need be; None when it
+        could not be made: plain calls then make it, and find any lost worker."""
+        new = self._graph is None
+        if new:
+            self._graph = compile_step(self._ray, self.actors, self._step_method)
+            if self._graph is None:
+                self._transport = "plain"
+                return None
+        # a new graph's results are read at once: once the driver reads its channels, Ray's
+        # teardown after a worker is lost no longer crashes the driver process
+        expected = 0.0 if new else self._expected()
         try:
-            expected = self._expected()
-            results = self._step(
-                *args, timeout=self._timeout, expected=expected, meanwhile=meanwhile
+            results = self._graph(
+                *args, timeout=self._timeout, expected=expected, while_waiting=while_waiting
             )
-        except BrokenStepError as broken:
-            # the others' results went with the graph: plain calls redo the step
-            if broken.silent is None:
-                self._drop_step()
-            else:
-                self._recover(broken.silent, method, broken.reason)  # drops the graph too
+        except BrokenStepError:
+            self._drop_graph()  # the others' results went with it: plain calls redo the step
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
-        self._timed(results)
+        if not new:  # a new graph's first step spun beside the workers: not a step's time
+            self._computes.append(max(r.seconds for r in results))
         return results
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Compile the graph for `method` calls now, not in a step of the loop."""
+        """Compile the graph for `method` calls and make the first one now, not in the loop."""
         self._step_method = method
         if self._transport == "compiled":
-            self._open(method, theta)
+            self._drop_graph()
+            self._call_compiled((theta,), lambda: None)
 
     def _expected(self) -> float:
-        """How long the compiled step sleeps before it reads the sums. With one step timed,
-        half as long: that step may have spun for its whole time beside the workers, whose
-        compute it then slowed (1.29 s against 1.02 s on the standard workload)."""
-        if len(self._computes) < 2:
-            return asleep_for(self._computes[0]) / 2 if self._computes else 0.0
-        return asleep_for(min(self._computes))
+        """How long a compiled step sleeps before it reads the sums: it wakes a margin before
+        they are due, a larger share of a short step, whose time varies more."""
+        compute = min(self._computes, default=0.0)
+        return compute - max(SPIN_MARGIN_SECONDS, SPIN_MARGIN_SHARE * compute)
 
-    def _timed(self, results: list[Any]) -> None:
-        if self._cold:
-            self._cold = False
-        else:
-            self._computes.append(max(r.seconds for r in results))
-
-    def _ready_for(self, method: str) -> bool:
-        return self._step is not None and self._step.method == method
-
-    def _open(self, method: str, theta: np.ndarray) -> bool:
-        """A compiled graph for `method` is ready; False where none can be had."""
-        if not self._ready_for(method):
-            self._drop_step()  # an actor serves one graph at a time
-            self._step = compile_step(
-                self._ray, self.actors, method, 2 * theta.nbytes + 2**20, self._driver_proxy
-            )
-            if self._step is None:
-                self._transport = "plain"
-        return self._step is not None
-
-    def _drop_step(self) -> None:
-        if self._step is not None:
-            self._step.close()
-            self._step = None
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
 
     def _timeout_for(self, method: str) -> float | None:
         return None if method in STATE_METHODS else self._timeout  # reading data takes long
@@ -262,9 +227,8 @@ class RayGroup:
 
     def _recover(self, rank: int, method: str, reason: str) -> None:
         self._ray.kill(self.actors[rank])  # a hung worker must not linger, nor be waited for
-        self._drop_step()  # compiled for the lost actor: compiled again for its replacement
+        self._drop_graph()  # compiled for the lost actor: compiled again for its replacement
         self._transport = self._wanted_transport
-        self._cold = True
         start, stop = self._shards[rank]
         if self._policy.on_lost(rank, reason) is Decision.RAISE:
             raise TrainingError(
@@ -293,27 +257,13 @@ class RayGroup:
         self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
     def close(self) -> None:
-        self._drop_step()
+        self._drop_graph()
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors.clear()
-        if self._driver_proxy is not None:
-            self._ray.kill(self._driver_proxy)
-            self._driver_proxy = None
         if self._owns_runtime:
             self._owns_runtime = False
             self._ray.shutdown()
-
-
-def asleep_for(compute: float) -> float:
-    """How long the coordinator sleeps through a step whose slowest worker computed for
-    `compute` seconds in the faster of the last two steps. Spinning for the sums takes a core
-    from the workers when they fill every core (and costs them more than its own CPU: each
-    yield is a context switch on a worker's core), so the margin is small: 1 % of a step (a
-    1 s step came in up to 0.8 % under that prediction, up to 1.6 % over), at least 0.3 ms
-    (a 3 ms step's varies by about 0.2 ms). Measured on the standard workload, steps
-    alternating in one run: 968 and 977 ms with a 3 % margin, 959 and 972 ms with 1 %."""
-    return compute - max(SPIN_MARGIN_SECONDS, SPIN_MARGIN_SHARE * compute)
 
 
 def raise_user_error(error: Exception) -> NoReturn:

@@ -290,7 +290,7 @@ def fit(
                     record(step, metrics)
                     break
             started = time.perf_counter()
-            parts = group.call("gradient", theta, meanwhile=settle)
+            parts = group.call("gradient", theta, while_waiting=settle)
             gathered = time.perf_counter()
             mean, loss, grad = objective(parts, theta, layout, train.l2)
             reduced = time.perf_counter()
