@@ -263,7 +263,7 @@ def test_memory_estimate_is_what_the_network_allocates(m, threads, block_rows):
     columns = buffer_columns(arch.sizes, "float64", threads, grid)
     memory = worker_memory(arch.sizes, m, itemsize=8, columns=columns)
     assert memory.batch == batch.X1.nbytes + batch.Y.nbytes
-    held = network._per_thread
+    held = network.buffers
     assert memory.activations == sum(a.nbytes for b in held for a in [*b.A1, b.Z_out])
     assert memory.deltas == sum(d.nbytes for b in held for d in b.delta)
     assert memory.parameters == theta.nbytes + sums.grad.nbytes

@@ -122,9 +122,6 @@ class Network:
         """Each thread's buffers, kept between calls and only ever grown."""
         return self.runner.buffers
 
-    # the name tests/integration/test_data_commands.py reads; remove once it reads `buffers`
-    _per_thread = buffers
-
     def gradient(self, theta: np.ndarray, batch: Batch) -> ShardSums:
         """Forward and backward over the whole batch: the shard's sums."""
         self._check(theta, batch)
