@@ -112,7 +112,7 @@ def time_ray_train(workload: Workload, steps: int, repeats: int) -> dict[str, Ti
     start = raytrain.same_start(local)
     local.group.close()
     began = time.perf_counter()
-    started_ray = connect_ray(None, 2, lean=False)  # a local runtime, as Ray Train's users start it
+    started_ray = connect_ray(None, 2)  # a local runtime, as Ray Train's users start it
     ray_start = time.perf_counter() - began
     try:
         runs = [raytrain.fit_ray_train(start, steps, LEARNING_RATE) for _ in range(repeats)]

@@ -4,7 +4,6 @@ The training loop only calls `call(method, *args)` and gets the results in rank 
 never imports Ray, and `--workers 0` runs the very same loop in-process.
 """
 
-import contextlib
 import functools
 import logging
 import os
@@ -16,7 +15,6 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
-from shardprop.service.cluster import local_ray
 from shardprop.service.cluster.auth import TOKEN_VARIABLE, check_token
 from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
 from shardprop.service.cluster.policy import WHEN, Decision, FailurePolicy, InjectedFailure
@@ -287,17 +285,11 @@ def code_to_ship(cluster: ClusterConfig) -> tuple[str, ...]:
     return ("workers",)
 
 
-def connect_ray(
-    address: str | None,
-    cpus_needed: int,
-    ship: tuple[str, ...] = (),
-    lean: bool = True,
-) -> bool:
+def connect_ray(address: str | None, cpus_needed: int, ship: tuple[str, ...] = ()) -> bool:
     """Join the cluster at `address`, or start Ray on this machine when there is none.
 
     A local start declares at least as many CPUs as the workers ask for, so `--workers 3`
-    runs on a 2-core laptop (oversubscribed) instead of waiting forever for a free CPU, and
-    (`lean`) starts only the processes a run uses (`service.local_ray`).
+    runs on a 2-core laptop (oversubscribed) instead of waiting forever for a free CPU.
     Returns whether this call started (or joined) the runtime, and so should shut it down.
     """
     import ray
@@ -305,19 +297,15 @@ def connect_ray(
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
-    lean_start = lean and address is None
     if address is None:
+        # accepted: processes a run does not use (upstream fix: ray.init(minimal local node))
+        # accepted: workers niced to 15 (upstream fix: a ray.init option for worker niceness)
         options["num_cpus"] = max(os.cpu_count() or 1, cpus_needed)
-        if lean_start:
-            options["_system_config"] = local_ray.SYSTEM_CONFIG
     else:
         options["address"] = address
         check_token(address)
     try:
-        with (
-            local_ray.quick_start() if lean_start else contextlib.nullcontext(),
-            tempfile.TemporaryDirectory(prefix="shardprop-code-") as folder,
-        ):
+        with tempfile.TemporaryDirectory(prefix="shardprop-code-") as folder:
             if ship:  # uploaded by ray.init, so the copy may go once it returns
                 options["runtime_env"] = {"py_modules": [str(stage(Path(folder), ship))]}
             ray.init(**options)

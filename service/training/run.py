@@ -29,7 +29,6 @@ from shardprop.service.tracking.store import check_reachable
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from shardprop.service.training.early_stop import EarlyStopping
-from shardprop.service.training.interpreter import RunInterpreter
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
 from shardprop.service.training.optim import make_optimizer
 from shardprop.service.training.progress import Reporter
@@ -397,10 +396,7 @@ def train(
     plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
     if config.tracking.enabled:
         check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
-    with (
-        RunInterpreter() as interpreter,
-        ThreadPoolExecutor(1, thread_name_prefix="tracking") as background,
-    ):
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
         tracker, group = open_run(config, plan, background, resume_run)
         with tracker, closing(group), stop_requests() as stop:
             output = output or Path(".shardprop") / "runs" / tracker.run_id
@@ -436,7 +432,6 @@ def train(
                 )
             group.prepare_steps(theta)
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
-            interpreter.started()
             loop_started = time.perf_counter()
             try:
                 history, stopper = fit(
