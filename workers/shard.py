@@ -1,16 +1,15 @@
 """The shard worker: owns one contiguous range of rows and serves its sums.
 
-A plain class: `service.group` runs it in-process (`--workers 0`) or makes it a Ray actor.
+A plain class: the worker group (`shardprop.service.cluster.group`) runs it in-process
+(`--workers 0`) or makes it a Ray actor.
 It reads its own rows (the coordinator never holds the data), reports statistics for the
 checks and the standardisation, then keeps the prepared batch and the network's buffers in
 memory for every step.
 """
 
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from itertools import pairwise
@@ -226,11 +225,6 @@ class ShardWorker:
         sums.seconds = time.perf_counter() - start
         return sums
 
-    def null_gradient(self, theta: np.ndarray) -> ShardSums:
-        """The gradient call minus the math: sums of the real size, all zero. What moving a
-        step's parameters and sums costs on its own (`shardprop bench`)."""
-        return ShardSums(np.zeros_like(theta), 0.0, self.stop - self.start, 0)
-
     def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums | BlockSums:
         """Loss sum and correct count on the training or the validation rows."""
         if self.grid:
@@ -246,19 +240,6 @@ class ShardWorker:
                 return ShardSums(np.empty(0, theta.dtype), 0.0, 0, correct)
             return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
-
-    def die(self, *_: object) -> None:
-        """Chaos testing (--inject-failure): end this process the way `kill -9` does."""
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def gradient_then_die(self, theta: np.ndarray) -> None:
-        """Chaos testing: compute the step's sums, then die before handing them over."""
-        self.gradient(theta)
-        self.die()
-
-    def hang(self, *_: object) -> None:
-        """Chaos testing: never answer, as a worker stuck on a dead disk or network would."""
-        threading.Event().wait()
 
     def where(self) -> dict:
         """Which node and process hold this shard, for the run's records."""

@@ -21,6 +21,7 @@ from shardprop.service.bench.timing import (
     alternating_seconds,
     gemms_of_step,
 )
+from shardprop.service.bench.workers import BenchWorker
 from shardprop.service.cluster.group import WorkerGroup, connect_ray, start_group
 from shardprop.service.config import Config, load_config
 from shardprop.service.training.reduce import batch_mean, reduce_sums
@@ -85,7 +86,7 @@ def prepare(config: Config, seed: int, method: str = "gradient") -> Prepared:
     """Workers holding their shards and networks, and the road of the `method` step set up
     (connected or compiled), as a run has them before its first step."""
     plan = make_plan(config)
-    group = start_group(plan, config.cluster)
+    group = start_group(plan, config.cluster, BenchWorker)
     _, _, arch = set_up_workers(group, plan, config)
     theta = init_params(arch.layout, "he", seed, config.model.dtype)
     group.prepare_steps(theta, method)

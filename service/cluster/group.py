@@ -52,11 +52,11 @@ class WorkerGroup(Protocol):
 
 
 class LocalGroup:
-    """One ShardWorker holding every row, in this process: the reference run."""
+    """One worker holding every row, in this process: the reference run."""
 
-    def __init__(self, plan: DataPlan):
+    def __init__(self, plan: DataPlan, worker_class: type[ShardWorker] = ShardWorker):
         self.workers = [
-            ShardWorker(
+            worker_class(
                 0, plan.source, plan.features, plan.label, 0, plan.total_rows, grid=plan.grid
             )
         ]
@@ -85,7 +85,8 @@ class RayGroup:
 
     A worker whose process dies (or that does not answer within `timeout` seconds) is
     replaced by a new actor that rebuilds the same state from the same calls, and the call is
-    made again, as long as the failure policy allows. The step's calls take the `transport`,
+    made again, as long as the failure policy allows. `worker_class`: ShardWorker or a
+    subclass (chaos testing, benchmarks). The step's calls take the `transport`,
     a compiled graph or plain actor calls; every other call, a step that failed on the graph
     and a step with a chaos failure armed take plain calls.
     """
@@ -100,11 +101,12 @@ class RayGroup:
         placement: str = "spread",
         resources: dict[str, float] | None = None,
         transport: str = "compiled",
+        worker_class: type[ShardWorker] = ShardWorker,
     ):
         import ray
 
         self._ray = ray
-        self._actor = ray.remote(ShardWorker).options(
+        self._actor = ray.remote(worker_class).options(
             num_cpus=cpus_per_worker,
             resources=resources or {},
             scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
@@ -325,9 +327,16 @@ def unreachable_cluster(address: str, error: Exception) -> str:
     )
 
 
-def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
+def start_group(
+    plan: DataPlan, cluster: ClusterConfig, worker_class: type[ShardWorker] = ShardWorker
+) -> WorkerGroup:
+    """The group `cluster` asks for; workers that can be made to fail only for chaos runs."""
     if cluster.workers == 0:
-        return LocalGroup(plan)
+        return LocalGroup(plan, worker_class)
+    if cluster.inject_failure:
+        from shardprop.workers.chaos import ChaosWorker
+
+        worker_class = ChaosWorker
     started = connect_ray(
         cluster.address, cluster.workers * cluster.cpus_per_worker, code_to_ship(cluster)
     )
@@ -340,4 +349,5 @@ def start_group(plan: DataPlan, cluster: ClusterConfig) -> WorkerGroup:
         placement=cluster.placement,
         resources=cluster.worker_resources,
         transport=cluster.transport,
+        worker_class=worker_class,
     )

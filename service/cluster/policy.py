@@ -28,7 +28,7 @@ class FailurePolicy:
         return min(len(self.failures), self.max_failures)
 
 
-# when=... -> the ShardWorker method called instead of `gradient`
+# when=... -> the ChaosWorker method called instead of `gradient`
 WHEN = {"before": "die", "after": "gradient_then_die", "hang": "hang"}
 
 

@@ -11,6 +11,7 @@ from shardprop.service.config import load_config
 from shardprop.service.errors import TrainingError
 from shardprop.service.training.run import make_plan
 from shardprop.workers.network.params import load_weights
+from tests.groups import kill_and_wait
 
 
 def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
@@ -57,9 +58,7 @@ def test_a_lost_worker_is_named(ray_session):
     group = RayGroup(plan, cpus_per_worker=1, owns_runtime=False)
     try:
         group.call("load")
-        # the worker's process ends (as kill -9 would end it); wait until Ray knows
-        with pytest.raises(ray_session.exceptions.RayActorError):
-            ray_session.get(group.actors[1].die.remote())
+        kill_and_wait(ray_session, group.actors[1])
         with pytest.raises(TrainingError, match=r"worker 1 \(rows 152\.\.300\) was lost"):
             group.call("load")
     finally:
