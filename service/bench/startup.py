@@ -17,7 +17,7 @@ import yaml
 from shardprop.service.bench import raytrain
 from shardprop.service.bench.steps import LEARNING_RATE, Workload, prepare
 from shardprop.service.bench.timing import Timing
-from shardprop.service.cluster.group import connect_ray
+from shardprop.service.cluster.runtime import connect_ray
 from shardprop.service.errors import TrainingError
 
 # what the command prints when stderr is not a terminal, each line just after what it marks

@@ -22,7 +22,8 @@ from shardprop.service.bench.timing import (
     gemms_of_step,
 )
 from shardprop.service.bench.workers import BenchWorker
-from shardprop.service.cluster.group import WorkerGroup, connect_ray, start_group
+from shardprop.service.cluster.group import WorkerGroup, start_group
+from shardprop.service.cluster.runtime import connect_ray
 from shardprop.service.config import Config, load_config
 from shardprop.service.training.reduce import batch_mean, reduce_sums
 from shardprop.service.training.run import make_plan, set_up_workers

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from rich.table import Table
 
-from shardprop.service.cluster.group import WorkerGroup, code_to_ship, connect_ray, start_group
+from shardprop.service.cluster.group import WorkerGroup, start_group
+from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import ClusterConfig, Config, config_from
 from shardprop.service.errors import ConfigError
 from shardprop.service.tracking.store import check_reachable

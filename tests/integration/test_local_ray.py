@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 CHILD = """
 import json, os
 import ray
-from shardprop.service.cluster.group import connect_ray
+from shardprop.service.cluster.runtime import connect_ray
 
 started = connect_ray(None, os.cpu_count() + 3)
 cpus = ray.cluster_resources()["CPU"]
