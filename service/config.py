@@ -113,7 +113,7 @@ class ClusterConfig(Section):
     cpus_per_worker: int = Field(1, gt=0)
     max_worker_failures: int = Field(3, ge=0)  # lost workers replaced before the run fails
     step_timeout: float | None = Field(None, gt=0)  # seconds; a worker silent longer is lost
-    inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=before|after]"
+    inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=...]"
     # spread: shards over as many nodes as have room (Ray's SPREAD); pack: fill nodes in turn
     placement: Literal["spread", "pack"] = "spread"
     worker_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources

@@ -84,8 +84,8 @@ class Prepared:
 
 
 def prepare(config: Config, seed: int, method: str = "gradient") -> Prepared:
-    """Workers holding their shards and networks, and the road of the `method` step set up
-    (connected or compiled), as a run has them before its first step."""
+    """Workers holding their shards and networks, and the transport of the `method` step set up
+    (compiled), as a run has them before its first step."""
     plan = make_plan(config)
     group = start_group(plan, config.cluster, BenchWorker)
     _, _, arch = set_up_workers(group, plan, config)

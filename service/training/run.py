@@ -183,7 +183,7 @@ def step_metrics(
     parts: list[ShardSums],
     timing: tuple[float, float, float, float],
 ) -> dict[str, float]:
-    """The per-step metrics of DESIGN.md §3, from the step's reduce and its clock readings
+    """The per-step metrics, from the step's reduce and its clock readings
     (started, gathered, reduced, updated)."""
     started, gathered, reduced, updated = timing
     metrics = {"loss": loss}
@@ -240,13 +240,13 @@ def fit(
             history.setdefault(name, []).append(value)
 
     # a step's metrics are worked out, recorded and shown while the workers compute the
-    # next one (50 us a step on the default config that the workers need not wait for);
-    # settled before anything reads the records, and when the loop ends however it ends
-    unsettled: list[Callable[[], None]] = []
+    # next one; logged before anything reads the records, and when the loop ends however
+    # it ends
+    pending_logs: list[Callable[[], None]] = []
 
-    def settle() -> None:
-        while unsettled:  # in step order
-            unsettled.pop(0)()
+    def log_pending() -> None:
+        while pending_logs:  # in step order
+            pending_logs.pop(0)()
 
     def report(step: int, metrics: dict[str, float], *measured: Any) -> None:
         metrics |= step_metrics(*measured)
@@ -266,7 +266,7 @@ def fit(
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
 
-    def keep(step: int) -> Path:
+    def write_checkpoint(step: int) -> Path:
         state = prefixed("optimizer", optimizer.state()) | prefixed(
             "metrics", records_to_arrays(records)
         )
@@ -285,11 +285,11 @@ def fit(
                 # measured at the parameters this step's gradient is taken at, as `loss` is
                 metrics = validate(group, theta)
                 if stopper.update(step, metrics["val_loss"], theta):
-                    settle()
+                    log_pending()
                     record(step, metrics)
                     break
             started = time.perf_counter()
-            parts = group.call("gradient", theta, while_waiting=settle)
+            parts = group.call("gradient", theta, while_waiting=log_pending)
             gathered = time.perf_counter()
             mean, loss, grad = objective(parts, theta, layout, train.l2)
             reduced = time.perf_counter()
@@ -303,13 +303,13 @@ def fit(
             timing = (started, gathered, reduced, time.perf_counter())
             if group.restarts != restarts:
                 restarts = metrics["worker_restarts"] = group.restarts
-            unsettled.append(
+            pending_logs.append(
                 functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
             )
             stopping = stop is not None and stop.signum is not None
             if stopping or (train.checkpoint_every and step % train.checkpoint_every == 0):
-                settle()
-                last_checkpoint = keep(step)
+                log_pending()
+                last_checkpoint = write_checkpoint(step)
             if stopping:
                 how = (
                     f"shardprop resume {tracker.run_id} --tracking-uri '{tracker.tracking_uri}'"
@@ -324,7 +324,7 @@ def fit(
         error.args = (f"{error}{resume_hint(last_checkpoint)}",)
         raise
     finally:
-        settle()
+        log_pending()
     if stopper and train.patience and stopper.best_theta is not None:
         theta[...] = stopper.best_theta  # early stopping keeps the best weights
     return history, stopper
@@ -366,8 +366,8 @@ def open_run(
 ) -> tuple[Recorder, WorkerGroup]:
     """Open the MLflow run and start the workers at once.
 
-    MLflow's imports and store set-up take a second or more, and so does Ray's start-up,
-    which mostly waits on other processes: done side by side, the run starts sooner.
+    MLflow's imports and store set-up are slow, and so is Ray's start-up, which mostly
+    waits on other processes: done side by side, the run starts sooner.
     """
     opening = background.submit(open_tracker, config, resume_run)
     try:

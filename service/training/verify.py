@@ -1,6 +1,6 @@
 """`shardprop verify`: is the math right on the user's own data and cluster?
 
-Three checks, each a row of one table (DESIGN.md §1 is the promise they hold the build to):
+Three checks, each a row of one table (the promise they hold the build to: docs/exactness.md):
 
 1. the analytic gradient against finite differences of the objective, in float64, on a
    seeded sample of parameters, in-process (central differences; smaller steps and one-sided

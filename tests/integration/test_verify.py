@@ -1,5 +1,5 @@
-"""`shardprop verify` holds a build to DESIGN.md §1: it passes on a correct build, and names the
-check that fails when the math or the reduction is deliberately broken.
+"""`shardprop verify` holds a build to docs/exactness.md: it passes on a correct build, and
+names the check that fails when the math or the reduction is deliberately broken.
 
 Real Ray actors (a local runtime), a real Parquet file, a real MLflow store read back.
 """
@@ -113,7 +113,7 @@ def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(tmp_path, 
 
 
 def mean_of_worker_means(parts):
-    """The bug DESIGN.md §1 warns about: each worker's mean, then the mean of those, which is
+    """The bug docs/exactness.md warns about: each worker's mean, then the mean of those, which is
     not the full-batch mean once the shards differ in size. As sums over all rows, so that
     the trainer's division by the total rows leaves the mean of means."""
     total = reduce_sums(parts)
