@@ -136,7 +136,6 @@ def bench_steps(
     workers: tuple[int, ...],
     repeats: int,
     peers: bool = True,
-    tree_workers: tuple[int, ...] = (),  # no longer used: the tree all-reduce is gone
 ) -> dict[str, Any]:
     """Every figure of the table, in seconds, plus the losses the peers reached."""
     timings: dict[str, Timing] = {}
