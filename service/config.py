@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from shardprop.service.cluster.policy import InjectedFailure
 from shardprop.service.errors import ConfigError
+from shardprop.workers.chaos import InjectedFailure
 
 log = logging.getLogger(__name__)
 

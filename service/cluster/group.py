@@ -13,11 +13,12 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
-from shardprop.service.cluster.policy import WHEN, Decision, FailurePolicy, InjectedFailure
+from shardprop.service.cluster.policy import Decision, FailurePolicy
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import ClusterConfig
 from shardprop.service.data.plan import DataPlan
 from shardprop.service.errors import ConfigError, TrainingError
+from shardprop.workers.chaos import WHEN, ChaosWorker, InjectedFailure
 from shardprop.workers.errors import UserError
 from shardprop.workers.shard import ShardWorker
 
@@ -277,8 +278,6 @@ def start_group(
     if cluster.workers == 0:
         return LocalGroup(plan, worker_class)
     if cluster.inject_failure:
-        from shardprop.workers.chaos import ChaosWorker
-
         worker_class = ChaosWorker
     started = connect_ray(
         cluster.address, cluster.workers * cluster.cpus_per_worker, code_to_ship(cluster)

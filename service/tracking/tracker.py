@@ -53,7 +53,6 @@ from shardprop.service.data.lineage import InputRecord
 from shardprop.service.shipped_code import stage
 from shardprop.service.tracking.serving import load_bundle, predict_frame
 from shardprop.service.tracking.store import resolve_tracking_uri
-from shardprop.service.training.checkpoint import weights_fingerprint
 from shardprop.workers.data.source import one_line
 from shardprop.workers.errors import UserError
 
@@ -194,7 +193,7 @@ class Tracker:
         self._stop = threading.Event()
         self._wake = threading.Event()  # write now rather than at the next tick
         # checkpoint folders to upload, by the writer thread after the metrics before them
-        self._artifacts: deque[Path] = deque()
+        self._artifacts: deque[tuple[Path, str]] = deque()  # (checkpoint folder, its sha256)
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_logged: tuple[int, int, dict[str, float]] | None = None  # the newest step
@@ -303,17 +302,17 @@ class Tracker:
         except (mlflow.MlflowException, OSError):
             return destination / "checkpoints"  # none uploaded: an empty place to look
 
-    def log_checkpoint(self, folder: Path) -> None:
+    def log_checkpoint(self, folder: Path, weights_sha256: str) -> None:
         """Upload a checkpoint folder under checkpoints/ and tag the run with its weights'
         fingerprint (`weights_sha256.step-NNNNNN`), from the writer thread at its next tick
         (the folder is on local disk already: the upload is for a resume elsewhere)."""
-        self._artifacts.append(folder)
+        self._artifacts.append((folder, weights_sha256))
 
     def _upload_checkpoints(self) -> None:
         while self._artifacts:
-            folder = self._artifacts[0]
+            folder, weights_sha256 = self._artifacts[0]
             self.client.log_artifact(self.run_id, os.fspath(folder), "checkpoints")
-            self.set_tags({f"weights_sha256.{folder.name}": weights_fingerprint(folder)})
+            self.set_tags({f"weights_sha256.{folder.name}": weights_sha256})
             self._artifacts.popleft()
 
     def _write_loop(self) -> None:

@@ -26,7 +26,7 @@ class Recorder(Protocol):
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def log_checkpoint(self, folder: Path) -> None: ...
+    def log_checkpoint(self, folder: Path, weights_sha256: str) -> None: ...
 
     def download_checkpoints(self, destination: Path) -> Path: ...
 
@@ -58,7 +58,7 @@ class Untracked:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def log_checkpoint(self, folder: Path) -> None:
+    def log_checkpoint(self, folder: Path, weights_sha256: str) -> None:
         pass
 
     def download_checkpoints(self, destination: Path) -> Path:

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from shardprop.service.cluster.group import WorkerGroup, start_group
-from shardprop.service.cluster.policy import InjectedFailure
 from shardprop.service.config import Config
 from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
@@ -27,12 +26,18 @@ from shardprop.service.errors import DivergenceError, TrainingError
 from shardprop.service.tracking.plots import plot_history, plot_timing
 from shardprop.service.tracking.store import check_reachable
 from shardprop.service.tracking.untracked import Recorder, Untracked
-from shardprop.service.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from shardprop.service.training.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from shardprop.service.training.early_stop import EarlyStopping
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
 from shardprop.service.training.optim import make_optimizer
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
+from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.losses import l2_penalty, sum_of_squares
@@ -273,7 +278,8 @@ def fit(
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
         folder = save_checkpoint(checkpoints, step, layout, theta, state)
-        tracker.log_checkpoint(folder)  # uploaded by the tracker's writer, off this loop
+        # uploaded by the tracker's writer, off this loop
+        tracker.log_checkpoint(folder, weights_fingerprint(folder))
         return folder
 
     try:

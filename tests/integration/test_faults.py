@@ -9,9 +9,10 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from shardprop.service.cli.app import app
-from shardprop.service.cluster.policy import Decision, FailurePolicy, InjectedFailure
+from shardprop.service.cluster.policy import Decision, FailurePolicy
 from shardprop.service.config import load_config
 from shardprop.service.training.run import train
+from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.network.params import load_weights
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
