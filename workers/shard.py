@@ -139,7 +139,8 @@ class ShardWorker:
         train = X[:, ~self._val] if self._val.any() else X  # standardise by training rows only
         mean = train.mean(axis=1) if train.shape[1] else np.zeros(X.shape[0])
         # row by row: a whole (n0, m) temporary would double the shard's memory
-        m2 = np.array([np.dot(row - mu, row - mu) for row, mu in zip(train, mean, strict=True)])
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite data is refused after
+            m2 = np.array([np.dot(r - mu, r - mu) for r, mu in zip(train, mean, strict=True)])
         blocks = None
         if self.grid:  # numpy's own sums, never BLAS (whose threads change the bits)
             blocks = [

@@ -101,7 +101,8 @@ def decide_task(parts: Sequence[ShardStats], config: DataConfig) -> tuple[str, l
 
 def decide(parts: Sequence[ShardStats], features: Sequence[str], config: DataConfig) -> DataSetup:
     check_finite(parts, features, config.label)
-    rows, mean, m2 = merge_moments(moments_of(parts))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing spread is refused below
+        rows, mean, m2 = merge_moments(moments_of(parts))
     val_rows = sum(part.val_rows for part in parts)
     if rows == 0:
         raise DataError("the training data has no rows")
@@ -114,5 +115,11 @@ def decide(parts: Sequence[ShardStats], features: Sequence[str], config: DataCon
     if not config.standardize:
         return DataSetup(task, classes, None, None, rows, val_rows)
     std = np.sqrt(m2 / rows)
+    if not np.isfinite(std).all():
+        column = features[int(np.argmin(np.isfinite(std)))]
+        raise DataError(
+            f"column {column!r}: its values spread too far to standardise in float64; "
+            "rescale it, or set data.standardize: false"
+        )
     std[std == 0] = 1.0  # a constant column stays constant (zero) rather than dividing by 0
     return DataSetup(task, classes, mean, std, rows, val_rows)
