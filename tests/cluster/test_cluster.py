@@ -19,8 +19,6 @@ from mlflow import MlflowClient
 
 from tests.processes import BIN, MlflowServer, RayCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
 CONFIG = """\
 data: {synthetic: {name: moons, rows: 2001, seed: 3}}
 model: {hidden: [8, 8]}

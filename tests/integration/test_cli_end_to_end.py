@@ -14,7 +14,7 @@ from shardprop.service.data.plan import write_table
 from shardprop.service.tracking.serving import load_bundle, predict_frame
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -90,7 +90,6 @@ def test_nan_in_data_names_column_and_count(tmp_path, config, table):
     assert_one_line_error(code, output, "'x1'", "3 NaN", "row 3")
 
 
-@pytest.mark.cluster
 def test_nan_found_by_a_ray_worker_is_reported_the_same_way(ray_session, tmp_path, config, table):
     x0 = table["x0"].to_numpy().copy()
     x0[40] = np.inf

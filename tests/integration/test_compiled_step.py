@@ -10,7 +10,7 @@ from shardprop.service.cluster.group import RayGroup
 from shardprop.service.training.reduce import reduce_sums
 from tests.groups import kill_and_wait, prepared
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def prepared_group(transport: str, *sets: str) -> tuple[RayGroup, np.ndarray]:

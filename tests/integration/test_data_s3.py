@@ -16,8 +16,6 @@ from shardprop.service.data.plan import open_source, plan_data, write_table
 from shardprop.workers.errors import DataError
 from tests.unit.test_data import make_table
 
-pytestmark = pytest.mark.cluster  # starts a server thread
-
 BUCKET = "shardprop-data"
 SIZES = (1200, 700, 1500, 900)  # uneven files, 4300 rows
 ROW_GROUP_ROWS = 256  # several row groups per file

@@ -183,7 +183,6 @@ CASES = {
 TRANSPORTS = ["compiled", "plain"]
 
 
-@pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("case", CASES)
@@ -199,7 +198,6 @@ def test_exact_weights_after_30_steps_are_bitwise_equal_for_workers_0_1_2_3_5(
         assert result.history["loss"] == reference.history["loss"]
 
 
-@pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_exact_weights_survive_a_worker_killed_mid_run(ray_session, transport):
@@ -211,7 +209,6 @@ def test_exact_weights_survive_a_worker_killed_mid_run(ray_session, transport):
         assert np.array_equal(result.theta, reference.theta), f"{workers} workers"
 
 
-@pytest.mark.cluster
 @pytest.mark.slow
 def test_runs_with_the_same_weights_carry_the_same_fingerprint_in_mlflow(
     ray_session, tracking_uri, tmp_path

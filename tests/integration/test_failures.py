@@ -51,7 +51,6 @@ def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
     assert kept.endswith(f"step-{step - 1:06d}/weights.npz")  # the last finite weights
 
 
-@pytest.mark.cluster
 def test_a_lost_worker_is_named(ray_session):
     config = load_config(None, ["data.synthetic.rows=300"], {"cluster.workers": 2})
     plan = make_plan(config)

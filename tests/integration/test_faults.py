@@ -15,7 +15,7 @@ from shardprop.service.training.run import train
 from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.network.params import load_weights
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SETS = [
     "data.synthetic={name: moons, rows: 1001, noise: 0.3, seed: 2}",

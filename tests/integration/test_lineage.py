@@ -31,7 +31,6 @@ def run(folder, uri, workers):
     return train(config)
 
 
-@pytest.mark.cluster
 def test_run_records_its_input_dataset_and_shard_plan(ray_session, parquet_folder, tracking_uri):
     result = run(parquet_folder, tracking_uri, 2)
     client = MlflowClient(tracking_uri)

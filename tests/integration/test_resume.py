@@ -64,7 +64,6 @@ def only_run(uri):
     return client, run
 
 
-@pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.parametrize("from_mlflow", [False, True], ids=["local", "from-mlflow"])
 def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config, from_mlflow):
@@ -100,7 +99,6 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     assert sorted(steps) == list(range(1, 121))  # every step once, none twice
 
 
-@pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors(

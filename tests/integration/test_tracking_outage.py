@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from tests.processes import BIN, MlflowServer, free_port
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

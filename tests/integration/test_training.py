@@ -12,7 +12,7 @@ from shardprop.service.training.run import compute_fraction, train
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from shardprop.workers.network.params import init_params, save_weights
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

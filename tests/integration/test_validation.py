@@ -50,7 +50,6 @@ def config(workers, uri, *sets):
     )
 
 
-@pytest.mark.cluster
 def test_validation_metrics_are_the_same_for_1_2_and_3_workers(ray_session, tracking_uri):
     results = [train(config(w, tracking_uri)) for w in (1, 2, 3)]
     rows = {(r.setup.rows, r.setup.val_rows) for r in results}

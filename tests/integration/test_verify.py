@@ -64,7 +64,6 @@ def failure_line(output: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(tmp_path, config_file):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = shardprop(
@@ -123,7 +122,6 @@ def mean_of_worker_means(parts):
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_averaging_per_worker_means_on_uneven_shards_fails_and_names_the_check(
     ray_session, tmp_path, config_file, tracking_uri, monkeypatch
 ):
@@ -189,7 +187,6 @@ def test_the_correct_gradient_passes_finite_differences_in_float64_for_a_float32
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def subtrees_in_arrival_order(parts):
     """A broken exact reduction: the workers' subtrees added one after the other rather
     than along the block tree. Right to rounding, but the grouping follows the split."""
@@ -201,7 +198,6 @@ def subtrees_in_arrival_order(parts):
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_an_exact_reduction_off_its_tree_fails_the_bitwise_check_alone(
     ray_session, tmp_path, config_file, monkeypatch
 ):
