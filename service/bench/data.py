@@ -1,6 +1,6 @@
 """Benchmark of the data path at scale: planning on the coordinator, one worker's read.
 
-    python -m service.bench_data [ROWS] [FILES] [FOLDER]
+    shardprop bench data [--rows N] [--files F] [--folder DIR]
 
 Memory is measured in fresh processes (multiprocessing "spawn"): a process's peak resident
 size only grows, so a process that already wrote the dataset could not show what planning

@@ -4,33 +4,16 @@ same loss and learning rate. Its step time and its start-up are then figures of 
 computation as ours, and its losses must equal ours to rounding to prove it.
 
 Optional, as the other peers: it runs where torch and ray.train import
-(`pip install torch "ray[train]"`); the project never depends on them.
+(`pip install torch "ray[train]"`); the project never depends on them. Its workers import this
+module and `peers`, both kept light, so that they start as any Ray Train user's would.
 """
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
+from shardprop.service.bench.peers import SameStart, torch_network
 from shardprop.service.bench.timing import Timing
-from shardprop.service.training.optim import GradientDescent
-from shardprop.service.training.reduce import batch_mean, reduce_sums
-
-if TYPE_CHECKING:  # no runtime import: bench_steps imports this module
-    import torch
-
-    from shardprop.service.bench.steps import Prepared
-
-
-@dataclass(frozen=True)
-class SameStart:
-    """What a peer starts from: our rows, standardised as our workers hold them, and our
-    initial weights."""
-
-    X: np.ndarray  # (rows, features): rows first, as torch wants them
-    y: np.ndarray  # (rows,): 0 or 1
-    blocks: list[np.ndarray]  # [W_l | b_l], each (n_l, n_{l-1} + 1)
 
 
 @dataclass
@@ -55,33 +38,7 @@ def available() -> bool:
     return True
 
 
-def same_start(local: "Prepared") -> SameStart:
-    """The rows and weights of an in-process run (`--workers 0`: one worker holds them all)."""
-    batch = local.group.workers[0].batch
-    return SameStart(
-        np.ascontiguousarray(batch.X1[:-1].T),
-        np.ascontiguousarray(batch.Y[0]),
-        [block.copy() for block in local.arch.layout.blocks(local.theta)],
-    )
-
-
-def our_losses(local: "Prepared", steps: int, learning_rate: float) -> list[float]:
-    """shardprop's loss at each of `steps` full-batch gradient-descent steps from the same
-    weights. The first checks a peer's forward pass; the later ones check its gradient, and
-    for DDP how the workers' gradients are averaged."""
-    theta = local.theta.copy()
-    descent = GradientDescent(learning_rate)
-    losses = []
-    for _ in range(steps):
-        mean = batch_mean(reduce_sums(local.group.call("gradient", theta)))
-        losses.append(mean.loss)
-        descent.step(theta, mean.grad)
-    return losses
-
-
-def fit_ray_train(
-    start: SameStart, steps: int, learning_rate: float, workers: int = 2
-) -> RayTrainRun:
+def fit_ray_train(start: SameStart, steps: int, workers: int = 2) -> RayTrainRun:
     """`steps` full-batch SGD steps with TorchTrainer on the Ray runtime this process is
     connected to (ray.init() first when there is none, as Ray Train would do)."""
     import tempfile
@@ -96,7 +53,7 @@ def fit_ray_train(
         "y": ray.put(start.y),
         "blocks": start.blocks,
         "steps": steps,
-        "learning_rate": learning_rate,
+        "learning_rate": start.learning_rate,
     }
     with tempfile.TemporaryDirectory(prefix="shardprop-raytrain-") as storage:
         trainer = TorchTrainer(
@@ -168,27 +125,3 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "first_step_started": first_step_started,
         "first_step_done": first_step_done,
     }
-
-
-def torch_network(blocks: list[np.ndarray]) -> "torch.nn.Sequential":
-    """Linear layers holding our weights, relu between them; logits out (the loss takes them)."""
-    import torch
-
-    layers: list[torch.nn.Module] = []
-    for block in blocks:
-        n_out, n_in = block.shape[0], block.shape[1] - 1
-        dtype = torch.from_numpy(block[:0]).dtype
-        layers += [torch.nn.Linear(n_in, n_out, dtype=dtype), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
-    load_blocks(model, blocks)
-    return model
-
-
-def load_blocks(model: "torch.nn.Sequential", blocks: list[np.ndarray]) -> None:
-    """Our weights [W_l | b_l] into the network's Linear layers (every other layer)."""
-    import torch
-
-    with torch.no_grad():
-        for linear, block in zip(model[::2], blocks, strict=True):
-            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(block[:, :-1])))
-            linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(block[:, -1])))

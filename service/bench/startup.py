@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from shardprop.service.bench import raytrain
-from shardprop.service.bench.steps import LEARNING_RATE, Workload, prepare
 from shardprop.service.bench.timing import Timing
+from shardprop.service.bench.workload import Workload, prepare, same_start
 from shardprop.service.cluster.runtime import connect_ray
 from shardprop.service.errors import TrainingError
 
@@ -24,24 +24,6 @@ from shardprop.service.errors import TrainingError
 MILESTONES = {"training starts": "training on ", "first step done": "step 1/"}
 # these would make the command draw a progress bar instead of printing lines
 TERMINAL_VARIABLES = {"FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
-
-
-def command_config(workload: Workload, workers: int, steps: int) -> dict[str, Any]:
-    """The YAML a user would write for the bench's workload (as `Workload.config` builds it)."""
-    return {
-        "data": {
-            "synthetic": {
-                "name": "blobs",
-                "rows": workload.rows,
-                "features": workload.features,
-                "classes": 2,
-                "seed": workload.seed,
-            }
-        },
-        "model": {"hidden": list(workload.hidden), "dtype": workload.dtype},
-        "train": {"steps": steps, "learning_rate": LEARNING_RATE},
-        "cluster": {"workers": workers, "cpus_per_worker": 1},
-    }
 
 
 def time_command(config: Path, tracking: bool = True) -> dict[str, float]:
@@ -87,7 +69,7 @@ def bench_startup(
     `steps` steps each, `repeats` times each; Ray's start-up in this process is timed once."""
     with tempfile.TemporaryDirectory(prefix="shardprop-startup-") as folder:
         config = Path(folder) / "workload.yaml"
-        config.write_text(yaml.safe_dump(command_config(workload, 2, steps), sort_keys=False))
+        config.write_text(yaml.safe_dump(workload.settings(2, steps), sort_keys=False))
         runs = [time_command(config, tracking) for _ in range(repeats)]
     seconds = {
         f"shardprop train: command to {moment}": Timing.over([run[moment] for run in runs])
@@ -97,7 +79,7 @@ def bench_startup(
         "workload": asdict(workload),
         "steps": steps,
         "tracking": tracking,
-        "command": command_config(workload, 2, steps),
+        "command": workload.settings(2, steps),
     }
     if raytrain.available():
         seconds |= time_ray_train(workload, steps, repeats)
@@ -109,13 +91,13 @@ def bench_startup(
 def time_ray_train(workload: Workload, steps: int, repeats: int) -> dict[str, Timing]:
     """Ray Train's moments after fit(), from the rows and weights of our in-process run."""
     local = prepare(workload.config(0), workload.seed)
-    start = raytrain.same_start(local)
+    start = same_start(local)
     local.group.close()
     began = time.perf_counter()
     started_ray = connect_ray(None, 2)  # a local runtime, as Ray Train's users start it
     ray_start = time.perf_counter() - began
     try:
-        runs = [raytrain.fit_ray_train(start, steps, LEARNING_RATE) for _ in range(repeats)]
+        runs = [raytrain.fit_ray_train(start, steps) for _ in range(repeats)]
     finally:
         if started_ray:
             import ray
@@ -133,8 +115,8 @@ def time_ray_train(workload: Workload, steps: int, repeats: int) -> dict[str, Ti
 
 
 def startup_ratios(median: dict[str, float]) -> dict[str, float]:
-    """Our first finished step against Ray Train being ready to start its first (the issue's
-    target: ≤ 0.5), without and with Ray's start-up on Ray Train's side."""
+    """Our first finished step against Ray Train being ready to start its first (target:
+    ≤ 0.5), without and with Ray's start-up on Ray Train's side."""
     ours = median["shardprop train: command to first step done"]
     ready = median.get("Ray Train: fit() to first step (ready)")
     if ready is None:

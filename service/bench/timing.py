@@ -1,7 +1,8 @@
-"""Benchmarks anyone can run: `shardprop bench network`, `shardprop bench tracking`.
+"""How the bench times things (medians over repeats, runs in turns), and two benchmarks:
+`shardprop bench network` and `shardprop bench tracking`.
 
-Times are medians over repeats, taken in one process so the ratio between the full step and
-its matrix products alone is measured under the same machine noise.
+Each comparison is a ratio of figures timed in the same process, in turns, so that the
+machine's noise falls on both alike.
 """
 
 import subprocess
@@ -19,16 +20,15 @@ from shardprop.workers.network.backprop import Architecture, Batch, Network
 from shardprop.workers.network.params import init_params
 from shardprop.workers.reduction.blocktree import BlockGrid, auto_block_rows
 
-# How long to pause before timing a run when the one before it may have used several BLAS
-# threads: OpenBLAS's idle threads spin for about 0.1 s after a call (2**28 cycles, its
-# THREAD_TIMEOUT) and take a core from whatever runs then. Two Ray workers timed after a
-# step on 2 BLAS threads took 0.137 s with a 10 ms pause and 0.093 s with 0.3 s (40,000
-# rows, float32); pauses of 0.1 s and more all gave 0.093-0.102 s.
+# the pause before a run that follows one on several BLAS threads: OpenBLAS's idle threads
+# spin for a while after a call, on a core the next run would share
 BLAS_SPIN_SECONDS = 0.3
 
 
 @dataclass
 class Timing:
+    """One figure, in seconds: the median of its repeats, the fastest and the slowest."""
+
     median: float
     low: float
     high: float
@@ -39,26 +39,26 @@ class Timing:
 
     @classmethod
     def alternating(
-        cls, runs: list[Callable[[], object]], repeats: int, settle: float = 0.0
+        cls, runs: list[Callable[[], object]], repeats: int, pause: float = 0.0
     ) -> list["Timing"]:
-        return [cls.over(times) for times in alternating_seconds(runs, repeats, settle)]
+        return [cls.over(times) for times in alternating_seconds(runs, repeats, pause)]
 
 
 def alternating_seconds(
-    runs: list[Callable[[], object]], repeats: int, settle: float = 0.0
+    runs: list[Callable[[], object]], repeats: int, pause: float = 0.0
 ) -> list[list[float]]:
     """Time each run `repeats` times, taking turns, so that a slow spell of the machine
     falls on all of them alike; each round starts one run later, so that none always comes
     after the same one (whose memory traffic it would inherit). Before each, an untimed
-    pause of `settle` seconds: what the last one left spinning stops first. The seconds of
-    each run, round by round."""
+    pause of `pause` seconds, so that what the last one left spinning has stopped. The
+    seconds of each run, round by round."""
     for run in runs:
         run()  # warm-up: first-touch page faults and BLAS start-up are not the step
     seconds: list[list[float]] = [[] for _ in runs]
     for round_ in range(repeats):
         for i in range(len(runs)):
             k = (round_ + i) % len(runs)
-            time.sleep(settle)
+            time.sleep(pause)
             start = time.perf_counter()
             runs[k]()
             seconds[k].append(time.perf_counter() - start)
@@ -117,7 +117,7 @@ def bench_network(
                 lambda: blocked.block_gradient(theta, batch, grid.bounds(0, rows), 0, grid),
             ],
             repeats,
-            settle=BLAS_SPIN_SECONDS,  # after the GEMMs alone, on every BLAS thread
+            pause=BLAS_SPIN_SECONDS,  # after the GEMMs alone, on every BLAS thread
         )
         blas = [
             (i["internal_api"], i.get("architecture"), i["num_threads"])

@@ -46,11 +46,12 @@ def bench_steps(
     if ctx.invoked_subcommand is not None:
         return
     from shardprop.service.bench import steps as suite
+    from shardprop.service.bench.workload import Workload
 
     if tree_workers is not None:
         typer.echo("warning: --tree-workers is deprecated and ignored", err=True)
     quiet_mlflow()
-    workload = suite.Workload(rows, features, int_list(hidden), dtype, threads)
+    workload = Workload(rows, features, int_list(hidden), dtype, threads)
     with errors_as_exit_codes():
         result = suite.bench_steps(workload, int_list(workers), repeats, peers)
     for line in suite.render(result):
@@ -140,7 +141,7 @@ def bench_startup(
     """`shardprop train` from the command to its first step, 2 workers, Ray's start-up
     included, against Ray Train's fit() to its first step (where it is installed)."""
     from shardprop.service.bench import startup as suite
-    from shardprop.service.bench.steps import Workload
+    from shardprop.service.bench.workload import Workload
 
     quiet_mlflow()
     workload = Workload(rows, features, int_list(hidden), dtype)
