@@ -75,7 +75,7 @@ def test_default_config_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     final = json.loads((out / "metrics.json").read_text())
     assert final["accuracy"] >= 0.97
-    # the slowest worker's share of the loop: issue #7's target 0.8 (0.84-0.89 measured)
+    # the slowest worker's share of the loop (target 0.8; figures: docs/performance.md)
     assert 0.6 <= final["compute_fraction"] < 1
     files = check_run(uri, final["run_id"], 500, 2, 20_000)
     assert "checkpoints/step-000500/weights.npz" in files
