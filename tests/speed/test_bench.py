@@ -66,7 +66,6 @@ def optional_peers(losses: dict[str, float]) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray_session, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--rows", "3000", "--features", "8", "--hidden", "16,8", "--repeats", "2"]
@@ -127,7 +126,6 @@ def test_bench_times_the_step_everywhere_and_the_peer_computes_the_same_loss(ray
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_ray_train_ddp_peer_reaches_our_losses_step_by_step(ray_session):
     pytest.importorskip("torch")
     pytest.importorskip("ray.train.torch")
@@ -150,7 +148,6 @@ def test_ray_train_ddp_peer_reaches_our_losses_step_by_step(ray_session):
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_startup_sees_the_commands_first_step(tmp_path):
     from shardprop.service.bench.startup import time_command
 
@@ -161,7 +158,6 @@ def test_startup_sees_the_commands_first_step(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
     out = tmp_path / "startup.json"
     args = ["bench", "startup", "--rows", "2000", "--features", "8", "--hidden", "8"]

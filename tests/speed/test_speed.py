@@ -42,7 +42,6 @@ def local():
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_two_ray_workers_take_no_longer_than_the_in_process_step(ray_session, local):
     """Target: ≤ 1.00, the median of the rounds' ratios."""
     with threadpool_limits(limits=WORKLOAD.threads):
@@ -51,7 +50,6 @@ def test_two_ray_workers_take_no_longer_than_the_in_process_step(ray_session, lo
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_two_ray_workers_beat_one_thread_on_two_blas_threads(ray_session):
     """Against one thread, its products on both BLAS threads and its elementwise passes on
     one core. Target: < 1."""
@@ -67,7 +65,6 @@ def test_two_ray_workers_beat_one_thread_on_two_blas_threads(ray_session):
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 def test_rays_own_cost_is_a_small_part_of_a_step(ray_session, local):
     """A step without the math (the parameters out, the sums back and added) against the
     step. Target: at most 3 % of it."""
