@@ -197,7 +197,9 @@ class RayGroup:
         return results
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Compile the graph for `method` calls and make the first one now, not in the loop."""
+        """Compile the graph for `method` calls and make a first, warm-up call now. For
+        callers that time steps (the bench); a run compiles at its first step instead, whose
+        results it needs anyway."""
         self._step_method = method
         if self._transport == "compiled":
             self._drop_graph()

@@ -436,7 +436,6 @@ def train(
                 tracker.log_lineage(
                     input_record(plan, config.data.path), shard_records(plan, placements)
                 )
-            group.prepare_steps(theta)
             reporter.start(config.train.steps, f"training on {group.size} worker(s)")
             loop_started = time.perf_counter()
             try:
