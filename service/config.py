@@ -128,7 +128,7 @@ class ClusterConfig(Section):
     @classmethod
     def deprecated_keys(cls, raw: Any) -> Any:
         """Old transport keys: still accepted, with a one-line warning naming the new one."""
-        if not isinstance(raw, dict) or not DEPRECATED_CLUSTER_KEYS.keys() & raw.keys():
+        if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
         for key, message in DEPRECATED_CLUSTER_KEYS.items():

@@ -386,11 +386,9 @@ class Tracker:
             )
             bundle = load_bundle(weights_path, meta_path)  # a bad meta fails here, clearly
             example = input_example.head(INPUT_EXAMPLE_ROWS)
-            predict_frame(bundle, example)  # names a missing column before MLflow does
+            predicted = predict_frame(bundle, example)  # names a missing column before MLflow
             example = example.loc[:, list(bundle.features)]
-            signature = infer_signature(
-                example, predict_frame(bundle, example), params={"output": "probabilities"}
-            )
+            signature = infer_signature(example, predicted, params={"output": "probabilities"})
             # mlflow.pyfunc.log_model taking a run_id and tracking_uri would replace what follows
             model = self.client.create_logged_model(
                 self.experiment_id,
@@ -419,11 +417,10 @@ class Tracker:
     def _link_model(self, model_id: str) -> None:
         """The model is the run's output at its last step, and owns that step's metrics (as
         mlflow.pyfunc.log_model records them, so the UI shows them on the model's page)."""
-        if self._last_logged is None:
-            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)])
-            return
-        step, timestamp, values = self._last_logged
+        step, timestamp, values = self._last_logged or (0, 0, {})
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=step)])
+        if not values:
+            return
         metrics = [
             Metric(key, float(value), timestamp, step, model_id=model_id)
             for key, value in values.items()

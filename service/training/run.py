@@ -70,9 +70,8 @@ def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
     track = config.tracking
     if not track.enabled:
         return Untracked()
-    from shardprop.service.tracking.tracker import (
-        Tracker,  # MLflow takes a second to import: only when tracking
-    )
+    # MLflow takes a while to import: only when tracking
+    from shardprop.service.tracking.tracker import Tracker
 
     if resume_run:
         return Tracker.reopen(track.uri, resume_run, track.flush_seconds)
