@@ -7,6 +7,10 @@ Per-step metrics never touch the store on the training loop's thread: `log_metri
 to a queue and a writer thread sends it with `log_batch` every `flush_seconds`, then uploads
 the checkpoints saved since. The store's cost is per metric row, so writing more often saves
 nothing; the interval only decides how much of a short run's writing lands after its loop.
+The same thread renews the run's lease (lease.py), so a run is held by one live process.
+
+A store that fails (read-only, full, gone) raises StoreError from every call that writes:
+one line, and the caller still has its weights on local disk to point to.
 """
 
 import json
@@ -17,11 +21,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import wraps
 from importlib.metadata import version
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 import mlflow
 import mlflow.pyfunc
@@ -51,8 +57,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from shardprop.service.config import FLUSH_SECONDS
 from shardprop.service.data.lineage import InputRecord
 from shardprop.service.shipped_code import stage
+from shardprop.service.tracking.lease import LEASE_TAG, RENEW_SECONDS, Lease
 from shardprop.service.tracking.serving import load_bundle, predict_frame
-from shardprop.service.tracking.store import resolve_tracking_uri
+from shardprop.service.tracking.store import (
+    StoreError,
+    check_store,
+    resolve_tracking_uri,
+    schema_lock,
+    sqlite_path,
+)
 from shardprop.workers.data.source import one_line
 from shardprop.workers.errors import UserError
 
@@ -67,13 +80,38 @@ METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 500
 TAG_VALUE_LIMIT = 5000
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# what a store that fails raises: MLflow's own errors (a database's, a server's answer) and
+# the OS's (files, sockets; requests' errors are OSErrors)
+STORE_ERRORS = (mlflow.MlflowException, OSError)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class TrackingError(UserError):
     """A tracking store that cannot take this run (e.g. the experiment is deleted)."""
+
+
+class RunHeldError(TrackingError):
+    """The run is being trained by another live process: resuming it too would mix two runs."""
+
+
+class RunFinishedError(TrackingError):
+    """The run ended well: there is nothing to resume."""
+
+
+def _store_call(method: Callable[P, T]) -> Callable[P, T]:
+    """A store's failure, raised by `method`, as one StoreError line."""
+
+    @wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except STORE_ERRORS as error:
+            raise StoreError(one_line(error)) from error
+
+    return call
 
 
 def _json_default(value: Any) -> Any:
@@ -114,12 +152,18 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def _sqlite_artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a sqlite store go beside the database file, not into the working dir."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri.removeprefix("sqlite:///").split("?")[0]
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / "mlruns").as_uri()
+    db = sqlite_path(tracking_uri)
+    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
+
+
+def _open_client(tracking_uri: str, resuming: bool = False) -> MlflowClient:
+    """A client of the store. MLflow creates a new sqlite database's tables when the client
+    opens it: under a lock, so that processes starting together do not race on them. A run to
+    resume is never looked for in a store created for the occasion (check_store refuses)."""
+    if resuming:
+        check_store(tracking_uri, resuming=True)
+    with schema_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
 
 
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -182,6 +226,7 @@ class Tracker:
         experiment_id: str,
         tracking_uri: str,
         flush_seconds: float = FLUSH_SECONDS,
+        lease: Lease | None = None,
     ):
         self.client = client
         self.run_id = run_id
@@ -199,12 +244,15 @@ class Tracker:
         self._last_logged: tuple[int, int, dict[str, float]] | None = None  # the newest step
         self._logged_through = -1  # steps up to this one are in the store already
         self._ended = False
+        self._lease = lease  # this process's hold on the run, renewed by the writer thread
+        self._renew_at = time.monotonic() + RENEW_SECONDS
         self._writer = threading.Thread(
             target=self._write_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
         )
         self._writer.start()
 
     @classmethod
+    @_store_call
     def start(
         cls,
         uri: str | None,
@@ -215,31 +263,49 @@ class Tracker:
     ) -> Self:
         """Open a new run in `experiment` (created if missing) on the store at `uri`.
 
-        Queued metrics are written every `flush_seconds` by a background thread.
+        Queued metrics are written every `flush_seconds` by a background thread. Runs of the
+        experiment whose process died while RUNNING are marked FAILED first.
         """
         tracking_uri = resolve_tracking_uri(uri)
-        client = MlflowClient(tracking_uri)
+        client = _open_client(tracking_uri)
         experiment_id = _experiment_id(client, experiment, tracking_uri)
+        _fail_abandoned_runs(client, experiment_id, tracking_uri)
+        lease = Lease.ours()
         # user, source and git commit, as mlflow.start_run would record them
-        run_tags = resolve_tags({key: str(value) for key, value in (tags or {}).items()})
+        run_tags = resolve_tags(
+            {key: str(value) for key, value in (tags or {}).items()} | {LEASE_TAG: lease.tag()}
+        )
         run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-        return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds)
+        return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds, lease)
 
     @classmethod
+    @_store_call
     def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = FLUSH_SECONDS) -> Self:
         """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
-        it is RUNNING again, and steps it already has metrics for are not logged twice."""
+        it is RUNNING again, held by this process, and steps it already has metrics for are
+        not logged twice. Raises RunHeldError while another live process holds it, RunFinishedError
+        for a run that ended well, TrackingError for a run or store that is not there."""
         tracking_uri = resolve_tracking_uri(uri)
-        client = MlflowClient(tracking_uri)
+        client = _open_client(tracking_uri, resuming=True)
         run = _get_run(client, run_id, tracking_uri)
+        _refuse_held(run)
+        if run.info.status == "FINISHED":
+            raise RunFinishedError(f"run {run_id} is FINISHED: nothing to resume")
+        lease = Lease.ours()
+        # MLflow has no compare-and-set on a tag (a conditional set_tag would close this): two
+        # resumes on two hosts in the same instant can both take the run
+        client.set_tag(run_id, LEASE_TAG, lease.tag())
         client.update_run(run_id, status="RUNNING")
+        if "error" in run.data.tags:  # why it stopped last time: no longer true of it
+            client.delete_tag(run_id, "error")
         logged = client.get_metric_history(run_id, "loss")
-        tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds)
+        tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds, lease)
         tracker._logged_through = max((point.step for point in logged), default=-1)
         return tracker
 
     # --- params and tags -------------------------------------------------------------------
 
+    @_store_call
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Values are stringified and cut to PARAM_VALUE_LIMIT characters."""
         items = [
@@ -249,6 +315,7 @@ class Tracker:
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=list(chunk))
 
+    @_store_call
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [
             RunTag(key, _truncate(_render(value), TAG_VALUE_LIMIT)) for key, value in tags.items()
@@ -256,11 +323,13 @@ class Tracker:
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=list(chunk))
 
+    @_store_call
     def log_config(self, resolved: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
         """The resolved config as flattened params (plus `extra`) and as config.yaml."""
         self.log_params(flatten(resolved) | dict(extra))
         self.log_dict(resolved, "config.yaml")
 
+    @_store_call
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
         """The input dataset as the run's input (what mlflow.log_input records, logged
         through our client) and the shard plan as shards.json."""
@@ -289,6 +358,7 @@ class Tracker:
         self._last_logged = (step, int(time.time() * 1000), dict(metrics))
         self._pending.append(self._last_logged)
 
+    @_store_call
     def flush(self) -> None:
         """Write every queued metric now; raises if the store refuses them."""
         self._write_pending()
@@ -316,12 +386,18 @@ class Tracker:
             self._artifacts.popleft()
 
     def _write_loop(self) -> None:
+        flush_at = time.monotonic() + self._flush_seconds
         while not self._stop.is_set():
-            self._wake.wait(self._flush_seconds)
+            due = min(flush_at, self._renew_at) if self._lease else flush_at
+            woken = self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
+            flushing = woken or time.monotonic() >= flush_at
             try:
-                self._write_pending()
-                self._upload_checkpoints()
+                self._renew_lease()
+                if flushing:
+                    flush_at = time.monotonic() + self._flush_seconds
+                    self._write_pending()
+                    self._upload_checkpoints()
             # a thread boundary: an error here would vanish with the thread; the queues keep
             # the metrics and checkpoints, and the next tick, flush() or end() retries them
             except Exception as error:
@@ -329,9 +405,18 @@ class Tracker:
                     log.warning("MLflow store unreachable, will retry: %s", one_line(error))
                 self._writer_error = error
             else:
-                if self._writer_error is not None:
+                if self._writer_error is not None and flushing:
                     log.warning("MLflow store reachable again: queued metrics written")
-                self._writer_error = None
+                    self._writer_error = None
+
+    def _renew_lease(self) -> None:
+        """One tag write every RENEW_SECONDS, whatever flush_seconds is."""
+        if self._lease is None or time.monotonic() < self._renew_at:
+            return
+        lease = self._lease.renewed()
+        self.client.set_tag(self.run_id, LEASE_TAG, lease.tag())
+        self._lease = lease
+        self._renew_at = time.monotonic() + RENEW_SECONDS
 
     def _write_pending(self) -> None:
         with self._write_lock:
@@ -354,12 +439,15 @@ class Tracker:
 
     # --- artifacts -------------------------------------------------------------------------
 
+    @_store_call
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
 
+    @_store_call
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @_store_call
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
         """YAML for .yaml/.yml (keys in the given order, lists inline), JSON otherwise."""
         if Path(artifact_file).suffix in (".yaml", ".yml"):
@@ -370,6 +458,7 @@ class Tracker:
 
     # --- the model -------------------------------------------------------------------------
 
+    @_store_call
     def log_model(
         self, weights_path: str | os.PathLike, meta: Mapping[str, Any], input_example: pd.DataFrame
     ) -> ModelInfo:
@@ -427,6 +516,7 @@ class Tracker:
         ]
         self.client.log_batch(self.run_id, metrics=metrics)
 
+    @_store_call
     def log_final(
         self, weights_path: Path, meta: Mapping[str, Any], input_example: pa.Table
     ) -> None:
@@ -438,6 +528,7 @@ class Tracker:
 
     # --- the end ---------------------------------------------------------------------------
 
+    @_store_call
     def end(self, status: str = "FINISHED") -> None:
         """Write the queued metrics, then mark the run FINISHED, FAILED or KILLED. Idempotent."""
         if status not in STATUSES:
@@ -455,6 +546,8 @@ class Tracker:
             self._upload_checkpoints()
         finally:
             self.client.set_terminated(self.run_id, status)
+            if self._lease is not None:
+                self.client.set_tag(self.run_id, LEASE_TAG, self._lease.released().tag())
 
     def __enter__(self) -> Self:
         return self
@@ -473,15 +566,21 @@ class Tracker:
         status = (
             "KILLED" if isinstance(exc, KeyboardInterrupt) else getattr(exc, "run_status", "FAILED")
         )
-        # a process boundary: the exception in flight matters more than a store that fails now
+        # a process boundary: the exception in flight matters more than a store that fails
+        # now, which is told in one line (it is often why the run failed)
         try:
             if status == "FAILED":
                 self.set_tags(
                     {"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "run_tags", {})}
                 )
+        except Exception as error:
+            log.warning("could not tag MLflow run %s: %s", self.run_id, one_line(error))
+        try:
             self.end(status)
-        except Exception:
-            log.exception("could not mark MLflow run %s as %s", self.run_id, status)
+        except Exception as error:
+            log.warning(
+                "could not mark MLflow run %s as %s: %s", self.run_id, status, one_line(error)
+            )
 
 
 def _mlflow_type(arrow_type: str) -> str:
@@ -502,14 +601,82 @@ def _get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> Any:
         raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri}") from None
 
 
-def recall_run(uri: str | None, run_id: str) -> tuple[dict[str, Any], Path | None]:
-    """A run's logged config (config.yaml) and the folder it wrote its checkpoints under."""
+def resume_command(run_id: str, tracking_uri: str) -> str:
+    return f"shardprop resume {run_id} --tracking-uri '{tracking_uri}'"
+
+
+def _refuse_held(run: Any) -> None:
+    """RunHeldError if the run is RUNNING and another live process holds its lease."""
+    lease = Lease.from_tags(run.data.tags)
+    if run.info.status == "RUNNING" and lease is not None and lease.alive():
+        until = time.strftime("%H:%M:%S", time.localtime(lease.until))
+        raise RunHeldError(
+            f"run {run.info.run_id} is being trained by {lease} (its lease runs to {until}, "
+            "renewed while it lives); stop that process first, or let it finish"
+        )
+
+
+def _fail_abandoned_runs(client: MlflowClient, experiment_id: str, tracking_uri: str) -> None:
+    """RUNNING runs of the experiment whose process is gone (its lease lapsed, or its pid is
+    dead on this host) are marked FAILED, with how to resume them. Runs without a lease (an
+    older shardprop, another tool's) are left alone."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    for found in running:
+        lease = Lease.from_tags(found.data.tags)
+        if lease is None or lease.alive():
+            continue
+        run = client.get_run(found.info.run_id)  # a resume may have taken it since the search
+        lease = Lease.from_tags(run.data.tags)
+        if run.info.status != "RUNNING" or lease is None or lease.alive():
+            continue
+        run_id = run.info.run_id
+        client.set_tag(
+            run_id,
+            "error",
+            f"its process ({lease}) stopped renewing its lease: it was killed or lost; "
+            f"go on with: {resume_command(run_id, tracking_uri)}",
+        )
+        client.set_terminated(run_id, "FAILED")
+        log.warning("run %s: its process (%s) is gone; marked FAILED", run_id, lease)
+
+
+@dataclass(frozen=True)
+class RecalledRun:
+    """What `shardprop resume` needs to know of a run before anything starts."""
+
+    run_id: str
+    tracking_uri: str
+    status: str  # RUNNING (its process died), FINISHED, FAILED or KILLED
+    config: dict[str, Any]  # the resolved config it logged; {} for a FINISHED run without one
+    output: Path | None  # the folder it wrote its checkpoints under
+    holder: str | None  # the process that last held it ("process 123 on host"), if any
+
+
+def recall_run(uri: str | None, run_id: str) -> RecalledRun:
+    """The run to resume, read without touching it.
+
+    Raises ConfigError for a store that is unreachable, missing (a sqlite file that is not
+    there is not created) or not writable; TrackingError for no such run, or one without its
+    config; RunHeldError while another live process trains it.
+    """
     tracking_uri = resolve_tracking_uri(uri)
-    client = MlflowClient(tracking_uri)
+    client = _open_client(tracking_uri, resuming=True)
     run = _get_run(client, run_id, tracking_uri)
+    _refuse_held(run)
+    status = run.info.status
     try:
         text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
-    except mlflow.MlflowException:
-        raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
+    except STORE_ERRORS:
+        if status != "FINISHED":
+            raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
+        text = "{}"
     output = run.data.tags.get("shardprop.output")
-    return yaml.safe_load(text), Path(output) if output else None
+    lease = Lease.from_tags(run.data.tags)
+    return RecalledRun(
+        run_id,
+        tracking_uri,
+        status,
+        yaml.safe_load(text),
+        Path(output) if output else None,
+        str(lease) if lease else None,
+    )
