@@ -97,6 +97,9 @@ class TrainConfig(Section):
     # rank_order: each worker's rows in one sum, the workers' sums added in rank order
     reduction: Literal["exact", "rank_order"] = "exact"
     block_rows: int | None = Field(None, gt=0)  # rows per block of `exact`; null: by row count
+    # a loss this many times its best, and above where the run started, fails the run as a
+    # non-finite one does; null: only non-finite losses do
+    divergence_factor: float | None = Field(1e3, gt=1)
 
 
 # old cluster keys -> what the warning says instead
@@ -112,7 +115,12 @@ class ClusterConfig(Section):
     address: str | None = None
     cpus_per_worker: int = Field(1, gt=0)
     max_worker_failures: int = Field(3, ge=0)  # lost workers replaced before the run fails
-    step_timeout: float | None = Field(None, gt=0)  # seconds; a worker silent longer is lost
+    # seconds a worker may take to be placed and to load its rows (new and replacement
+    # workers): long enough for a cold cluster to add a node
+    start_timeout: float = Field(600.0, gt=0)
+    # seconds; a worker silent longer is lost. null: 10x the longest step so far, at least
+    # start_timeout (the first step compiles the transport)
+    step_timeout: float | None = Field(None, gt=0)
     inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=...]"
     # spread: shards over as many nodes as have room (Ray's SPREAD); pack: fill nodes in turn
     placement: Literal["spread", "pack"] = "spread"

@@ -111,11 +111,17 @@ def resume_run(
 
     quiet_mlflow()
     with errors_as_exit_codes():
-        logged, logged_output = recall_run(tracking_uri, run_id)
+        recalled = recall_run(tracking_uri, run_id)  # before Ray: a held run is refused
+        if recalled.status == "FINISHED":
+            typer.echo(f"run {run_id} is FINISHED: nothing to resume", err=True)
+            return
+        logged = recalled.config
         logged.get("cluster", {}).pop("inject_failure", None)  # chaos does not come back
-        cfg = config_from(logged, {"tracking.uri": tracking_uri, "cluster.address": address})
+        cfg = config_from(
+            logged, {"tracking.uri": recalled.tracking_uri, "cluster.address": address}
+        )
         reporter = Reporter("quiet" if quiet else "auto")
-        result = run_training(cfg, None, output or logged_output, reporter, resume_run=run_id)
+        result = run_training(cfg, None, output or recalled.output, reporter, resume_run=run_id)
     summarise(result, reporter)
 
 

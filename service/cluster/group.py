@@ -6,6 +6,7 @@ never imports Ray, and `--workers 0` runs the very same loop in-process.
 
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
@@ -26,6 +27,10 @@ from shardprop.workers.shard import ShardWorker
 STATE_METHODS = ("load", "prepare")
 SPIN_MARGIN_SHARE = 0.01  # of a step's compute, awake before the sums are due
 SPIN_MARGIN_SECONDS = 0.3e-3  # at least
+NOTICE_SECONDS = 10.0  # a wait for workers longer than this says what it waits for
+STEP_TIMEOUT_FACTOR = 10  # with no cluster.step_timeout: this many times the longest step
+
+log = logging.getLogger(__name__)
 
 
 class WorkerGroup(Protocol):
@@ -80,7 +85,9 @@ class LocalGroup:
 class RayGroup:
     """One Ray actor per shard, each with `cpus_per_worker` CPUs and as many BLAS threads.
 
-    A worker whose process dies (or that does not answer within `timeout` seconds) is
+    Every wait has a bound. A worker must be placed and set up within `start_timeout`
+    seconds. A worker whose process dies (or that does not answer within `timeout` seconds;
+    None: STEP_TIMEOUT_FACTOR times the longest step so far, at least `start_timeout`) is
     replaced by a new actor that rebuilds the same state from the same calls, and the call is
     made again, as long as the failure policy allows. `worker_class`: ShardWorker or a
     subclass (chaos testing, benchmarks). The step's calls take the `transport`,
@@ -95,6 +102,7 @@ class RayGroup:
         owns_runtime: bool,
         policy: FailurePolicy | None = None,
         timeout: float | None = None,
+        start_timeout: float = 600.0,
         placement: str = "spread",
         resources: dict[str, float] | None = None,
         transport: str = "compiled",
@@ -108,16 +116,17 @@ class RayGroup:
             resources=resources or {},
             scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
         )
+        self.request = {"CPU": float(cpus_per_worker), **(resources or {})}  # per worker
         self._spawn_args = [
             (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker, plan.grid)
             for rank, (start, stop) in enumerate(plan.shards)
         ]
-        self.actors = [self._actor.remote(*args) for args in self._spawn_args]
-        self.size = len(self.actors)
         self._shards = plan.shards
         self._owns_runtime = owns_runtime
         self._policy = policy or FailurePolicy(max_failures=0)
         self._timeout = timeout
+        self._start_timeout = start_timeout
+        self._longest_step = 0.0  # seconds, the step calls' wall time
         self._state_calls: list[tuple[str, tuple]] = []
         self._armed: dict[int, list[str]] = {}  # rank -> methods to call instead of gradient
         # a compile can fail for a worker that died just before it: a replaced worker gets
@@ -129,6 +138,13 @@ class RayGroup:
         # through all but a margin of the smaller (a one-off slow step must not make the
         # next one wait), then spins for the sums
         self._computes: deque[float] = deque(maxlen=2)
+        self.actors = [self._actor.remote(*args) for args in self._spawn_args]
+        self.size = len(self.actors)
+        try:
+            self._await_placed(dict(enumerate(self.actors)))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def restarts(self) -> int:
@@ -136,6 +152,15 @@ class RayGroup:
 
     def call(
         self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
+    ) -> list[Any]:
+        started = time.monotonic()
+        results = self._call(method, args, while_waiting)
+        if method == self._step_method:
+            self._longest_step = max(self._longest_step, time.monotonic() - started)
+        return results
+
+    def _call(
+        self, method: str, args: tuple, while_waiting: Callable[[], None] | None
     ) -> list[Any]:
         # once: a compiled step that gives up hands the call on to plain calls
         while_waiting = functools.cache(while_waiting or (lambda: None))
@@ -150,15 +175,23 @@ class RayGroup:
         while_waiting()
         while pending:
             lost = {}
+            timeout = self._timeout_for(method)
+            deadline = time.monotonic() + timeout
             for rank, future in pending.items():
                 try:
-                    results[rank] = self._ray.get(future, timeout=self._timeout_for(method))
+                    left = max(0.0, deadline - time.monotonic())
+                    results[rank] = self._ray.get(future, timeout=left)
                 except self._ray.exceptions.RayTaskError as error:
                     raise_user_error(error)
                 except self._ray.exceptions.RayActorError:
                     lost[rank] = "its process died"
                 except self._ray.exceptions.GetTimeoutError:
-                    lost[rank] = f"no answer within {self._timeout} s"
+                    if method in STATE_METHODS:  # slow, not lost: a new worker would be too
+                        raise TrainingError(
+                            f"worker {rank} did not finish {method}() within {timeout:.0f} s "
+                            "(cluster.start_timeout)"
+                        ) from None
+                    lost[rank] = f"no answer within {timeout:.0f} s"
             pending = {}
             for rank, reason in lost.items():
                 self._recover(rank, method, reason)
@@ -185,7 +218,10 @@ class RayGroup:
         expected = 0.0 if new else self._expected()
         try:
             results = self._graph(
-                *args, timeout=self._timeout, expected=expected, while_waiting=while_waiting
+                *args,
+                timeout=self._timeout_for(self._step_method),
+                expected=expected,
+                while_waiting=while_waiting,
             )
         except BrokenStepError:
             self._drop_graph()  # the others' results went with it: plain calls redo the step
@@ -216,8 +252,53 @@ class RayGroup:
             self._graph.close()
             self._graph = None
 
-    def _timeout_for(self, method: str) -> float | None:
-        return None if method in STATE_METHODS else self._timeout  # reading data takes long
+    def _timeout_for(self, method: str) -> float:
+        if method in STATE_METHODS:
+            return self._start_timeout  # reading the rows takes long
+        if self._timeout is not None:
+            return self._timeout
+        return max(self._start_timeout, STEP_TIMEOUT_FACTOR * self._longest_step)
+
+    def _await_placed(self, actors: dict[int, Any], replacing: bool = False) -> None:
+        """Wait until these workers (rank: actor) are placed and answer, at most
+        start_timeout seconds, saying what it waits for once the wait gets long."""
+        ray = self._ray
+        pending = {actor.where.remote(): rank for rank, actor in actors.items()}
+        deadline = time.monotonic() + self._start_timeout
+        told = False
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrainingError(
+                    f"{self._unplaced(sorted(pending.values()), replacing)}, after waiting "
+                    f"{self._start_timeout:.0f} s (cluster.start_timeout)"
+                )
+            ready, _ = ray.wait(
+                list(pending), num_returns=len(pending), timeout=min(left, NOTICE_SECONDS)
+            )
+            for ref in ready:
+                pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    raise_user_error(error)
+            if pending and not told:
+                told = True
+                log.warning(
+                    "%s; waiting up to %.0f s more (cluster.start_timeout)",
+                    self._unplaced(sorted(pending.values()), replacing),
+                    deadline - time.monotonic(),
+                )
+
+    def _unplaced(self, ranks: list[int], replacing: bool) -> str:
+        free = self._ray.available_resources()
+        free = {key: value for key, value in free.items() if key in self.request}
+        what = "the replacement of worker" if replacing else "worker(s)"
+        return (
+            f"{what} {', '.join(map(str, ranks))} could not be placed: each needs "
+            f"{format_resources(self.request)}; the cluster has "
+            f"{format_resources(free) or 'none of that'} free"
+        )
 
     def _submit(self, rank: int, method: str, args: tuple) -> Any:
         if method == "gradient" and self._armed.get(rank):
@@ -235,7 +316,7 @@ class RayGroup:
                 f"{len(self._policy.failures)} failures are more than "
                 f"cluster.max_worker_failures={self._policy.max_failures}"
             )
-        logging.getLogger(__name__).warning(
+        log.warning(
             "worker %d (rows %d..%d) lost during %s() (%s): replacing it",
             rank,
             start,
@@ -244,8 +325,19 @@ class RayGroup:
             reason,
         )
         actor = self._actor.remote(*self._spawn_args[rank])
-        for state_method, state_args in self._state_calls:  # the same rows, the same state
-            self._ray.get(getattr(actor, state_method).remote(*state_args))
+        try:
+            self._await_placed({rank: actor}, replacing=True)
+            for state_method, state_args in self._state_calls:  # the same rows, the same state
+                ref = getattr(actor, state_method).remote(*state_args)
+                self._ray.get(ref, timeout=self._start_timeout)
+        except BaseException as error:
+            self._ray.kill(actor)
+            if isinstance(error, self._ray.exceptions.GetTimeoutError):
+                raise TrainingError(
+                    f"the replacement of worker {rank} did not set up within "
+                    f"{self._start_timeout:.0f} s (cluster.start_timeout)"
+                ) from None
+            raise
         self.actors[rank] = actor
 
     def inject(self, failure: InjectedFailure) -> None:
@@ -263,6 +355,11 @@ class RayGroup:
         if self._owns_runtime:
             self._owns_runtime = False
             self._ray.shutdown()
+
+
+def format_resources(resources: dict[str, float]) -> str:
+    """{"CPU": 1.0, "memory": 2e9} -> "CPU 1, memory 2e+09": as `ray status` names them."""
+    return ", ".join(f"{key} {value:g}" for key, value in sorted(resources.items()))
 
 
 def raise_user_error(error: Exception) -> NoReturn:
@@ -290,6 +387,7 @@ def start_group(
         owns_runtime=started,
         policy=FailurePolicy(cluster.max_worker_failures),
         timeout=cluster.step_timeout,
+        start_timeout=cluster.start_timeout,
         placement=cluster.placement,
         resources=cluster.worker_resources,
         transport=cluster.transport,

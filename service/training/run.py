@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from math import sqrt
 from pathlib import Path
@@ -24,7 +24,7 @@ from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
 from shardprop.service.errors import DivergenceError, TrainingError
 from shardprop.service.tracking.plots import plot_history, plot_timing
-from shardprop.service.tracking.store import check_reachable
+from shardprop.service.tracking.store import check_store
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import (
     Checkpoint,
@@ -35,6 +35,7 @@ from shardprop.service.training.checkpoint import (
 from shardprop.service.training.early_stop import EarlyStopping
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
 from shardprop.service.training.optim import make_optimizer
+from shardprop.service.training.output import OutputFolder, check_writable
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
 from shardprop.workers.chaos import InjectedFailure
@@ -50,6 +51,8 @@ from shardprop.workers.network.params import (
 )
 from shardprop.workers.reduction.sums import ShardSums
 from shardprop.workers.shard import ShardStats
+
+RUNS_FOLDER = Path(".shardprop") / "runs"  # a run's outputs by default: RUNS_FOLDER/<run id>
 
 
 @dataclass
@@ -140,13 +143,6 @@ def objective(
     # data-free, so added here after the reduce and never by a worker
     penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, l2)
     return mean, mean.loss + penalty, mean.grad + penalty_grad
-
-
-def resume_hint(checkpoint: Path | None) -> str:
-    if checkpoint is None:
-        return "; no checkpoint was written before that"
-    weights = checkpoint / "weights.npz"
-    return f"; the last good weights are kept: --init-weights {weights} starts from them"
 
 
 def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -269,6 +265,9 @@ def fit(
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
+    stop = stop or StopRequests()
+    watch = DivergenceWatch(train.divergence_factor, history.get("loss", []))
+    done = first_step - 1  # steps applied to theta
 
     def write_checkpoint(step: int) -> Path:
         state = prefixed("optimizer", optimizer.state()) | prefixed(
@@ -276,10 +275,20 @@ def fit(
         )
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
-        folder = save_checkpoint(checkpoints, step, layout, theta, state)
+        try:
+            folder = save_checkpoint(checkpoints, step, layout, theta, state)
+        except OSError as error:
+            raise TrainingError(
+                f"could not write the checkpoint of step {step} to {checkpoints} "
+                f"({error.strerror or error})"
+            ) from None
         # uploaded by the tracker's writer, off this loop
         tracker.log_checkpoint(folder, weights_fingerprint(folder))
         return folder
+
+    def logged_pending() -> None:
+        with stop.deferred():  # a step's metrics are recorded whole
+            log_pending()
 
     try:
         for step in range(first_step, train.steps + 1):
@@ -289,50 +298,70 @@ def fit(
             if stopper and (step % train.eval_every == 0 or step == train.steps):
                 # measured at the parameters this step's gradient is taken at, as `loss` is
                 metrics = validate(group, theta)
-                if stopper.update(step, metrics["val_loss"], theta):
-                    log_pending()
-                    record(step, metrics)
-                    break
+                with stop.deferred():
+                    if stopper.update(step, metrics["val_loss"], theta):
+                        log_pending()
+                        record(step, metrics)
+                        break
             started = time.perf_counter()
-            parts = group.call("gradient", theta, while_waiting=log_pending)
+            # waits on the workers: a signal here ends the run at the last step taken
+            parts = group.call("gradient", theta, while_waiting=logged_pending)
             gathered = time.perf_counter()
-            mean, loss, grad = objective(parts, theta, layout, train.l2)
-            reduced = time.perf_counter()
-            if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
-                raise DivergenceError(
-                    step,
-                    f"training diverged at step {step} (loss {loss}); "
-                    "try a lower train.learning_rate",
+            with stop.deferred():  # the update, its records and its checkpoint, whole
+                mean, loss, grad = objective(parts, theta, layout, train.l2)
+                reduced = time.perf_counter()
+                watch.check(step, loss, grad)
+                optimizer.step(theta, grad)
+                done = step
+                timing = (started, gathered, reduced, time.perf_counter())
+                if group.restarts != restarts:
+                    restarts = metrics["worker_restarts"] = group.restarts
+                pending_logs.append(
+                    functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
                 )
-            optimizer.step(theta, grad)
-            timing = (started, gathered, reduced, time.perf_counter())
-            if group.restarts != restarts:
-                restarts = metrics["worker_restarts"] = group.restarts
-            pending_logs.append(
-                functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
-            )
-            stopping = stop is not None and stop.signum is not None
-            if stopping or (train.checkpoint_every and step % train.checkpoint_every == 0):
-                log_pending()
-                last_checkpoint = write_checkpoint(step)
-            if stopping:
-                how = (
-                    f"shardprop resume {tracker.run_id} --tracking-uri '{tracker.tracking_uri}'"
-                    if tracker.tracking_uri
-                    else f"--init-weights {last_checkpoint / 'weights.npz'}"
-                )
-                raise Interrupted(
-                    stop.signum,
-                    f"stopped after step {step}; checkpoint {last_checkpoint}; go on with: {how}",
-                )
-    except TrainingError as error:
-        error.args = (f"{error}{resume_hint(last_checkpoint)}",)
-        raise
+                if train.checkpoint_every and step % train.checkpoint_every == 0:
+                    log_pending()
+                    last_checkpoint = write_checkpoint(step)
+    except Interrupted as error:
+        log_pending()
+        if done >= first_step and (
+            last_checkpoint is None or last_checkpoint.name != f"step-{done:06d}"
+        ):
+            write_checkpoint(done)  # a step taken in this process is kept
+        taken = f"after step {done}" if done else "before the first step"
+        raise Interrupted(error.signum, f"{error} {taken}") from None
     finally:
         log_pending()
     if stopper and train.patience and stopper.best_theta is not None:
         theta[...] = stopper.best_theta  # early stopping keeps the best weights
     return history, stopper
+
+
+class DivergenceWatch:
+    """A run diverges when its loss is not finite, or (with a `factor`) grows past `factor`
+    times its best and above where it started: finite, but going nowhere good."""
+
+    def __init__(self, factor: float | None, losses: list[float]):
+        self.factor = factor
+        self.first = losses[0] if losses else None
+        self.best = min(losses, default=np.inf)
+
+    def check(self, step: int, loss: float, grad: np.ndarray) -> None:
+        if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
+            self._raise(step, f"loss {loss}")
+        if self.first is None:
+            self.first = loss
+        if self.factor and loss > self.factor * self.best and loss > self.first:
+            self._raise(
+                step, f"loss {loss:.4g}, over {self.factor:g} times its best {self.best:.4g}"
+            )
+        self.best = min(self.best, loss)
+
+    @staticmethod
+    def _raise(step: int, what: str) -> None:
+        raise DivergenceError(
+            step, f"training diverged at step {step} ({what}); try a lower train.learning_rate"
+        )
 
 
 def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: float) -> float:
@@ -379,7 +408,11 @@ def open_run(
         group = start_group(plan, config.cluster)
     except BaseException as error:
         if opening.exception() is None:
-            opening.result().__exit__(type(error), error, error.__traceback__)
+            tracker = opening.result()
+            if isinstance(error, (TrainingError, Interrupted)):
+                during = " during start-up" if isinstance(error, Interrupted) else ""
+                error.args = (f"{error}{during}{how_to_go_on(error, tracker, None)}",)
+            tracker.__exit__(type(error), error, error.__traceback__)
         raise
     try:
         return opening.result(), group
@@ -396,83 +429,139 @@ def train(
     resume_run: str | None = None,
 ) -> RunResult:
     """One training run; with `resume_run`, that run goes on from its last checkpoint in
-    `output` (the same MLflow run, the same config, the same result as if never stopped)."""
-    reporter = reporter or Reporter("quiet")
-    plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
-    if config.tracking.enabled:
-        check_reachable(config.tracking.uri)  # seconds, not minutes of retries, and before Ray
-    with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
-        tracker, group = open_run(config, plan, background, resume_run)
-        with tracker, closing(group), stop_requests() as stop:
-            output = output or Path(".shardprop") / "runs" / tracker.run_id
-            loaded, setup, arch = set_up_workers(group, plan, config)
-            start = None
-            if resume_run:
-                layout, dtype = arch.layout, config.model.dtype
-                start = latest_checkpoint(output / "checkpoints", layout, dtype)
-                if start is None:  # the output folder is gone or elsewhere: MLflow has copies
-                    fetched = tracker.download_checkpoints(output / "fetched")
-                    start = latest_checkpoint(fetched, layout, dtype)
-            theta = initial_parameters(arch.layout, config, init_weights)
-            if not resume_run:
-                placements = group.call("where")
-                tracker.set_tags({"shardprop.output": str(output.resolve())})
-                tracker.log_config(
-                    config.resolved(),
-                    {
-                        "n_params": arch.layout.size,
-                        "n_rows": setup.rows,
-                        "n_val_rows": setup.val_rows,
-                        "workers": config.cluster.workers,
-                        "task": setup.task,
-                    }
-                    | {
-                        f"worker_{r}.read_seconds": part.read_seconds
-                        for r, part in enumerate(loaded)
-                    }
-                    | {f"worker_{r}.blas": where["blas"] for r, where in enumerate(placements)},
-                )
-                tracker.log_lineage(
-                    input_record(plan, config.data.path), shard_records(plan, placements)
-                )
-            reporter.start(config.train.steps, f"training on {group.size} worker(s)")
-            loop_started = time.perf_counter()
-            try:
-                history, stopper = fit(
-                    group,
-                    theta,
-                    arch.layout,
-                    config,
-                    tracker,
-                    reporter,
-                    output / "checkpoints",
-                    start,
-                    stop,
-                )
-            finally:
-                reporter.stop()
-            loop_seconds = time.perf_counter() - loop_started
-            final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
-            steps_run = len(history["step_seconds"]) - (start.step if start else 0)
-            fraction = compute_fraction(history, steps_run, loop_seconds)
-            weights_sha256 = fingerprint(theta)
-            tracker.set_tags({"weights_sha256": weights_sha256})
+    `output` (the same MLflow run, the same config, the same result as if never stopped).
 
-            meta = model_meta(arch, config, plan, setup)
-            outcome = final | {
-                "run_id": tracker.run_id,
-                "weights_sha256": weights_sha256,
-                "compute_fraction": fraction,
+    Everything that can be checked is checked before Ray starts (exit 2). A run that fails
+    or is stopped later says where its last weights are and how to go on (exit 1, 130, 143).
+    """
+    reporter = reporter or Reporter("quiet")
+    # from the first moment: a signal during start-up stops the run as cleanly as later
+    with stop_requests() as stop, ExitStack() as held:
+        plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+        if config.tracking.enabled:
+            # reachable and writable: seconds, not minutes of MLflow's retries
+            check_store(config.tracking.uri, resuming=resume_run is not None)
+        folder = None
+        if output is not None:
+            folder = held.enter_context(OutputFolder(output))
+            folder.hold(resume_run)
+        else:
+            check_writable(RUNS_FOLDER, "the output folder")
+        with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
+            tracker, group = open_run(config, plan, background, resume_run)
+            with tracker, closing(group):
+                if folder is None:
+                    folder = held.enter_context(OutputFolder(RUNS_FOLDER / tracker.run_id))
+                    folder.hold(None)
+                folder.own(tracker.run_id)
+                try:
+                    return run(
+                        config,
+                        plan,
+                        group,
+                        tracker,
+                        reporter,
+                        background,
+                        stop,
+                        folder.path,
+                        init_weights,
+                        resume_run,
+                    )
+                except (TrainingError, Interrupted) as error:
+                    error.args = (f"{error}{how_to_go_on(error, tracker, folder.path)}",)
+                    raise
+
+
+def how_to_go_on(error: Exception, tracker: Recorder, output: Path | None) -> str:
+    """Where the last good weights are, and the command that goes on from them."""
+    kept = output / "weights.npz" if output else None  # the final weights, once the loop is done
+    if kept is None or not kept.exists():
+        newest = max(output.glob("checkpoints/step-*"), default=None) if output else None
+        kept = newest / "weights.npz" if newest else None
+    weights = f"; the last good weights: {kept}" if kept else ""
+    if isinstance(error, DivergenceError) or tracker.tracking_uri is None:
+        # a resume would diverge again, or has no run to go on with: the files are the way
+        return f"{weights} (start from them with --init-weights)" if kept else ""
+    return (
+        f"{weights}; go on with: shardprop resume {tracker.run_id} "
+        f"--tracking-uri '{tracker.tracking_uri}'"
+    )
+
+
+def run(
+    config: Config,
+    plan: DataPlan,
+    group: WorkerGroup,
+    tracker: Recorder,
+    reporter: Reporter,
+    background: ThreadPoolExecutor,
+    stop: StopRequests,
+    output: Path,
+    init_weights: Path | None,
+    resume_run: str | None,
+) -> RunResult:
+    """Set up the workers, train, and save the model: the run once its resources are held."""
+    loaded, setup, arch = set_up_workers(group, plan, config)
+    start = None
+    if resume_run:
+        layout, dtype = arch.layout, config.model.dtype
+        start = latest_checkpoint(output / "checkpoints", layout, dtype)
+        if start is None:  # the output folder is gone or elsewhere: MLflow has copies
+            fetched = tracker.download_checkpoints(output / "fetched")
+            start = latest_checkpoint(fetched, layout, dtype)
+    theta = initial_parameters(arch.layout, config, init_weights)
+    if not resume_run:
+        placements = group.call("where")
+        tracker.set_tags({"shardprop.output": str(output.resolve())})
+        tracker.log_config(
+            config.resolved(),
+            {
+                "n_params": arch.layout.size,
+                "n_rows": setup.rows,
+                "n_val_rows": setup.val_rows,
+                "workers": config.cluster.workers,
+                "task": setup.task,
             }
-            write_outputs(output, arch.layout, theta, meta, outcome)
-            example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
-            logging_model = background.submit(
-                tracker.log_final, output / "weights.npz", meta, example
-            )
-            group.close()  # Ray's shutdown overlaps MLflow's model logging
-            logging_model.result()
-            tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
-            tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
+            | {f"worker_{r}.read_seconds": part.read_seconds for r, part in enumerate(loaded)}
+            | {f"worker_{r}.blas": where["blas"] for r, where in enumerate(placements)},
+        )
+        tracker.log_lineage(input_record(plan, config.data.path), shard_records(plan, placements))
+    reporter.start(config.train.steps, f"training on {group.size} worker(s)")
+    loop_started = time.perf_counter()
+    try:
+        history, stopper = fit(
+            group,
+            theta,
+            arch.layout,
+            config,
+            tracker,
+            reporter,
+            output / "checkpoints",
+            start,
+            stop,
+        )
+    finally:
+        reporter.stop()
+    loop_seconds = time.perf_counter() - loop_started
+    meta = model_meta(arch, config, plan, setup)
+    save_model_files(output, arch.layout, theta, meta)  # first: kept whatever fails next
+    final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
+    steps_run = len(history["step_seconds"]) - (start.step if start else 0)
+    fraction = compute_fraction(history, steps_run, loop_seconds)
+    weights_sha256 = fingerprint(theta)
+    outcome = final | {
+        "run_id": tracker.run_id,
+        "weights_sha256": weights_sha256,
+        "compute_fraction": fraction,
+    }
+    (output / "metrics.json").write_text(json.dumps(outcome, indent=2))
+    tracker.set_tags({"weights_sha256": weights_sha256})
+    example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
+    logging_model = background.submit(tracker.log_final, output / "weights.npz", meta, example)
+    group.close()  # Ray's shutdown overlaps MLflow's model logging
+    logging_model.result()
+    tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+    tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
     return RunResult(
         tracker.run_id,
         tracker.tracking_uri,
@@ -487,8 +576,12 @@ def train(
     )
 
 
-def write_outputs(output: Path, layout: Layout, theta: np.ndarray, meta: dict, final: dict) -> None:
-    """DIR/weights.npz, DIR/model.json (what predicting needs besides), DIR/metrics.json."""
-    save_weights(output / "weights.npz", layout, theta)
-    (output / "model.json").write_text(json.dumps(meta, indent=2))
-    (output / "metrics.json").write_text(json.dumps(final, indent=2))
+def save_model_files(output: Path, layout: Layout, theta: np.ndarray, meta: dict) -> None:
+    """DIR/weights.npz and DIR/model.json (what predicting needs besides the weights)."""
+    try:
+        save_weights(output / "weights.npz", layout, theta)
+        (output / "model.json").write_text(json.dumps(meta, indent=2))
+    except OSError as error:
+        raise TrainingError(
+            f"could not write the final weights to {output} ({error.strerror or error})"
+        ) from None

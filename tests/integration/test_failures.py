@@ -40,7 +40,8 @@ def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
     assert result.exit_code == 1, result.output
     message = result.output.strip().splitlines()[-1]
     assert "diverged at step" in message and "learning_rate" in message
-    kept = message.split("--init-weights ")[1].split()[0]
+    assert "--init-weights" in message  # a resume would diverge again: a new start from them
+    kept = message.split("the last good weights: ")[1].split()[0]
     _, theta = load_weights(kept)  # refuses non-finite values: so these are finite
     assert np.all(np.isfinite(theta))
     run = MlflowClient(uri).search_runs(MlflowClient(uri).search_experiments()[0].experiment_id)[0]

@@ -116,9 +116,10 @@ def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
-    assert "interrupted: stopped after step" in stderr
+    name = signal.Signals(signum).name
+    assert f"interrupted: stopped by {name} after step" in stderr
     assert "shardprop resume" in stderr
-    stopped_at = int(stderr.split("stopped after step ")[1].split()[0].rstrip(";"))
+    stopped_at = int(stderr.split(" after step ")[1].split()[0].rstrip(";"))
     assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").exists()
     _, run = only_run(uri)
     assert run.info.status == "KILLED"
