@@ -109,9 +109,17 @@ def _store_call(method: Callable[P, T]) -> Callable[P, T]:
         try:
             return method(*args, **kwargs)
         except STORE_ERRORS as error:
-            raise StoreError(one_line(error)) from error
+            raise StoreError(store_reason(error)) from error
 
     return call
+
+
+def store_reason(error: BaseException) -> str:
+    """The first cause in one line ("database or disk is full", "[Errno 111] Connection
+    refused"): MLflow's own message around it is a page of SQL or of retry counts."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return one_line(error)
 
 
 def _json_default(value: Any) -> Any:
@@ -402,7 +410,7 @@ class Tracker:
             # the metrics and checkpoints, and the next tick, flush() or end() retries them
             except Exception as error:
                 if self._writer_error is None:
-                    log.warning("MLflow store unreachable, will retry: %s", one_line(error))
+                    log.warning("MLflow store unreachable, will retry: %s", store_reason(error))
                 self._writer_error = error
             else:
                 if self._writer_error is not None and flushing:
@@ -574,12 +582,12 @@ class Tracker:
                     {"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "run_tags", {})}
                 )
         except Exception as error:
-            log.warning("could not tag MLflow run %s: %s", self.run_id, one_line(error))
+            log.warning("could not tag MLflow run %s: %s", self.run_id, store_reason(error))
         try:
             self.end(status)
         except Exception as error:
             log.warning(
-                "could not mark MLflow run %s as %s: %s", self.run_id, status, one_line(error)
+                "could not mark MLflow run %s as %s: %s", self.run_id, status, store_reason(error)
             )
 
 
