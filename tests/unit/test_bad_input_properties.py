@@ -1,6 +1,8 @@
 """Property: whatever a user puts in a config or a table, `shardprop train` either trains or
 ends with exit code 2 and one line per problem; never a traceback, never exit code 1."""
 
+import tempfile
+
 import pyarrow as pa
 import pytest
 import yaml
@@ -86,8 +88,8 @@ def train(tmp_path, config_text: str, *extra: str):
             "0",
             "--no-tracking",
             "--quiet",
-            "--output",
-            str(tmp_path / "out"),
+            "--output",  # a folder per example: a folder holds one run's outputs
+            tempfile.mkdtemp(dir=tmp_path),
             *extra,
         ],
     )

@@ -1,0 +1,83 @@
+"""An output folder belongs to one run, and is written by one process at a time; a folder
+that cannot be written is named before anything starts."""
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SETS = ["data.synthetic={name: moons, rows: 2000}", "model.hidden=[16]", "train.checkpoint_every=5"]
+
+
+def shardprop(*args: object, cwd: Path, steps: int = 20) -> subprocess.Popen:
+    sets = [arg for s in [*SETS, f"train.steps={steps}"] for arg in ("--set", s)]
+    command = [str(Path(sys.executable).parent / "shardprop"), "train", "/dev/null"]
+    command += ["--workers", "0", "--no-tracking", "--quiet", *sets, *map(str, args)]
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finished(process: subprocess.Popen, seconds: float = 120) -> tuple[int, list[str]]:
+    _, stderr = process.communicate(timeout=seconds)
+    return process.returncode, [line for line in stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    """A read-only folder for real: a read-only mount (as root, chmod would not stop writes),
+    or a chmod-ed folder for other users."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)])
+    if mounted.returncode != 0:
+        pytest.skip("no read-only mount here (mount refused)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process(tmp_path):
+    out = tmp_path / "out"
+    first = shardprop("--output", out, cwd=tmp_path, steps=1_000_000)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoints").exists():
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        code, lines = finished(shardprop("--output", out, cwd=tmp_path))
+    finally:
+        first.kill()
+        first.wait()
+    assert code == 2, lines
+    (line,) = lines
+    assert line.startswith(f"error: --output {out}: in use by pid {first.pid} on "), line
+
+
+def test_a_folder_that_holds_another_runs_outputs_is_refused(tmp_path):
+    out = tmp_path / "out"
+    assert finished(shardprop("--output", out, cwd=tmp_path))[0] == 0
+    code, lines = finished(shardprop("--output", out, cwd=tmp_path))
+    assert code == 2, lines
+    (line,) = lines
+    assert line.startswith(f"error: --output {out}: holds run "), line
+    assert "choose another folder" in line
+
+
+def test_a_read_only_output_folder_is_named_before_anything_starts(tmp_path, read_only):
+    started = time.monotonic()
+    code, lines = finished(shardprop("--output", read_only / "out", cwd=tmp_path))
+    assert code == 2, lines
+    (line,) = lines
+    assert line.startswith(f"error: --output: cannot write to {read_only / 'out'}"), line
+    assert time.monotonic() - started < 30  # no training first
