@@ -81,3 +81,30 @@ def test_a_read_only_output_folder_is_named_before_anything_starts(tmp_path, rea
     (line,) = lines
     assert line.startswith(f"error: --output: cannot write to {read_only / 'out'}"), line
     assert time.monotonic() - started < 30  # no training first
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system: room for the run's lock, not for a checkpoint."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)])
+    if mounted.returncode != 0:
+        pytest.skip("no tmpfs mount here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, small_disk):
+    out = small_disk / "out"
+    code, lines = finished(
+        shardprop("--output", out, "--set", "model.hidden=[256, 256]", cwd=tmp_path)
+    )
+    assert code == 1, lines
+    (line,) = lines
+    assert line.startswith(
+        f"failed: could not write the checkpoint of step 5 to {out / 'checkpoints'} "
+        "(No space left on device)"
+    ), line
