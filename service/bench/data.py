@@ -1,43 +1,66 @@
-"""Benchmark of the data path at scale: planning on the coordinator, one worker's read.
+"""Benchmark of the data path at scale: planning on the coordinator, one worker's read, and
+each worker's peak memory beside the plan's.
 
     shardprop bench data [--rows N] [--files F] [--folder DIR]
 
 Memory is measured in fresh processes (multiprocessing "spawn"): a process's peak resident
 size only grows, so a process that already wrote the dataset could not show what planning
 or a read adds. Planning must stay flat (footers, not rows); a worker's read is compared with
-the float64 (n0, m) array it ends with. Linux figures: current RSS comes from /proc.
+the float64 (n0, m) array it ends with; a run's workers (real Ray actors, or the in-process
+run) with the peak the plan gives them. Linux figures: current RSS comes from /proc.
 """
 
 import concurrent.futures
 import multiprocessing
+import os
 import pickle
 import resource
 import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardprop.service.bench.timing import Timing
+from shardprop.service.cluster.capacity import estimate_run
+from shardprop.service.cluster.group import start_group
+from shardprop.service.config import config_from
 from shardprop.service.data.plan import plan_data, write_table
+from shardprop.service.training.run import make_plan, set_up_workers, train
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
+from shardprop.workers.network.params import init_params
+from shardprop.workers.shard import ShardWorker
 
 ROW_GROUP_ROWS = 131_072
 PLAN_WORKERS = 2
 PLAN_REPEATS = 5
 READ_REPEATS = 3
 DONE = "_SUCCESS"  # written last; open_source skips "_" files, as it skips Spark's
+RUN_HIDDEN = [32]  # a small network: the rows make the memory, as in a data-heavy job
+RUN_STEPS = 3
+BASELINE_ROWS = 2_000  # a job small enough that its process is all there is to measure
+BASELINE_FEATURES = 64
 
 
 def bench_planning(
-    rows: int = 10_000_000, files: int = 100, features: int = 8, folder: str | Path | None = None
+    rows: int = 10_000_000,
+    files: int = 100,
+    features: int = 8,
+    folder: str | Path | None = None,
+    workers: Sequence[int] = (),
 ) -> dict:
     """Write (or reuse) a `rows` x `features` Parquet dataset of `files` files and measure
-    planning time and memory on the coordinator, and one worker's read of its shard."""
+    planning time and memory on the coordinator, and one worker's read of its shard; then, for
+    each count in `workers`, a short run's peak memory per worker beside the plan's (0: the
+    in-process run; more: real Ray actors on a local runtime)."""
     with tempfile.TemporaryDirectory(prefix="shardprop-bench-data-") as scratch:
         root = Path(folder) if folder is not None else Path(scratch)
         data = write_dataset(root / f"blobs-{rows}x{features}-{files}files", rows, files, features)
@@ -48,6 +71,9 @@ def bench_planning(
             plan_seconds.append(time.perf_counter() - start)
         planning = _in_fresh_process(measure_planning, str(data))
         reading = _in_fresh_process(measure_read, str(data))
+        runs: dict[str, Any] = {}
+        for count in workers:
+            runs |= _in_fresh_process(measure_run, str(data), count, Path(scratch))
         dataset_bytes = sum(file.stat().st_size for file in data.glob("*.parquet"))
     timing = Timing.over(plan_seconds)
     shard_rows = plan.shards[0][1] - plan.shards[0][0]
@@ -63,6 +89,7 @@ def bench_planning(
         **planning,
         "shard_rows": shard_rows,
         **reading,
+        **runs,
     }
 
 
@@ -123,6 +150,145 @@ def measure_read(data: str) -> dict:
     }
 
 
+class MeasuredWorker(ShardWorker):
+    """A shard worker that tells its process's peak resident size."""
+
+    def peak_rss(self) -> int:
+        return _peak_rss()
+
+
+def run_settings(data: str, workers: int, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A short run on the bench's dataset (blobs: 3 classes), tracked where `tracking_uri`
+    says, untracked without one."""
+    return {
+        "data": {"path": data, "label": "y", "task": "multiclass"},
+        "model": {"hidden": RUN_HIDDEN},
+        "train": {"steps": RUN_STEPS, "checkpoint_every": RUN_STEPS},
+        "cluster": {"workers": workers},
+        "tracking": {"enabled": tracking_uri is not None, "uri": tracking_uri},
+    }
+
+
+def measure_run(data: str, workers: int, scratch: Path, classes: int = 3) -> dict:
+    """Each worker's peak resident size in a short run beside the plan's peak for it.
+
+    In-process (workers = 0): the whole run (`train`, MLflow tracking included), whose one
+    process holds everything. On Ray: the workers' load, prepare, steps and evaluation, as a
+    run makes them, each worker reporting its own process's peak.
+    """
+    tracked = f"sqlite:///{scratch / f'mlflow-{workers}.db'}"
+    config = config_from(run_settings(data, workers, tracked if not workers else None))
+    plan = make_plan(config)
+    planned = estimate_run(config, plan, classes).peaks
+    if not workers:
+        train(config, output=scratch / "in-process")
+        return _compared("in_process", [_peak_rss()], planned)
+    ray = start_local_ray(workers)
+    group = start_group(plan, config.cluster, MeasuredWorker)
+    with closing(group):
+        _, _, arch = set_up_workers(group, plan, config)
+        theta = init_params(arch.layout, "he", 0, config.model.dtype)
+        for _ in range(RUN_STEPS):
+            group.call("gradient", theta)
+        group.call("evaluate", theta)
+        measured = group.call("peak_rss")
+    ray.shutdown()
+    return _compared(f"workers{workers}", measured, planned)
+
+
+def start_local_ray(workers: int) -> ModuleType:
+    """A local Ray runtime as a run starts one (service/cluster/runtime.py), started here so
+    that the process that measures also ends it."""
+    import ray
+
+    cpus = max(os.cpu_count() or 1, workers)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
+    return ray
+
+
+def _compared(prefix: str, measured: list[int], planned: list[int]) -> dict:
+    figures = {}
+    for rank, (peak, plan) in enumerate(zip(measured, planned, strict=True)):
+        name = prefix if prefix == "in_process" else f"{prefix}_rank{rank}"
+        figures |= {
+            f"{name}_peak_rss_bytes": peak,
+            f"{name}_planned_peak_bytes": plan,
+            f"{name}_measured_over_plan": peak / plan,
+        }
+    return figures
+
+
+def measure_process_baselines(folder: str | Path) -> dict:
+    """What the processes of a run cost before its rows: the figures behind the plan's
+    process constants (service/data/estimate.py, service/cluster/capacity.py), each from a
+    fresh process running a 2,000-row job of 64 features."""
+    data = write_dataset(Path(folder) / "baseline", BASELINE_ROWS, 1, BASELINE_FEATURES)
+    scratch = Path(folder)
+    workers = _in_fresh_process(measure_run, str(data), 2, scratch)
+    in_process = _in_fresh_process(measure_run, str(data), 0, scratch)
+    return {
+        "worker_process_bytes": max(
+            peak for key, peak in workers.items() if key.endswith("_peak_rss_bytes")
+        ),
+        "in_process_bytes": in_process["in_process_peak_rss_bytes"],
+        "coordinator_process_bytes": _in_fresh_process(measure_coordinator, str(data), scratch),
+        "ray_processes_bytes": _in_fresh_process(measure_ray_processes),
+    }
+
+
+def measure_coordinator(data: str, scratch: Path) -> int:
+    """The peak resident size of the coordinator of a tracked 2-worker run."""
+    tracked = f"sqlite:///{scratch / 'mlflow-coordinator.db'}"
+    ray = start_local_ray(2)
+    train(config_from(run_settings(data, 2, tracked)), output=scratch / "coordinator")
+    ray.shutdown()
+    return _peak_rss()
+
+
+def measure_ray_processes(settle_seconds: float = 3.0) -> int:
+    """The resident size of the processes a local Ray start adds, its workers left out."""
+    ray = start_local_ray(2)
+    try:
+        time.sleep(settle_seconds)  # the agents start after ray.init returns
+        # idle workers Ray starts ahead become the run's workers, counted as theirs
+        daemons = [pid for pid in _descendants(os.getpid()) if not _is_idle_worker(pid)]
+        return sum(_rss(pid) for pid in daemons)
+    finally:
+        ray.shutdown()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _is_idle_worker(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::IDLE")
+    except OSError:
+        return False
+
+
+def _rss(pid: int) -> int:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * resource.getpagesize()
+
+
 def _load(source, features: tuple[str, ...], label: str, start: int, stop: int) -> np.ndarray:
     table = source.read([*features, label], start, stop)
     X = np.empty((len(features), table.num_rows), dtype=np.float64)  # (n0, m)
@@ -131,10 +297,10 @@ def _load(source, features: tuple[str, ...], label: str, start: int, stop: int) 
     return X
 
 
-def _in_fresh_process(measure, data: str) -> dict:
+def _in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        return pool.submit(measure, data).result()
+        return pool.submit(measure, *args).result()
 
 
 def _current_rss() -> int:

@@ -1,23 +1,34 @@
 """What a planned run will cost, before any worker starts: memory, bytes moved, FLOPs per step.
 
 Pure functions of the layer sizes (n0, n1, ..., nL), a shard's rows m and the dtype, so each
-number can be checked by hand and `shardprop plan` can print them from metadata alone. They
-count what workers/network/backprop.py and workers/shard.py allocate and multiply, nothing else:
-Python objects, Arrow's read buffers, Ray's own memory and elementwise passes are left out.
+number can be checked by hand and `shardprop plan` can print them from metadata alone. Memory
+counts what workers/network/backprop.py and workers/shard.py allocate, what Arrow reads and its
+allocator keeps, and the process that holds them; FLOPs count the GEMMs only.
 """
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from shardprop.workers.data.source import Source
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.chunks import chunk_columns
 from shardprop.workers.network.params import Layout
 from shardprop.workers.reduction.blocktree import BlockGrid, subtree_count
 
 RAW_BYTES = 8  # a worker reads every column as float64 (labels: int64/float64) before prepare
+# peak RSS of a Ray worker after a 2,000-row job (service/bench/data.py, baselines)
+WORKER_PROCESS_BYTES = 234 * 2**20
+# peak RSS of a whole in-process run of that job, MLflow tracking included (same function)
+IN_PROCESS_BYTES = 297 * 2**20
+# peak RSS of the coordinator of that job on 2 Ray workers, tracked (same function)
+COORDINATOR_PROCESS_BYTES = 374 * 2**20
+# vectors of P values the coordinator holds at once: theta, the summed and the mean gradient,
+# two optimizer moments (Adam) and the update's temporaries
+COORDINATOR_VECTORS = 7
 
 
 def parameter_count(sizes: Sequence[int]) -> int:
@@ -25,50 +36,112 @@ def parameter_count(sizes: Sequence[int]) -> int:
     return Layout(tuple(sizes)).size
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class WorkerMemory:
-    """Bytes one worker holds while training, by what holds them (network.Buffers)."""
+    """Bytes one worker holds while training, by what holds them (network.Buffers), and its
+    peak resident size."""
 
     batch: int  # X with its row of ones (n0 + 1, m) and the targets Y (n_L, m)
     # c columns: a chunk or a block per thread (`buffer_columns`), at most m
     activations: int  # [A[l]; 1] (n_l + 1, c) for each hidden layer, and Z[L] (n_L, c)
     deltas: int  # the two dZ/dA buffers that alternate backwards, each (max n_l, c)
-    parameters: int  # theta and the gradient sum, P values each
-    loading: int  # peak while reading and preparing the rows, before the first step
+    parameters: int  # theta and the gradient sum, P values each (in-process: the coordinator's)
+    loading: int  # peak of the arrays while reading and preparing the rows, before the first step
+    kept: int = 0  # Arrow's read memory that its allocator keeps to the end of the process
+    process: int = 0  # the process itself, before any row: interpreter, libraries, Ray
 
     @property
     def training(self) -> int:
-        """Held from the first step to the last."""
+        """Arrays held from the first step to the last."""
         return self.batch + self.activations + self.deltas + self.parameters
 
     @property
+    def arrays(self) -> int:
+        """The arrays' peak, without the process."""
+        return max(self.training + self.kept, self.loading)
+
+    @property
     def peak(self) -> int:
-        return max(self.training, self.loading)
+        """Peak resident size of the worker's process: what the node must have for it."""
+        return self.process + self.arrays
+
+    @property
+    def model(self) -> int:
+        """The part no number of workers shrinks: parameters and a chunk's buffers."""
+        return self.activations + self.deltas + self.parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadMemory:
+    """What reading a shard's rows costs beside the table it returns."""
+
+    buffers: int  # bytes beside the table while reading (file buffers, generator copies)
+    kept: int  # bytes of the read the allocator keeps after the table is freed
+
+
+def read_memory(source: Source | None, start: int, stop: int, columns: int) -> ReadMemory:
+    """A file read holds one file's raw column chunks beside the decoded table, and Arrow's
+    allocator keeps both (a worker's Arrow memory grows, it never shrinks); the synthetic
+    generator makes two float64 copies, in numpy memory that goes back when freed. `columns`:
+    features and label. No source: a shard read from one file."""
+    table = RAW_BYTES * (stop - start) * columns
+    if source is not None and source.synthetic is not None:
+        return ReadMemory(buffers=2 * table, kept=0)
+    spans = source.spans(start, stop) if source is not None else [("", start, stop)]
+    buffers = RAW_BYTES * columns * max((hi - lo for _, lo, hi in spans), default=0)
+    return ReadMemory(buffers, kept=table + buffers)
 
 
 def worker_memory(
-    sizes: Sequence[int], m: int, itemsize: int, columns: int | None = None
+    sizes: Sequence[int],
+    m: int,
+    itemsize: int,
+    columns: int | None = None,
+    read: ReadMemory | None = None,
+    validation_fraction: float = 0.0,
+    process: int = 0,
 ) -> WorkerMemory:
     """The arrays a worker with m rows keeps, in a dtype of `itemsize` bytes (8 or 4), its
-    activations and deltas `columns` wide (`buffer_columns`; None: m).
+    activations and deltas `columns` wide (`buffer_columns`; None: m), its rows read as `read`
+    says (None: nothing beside the table), a `validation_fraction` of them set aside, in a
+    process of `process` bytes.
 
-    Loading is the larger of two moments: the read (the Arrow columns and the float64
-    feature matrix side by side) and the preparation (that matrix, the labels and their
-    float64 encoding beside the batch in the training dtype). The network's buffers and the
-    parameters only appear at the first step, after the raw copies are freed.
+    Loading is the largest of three moments (workers/shard.py): the read (the table and the
+    read's buffers); the statistics (the table, the float64 feature matrix, its two boolean
+    masks and, with validation rows, a copy of the training rows); the preparation (that
+    matrix, the label encoding, the batch in the training dtype and, with validation rows, a
+    copy of the training rows and targets). What the read's allocator keeps stays under all
+    of them and under training.
     """
     n0, *hidden, n_out = sizes
+    read = read or ReadMemory(0, 0)
+    validating = validation_fraction > 0
     batch = (n0 + 1 + n_out) * m * itemsize
     width = m if columns is None else min(m, columns)
     activations = (sum(n + 1 for n in hidden) + n_out) * width * itemsize
     deltas = 2 * max(sizes[1:]) * width * itemsize
+    if validating:  # the validation rows get a network, and its buffers, of their own
+        activations, deltas = 2 * activations, 2 * deltas
     parameters = 2 * parameter_count(sizes) * itemsize
-    reading = RAW_BYTES * m * ((n0 + 1) + n0)
-    preparing = RAW_BYTES * m * (n0 + 1 + n_out) + batch
-    return WorkerMemory(batch, activations, deltas, parameters, max(reading, preparing))
+    table = RAW_BYTES * m * (n0 + 1)
+    X = RAW_BYTES * m * n0
+    train_rows = math.ceil(m * (1 - validation_fraction)) if validating else 0
+    reading = table + read.buffers
+    stats = max(read.kept, table) + X + 2 * n0 * m + RAW_BYTES * n0 * train_rows
+    labels = RAW_BYTES * m * (n_out + 2)  # the label values, their class index, the targets
+    preparing = read.kept + X + labels + batch + RAW_BYTES * (n0 + n_out) * train_rows
+    return WorkerMemory(
+        batch,
+        activations,
+        deltas,
+        parameters,
+        max(reading, stats, preparing),
+        read.kept,
+        process,
+    )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StepFlops:
     """Floating-point operations of one forward + backward step: the GEMMs only."""
 
@@ -89,7 +162,7 @@ def step_flops(sizes: Sequence[int], m: int) -> StepFlops:
     return StepFlops(forward=with_bias, backward_weights=with_bias, backward_inputs=dA)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StepTraffic:
     """Bytes of the all-reduce in one step, counted per worker that takes part."""
 
@@ -134,7 +207,7 @@ def output_units(task: str, synthetic: SyntheticSpec | None) -> int | None:
     return classes
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ShardEstimate:
     """One worker's rows [start, stop) and what they cost it."""
 
@@ -149,13 +222,21 @@ class ShardEstimate:
         return self.stop - self.start
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PlanEstimate:
     sizes: tuple[int, ...]  # (n0, n1, ..., nL)
     n_params: int
     shards: tuple[ShardEstimate, ...]
     traffic: StepTraffic
     flops: StepFlops  # all shards together: the whole batch
+    workers: int = 0  # Ray workers; 0: the one shard lives in the coordinator's process
+    dtype: str = "float64"
+    coordinator: int = 0  # peak resident size of the coordinator's process; 0 in-process
+
+    @property
+    def peaks(self) -> list[int]:
+        """Each worker's peak resident size, in rank order."""
+        return [shard.memory.peak for shard in self.shards]
 
 
 def estimate_plan(
@@ -167,35 +248,49 @@ def estimate_plan(
     workers: int,
     grid: BlockGrid | None = None,
     threads: int = 1,
+    source: Source | None = None,
+    validation_fraction: float = 0.0,
 ) -> PlanEstimate:
-    """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic.
-    `grid`: the exact reduction's blocks, run `threads` at a time in each worker."""
+    """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic,
+    and the one worker is the coordinator's process. `grid`: the exact reduction's blocks, run
+    `threads` at a time in each worker. `source`: where the rows are read from (None: each
+    shard from one file)."""
     sizes = (n_features, *hidden, outputs)
     columns = buffer_columns(sizes, dtype, threads, grid)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
-    per_shard = tuple(
-        ShardEstimate(
-            rank,
-            start,
-            stop,
-            worker_memory(sizes, stop - start, itemsize, columns),
-            step_flops(sizes, stop - start),
+    vector = n_params * itemsize
+    gathered = grid and sum(subtree_count(grid, start, stop) for start, stop in shards)
+    traffic = allreduce_bytes(n_params, workers, itemsize, gathered)
+    per_shard = []
+    for rank, (start, stop) in enumerate(shards):
+        memory = worker_memory(
+            sizes,
+            stop - start,
+            itemsize,
+            columns,
+            read_memory(source, start, stop, n_features + 1),
+            validation_fraction,
+            WORKER_PROCESS_BYTES if workers else IN_PROCESS_BYTES,
         )
-        for rank, (start, stop) in enumerate(shards)
-    )
+        if not workers:  # the coordinator's vectors, theta among them, in the same process
+            extra = (COORDINATOR_VECTORS - 1) * vector
+            memory = dataclasses.replace(memory, parameters=memory.parameters + extra)
+        per_shard.append(ShardEstimate(rank, start, stop, memory, step_flops(sizes, stop - start)))
+    coordinator = 0
+    if workers:  # its vectors, and a gradient sum back from each worker (or each subtree)
+        returned = gathered or workers
+        coordinator = COORDINATOR_PROCESS_BYTES + (COORDINATOR_VECTORS + returned) * vector
     total_rows = sum(shard.rows for shard in per_shard)
     return PlanEstimate(
         sizes,
         n_params,
-        per_shard,
-        allreduce_bytes(
-            n_params,
-            workers,
-            itemsize,
-            grid and sum(subtree_count(grid, start, stop) for start, stop in shards),
-        ),
+        tuple(per_shard),
+        traffic,
         step_flops(sizes, total_rows),
+        workers,
+        dtype,
+        coordinator,
     )
 
 

@@ -14,11 +14,16 @@ from typer.testing import CliRunner
 from shardprop.service.cli.app import app
 from shardprop.service.data.datasets import make_dataset
 from shardprop.service.data.estimate import (
+    COORDINATOR_PROCESS_BYTES,
+    IN_PROCESS_BYTES,
+    WORKER_PROCESS_BYTES,
+    ReadMemory,
     allreduce_bytes,
     buffer_columns,
     estimate_plan,
     output_units,
     parameter_count,
+    read_memory,
     step_flops,
     worker_memory,
 )
@@ -221,8 +226,10 @@ def test_estimates_of_a_tiny_network_match_a_hand_count():
     assert memory.deltas == 2 * 3 * 4 * 8 == 192
     assert memory.parameters == 2 * 13 * 8 == 208
     assert memory.training == 688
-    # read: 3 Arrow columns + X (2, 4) in float64; prepare: X, labels, targets + the batch
-    assert memory.loading == max(8 * 4 * 5, 8 * 4 * 4 + 128) == 256
+    # read: 3 Arrow columns; statistics: them, X (2, 4) in float64 and two boolean masks;
+    # prepare: X, the labels' values, index and targets, and the batch
+    assert memory.loading == max(8 * 4 * 3, 8 * 4 * 3 + 8 * 4 * 2 + 2 * 2 * 4, 64 + 96 + 128)
+    assert memory.loading == 288 and memory.peak == 688  # the network's buffers weigh most
     flops = step_flops(sizes, m)
     assert (flops.forward, flops.backward_weights, flops.backward_inputs) == (104, 104, 24)
     assert flops.total == 232
@@ -233,6 +240,27 @@ def test_estimates_of_a_tiny_network_match_a_hand_count():
     assert allreduce_bytes(13, workers=0, itemsize=8).total == 0
 
 
+def test_a_file_read_and_validation_rows_add_to_the_loading_peak_by_hand():
+    sizes, m = (2, 3, 1), 4
+    read = ReadMemory(buffers=96, kept=96 + 96)  # a file's raw chunks beside the table, kept
+    memory = worker_memory(sizes, m, 8, read=read, validation_fraction=0.25, process=1000)
+    assert (memory.activations, memory.deltas) == (2 * 160, 2 * 192)  # a validation network
+    # statistics: 3 training rows copied (2 x 3 x 8); preparing: features and targets too
+    assert memory.loading == max(96 + 96, 192 + 64 + 16 + 48, 192 + 64 + 96 + 128 + 72) == 552
+    assert memory.kept == 192 and memory.training == 128 + 320 + 384 + 208
+    # Arrow's kept memory stays under the training arrays; the process comes on top
+    assert memory.peak == 1000 + max(1040 + 192, 552) == 2232
+
+
+def test_a_read_holds_the_largest_file_span_beside_the_table():
+    files = Source("parquet", files=("a", "b"), file_rows=(3, 5))
+    # rows 2..7: 1 row of a, 4 of b; 3 columns of 8 bytes
+    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * (5 + 4))
+    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=240)  # one file
+    synthetic = Source("synthetic", synthetic=SyntheticSpec("moons", 10))
+    assert read_memory(synthetic, 0, 5, 3) == ReadMemory(buffers=240, kept=0)  # numpy's
+
+
 def test_plan_estimate_splits_costs_by_shard_rows():
     estimate = estimate_plan([(0, 3), (3, 5)], 2, [3], 1, "float32", workers=2)
     assert estimate.n_params == 13 and [s.rows for s in estimate.shards] == [3, 2]
@@ -241,7 +269,21 @@ def test_plan_estimate_splits_costs_by_shard_rows():
         == step_flops((2, 3, 1), 5).total
         == sum(s.flops.total for s in estimate.shards)
     )
-    assert estimate.shards[1].memory == worker_memory((2, 3, 1), 2, itemsize=4)
+    assert estimate.shards[1].memory == worker_memory(
+        (2, 3, 1), 2, itemsize=4, read=read_memory(None, 3, 5, 3), process=WORKER_PROCESS_BYTES
+    )
+    assert estimate.peaks == [s.memory.peak for s in estimate.shards]
+    # the coordinator: its process, 7 vectors and a gradient sum back from each worker
+    assert estimate.coordinator == COORDINATOR_PROCESS_BYTES + (7 + 2) * 13 * 4
+
+
+def test_in_process_the_one_shard_is_the_coordinators_process():
+    estimate = estimate_plan([(0, 5)], 2, [3], 1, "float64", workers=0)
+    memory = estimate.shards[0].memory
+    alone = worker_memory((2, 3, 1), 5, 8, read=read_memory(None, 0, 5, 3))
+    assert memory.process == IN_PROCESS_BYTES and estimate.coordinator == 0
+    # theta is the worker's own; the other 6 coordinator vectors join its parameters
+    assert memory.parameters == alone.parameters + 6 * 13 * 8
 
 
 @pytest.mark.parametrize(
