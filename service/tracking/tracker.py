@@ -291,8 +291,9 @@ class Tracker:
     def reopen(cls, uri: str | None, run_id: str, flush_seconds: float = FLUSH_SECONDS) -> Self:
         """Continue an existing run (left RUNNING by a killed coordinator, or KILLED/FAILED):
         it is RUNNING again, held by this process, and steps it already has metrics for are
-        not logged twice. Raises RunHeldError while another live process holds it, RunFinishedError
-        for a run that ended well, TrackingError for a run or store that is not there."""
+        not logged twice. Raises RunHeldError while another live process holds it,
+        RunFinishedError for a run that ended well, ConfigError or TrackingError for a store
+        or run that is not there."""
         tracking_uri = resolve_tracking_uri(uri)
         client = _open_client(tracking_uri, resuming=True)
         run = _get_run(client, run_id, tracking_uri)
