@@ -3,6 +3,8 @@
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,9 @@ from shardprop.service.cluster.auth import TOKEN_VARIABLE, check_token
 from shardprop.service.config import ClusterConfig
 from shardprop.service.errors import ConfigError
 from shardprop.service.shipped_code import stage
+
+WAIT_SECONDS = 0.1  # how often the thread that waits for ray.init runs its signal handlers
+STAY_SECONDS = 1.0  # how often the thread that started Ray checks whether it is shut down
 
 
 def code_to_ship(cluster: ClusterConfig) -> tuple[str, ...]:
@@ -36,7 +41,8 @@ def connect_ray(address: str | None, cpus_needed: int, ship: tuple[str, ...] = (
 
     if ray.is_initialized():
         return False
-    options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
+    # Ray's start-up notices (a local runtime's token, file limits...) are not the run's concern
+    options: dict[str, Any] = {"logging_level": logging.ERROR, "include_dashboard": False}
     if address is None:
         # accepted: processes a run does not use (upstream fix: ray.init(minimal local node))
         # accepted: workers niced to 15 (upstream fix: a ray.init option for worker niceness)
@@ -48,12 +54,58 @@ def connect_ray(address: str | None, cpus_needed: int, ship: tuple[str, ...] = (
         with tempfile.TemporaryDirectory(prefix="shardprop-code-") as folder:
             if ship:  # uploaded by ray.init, so the copy may go once it returns
                 options["runtime_env"] = {"py_modules": [str(stage(Path(folder), ship))]}
-            ray.init(**options)
+            start_ray(options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         if address is None:
             raise
         raise ConfigError(unreachable_cluster(address, error)) from None
+    finally:
+        logging.getLogger("ray").setLevel(logging.WARNING)  # its warnings while the run trains
     return True
+
+
+def start_ray(options: dict[str, Any]) -> None:
+    """ray.init, run in a thread of its own; a signal, or a failed start, ends with nothing of
+    Ray left running.
+
+    From the main thread, ray.init sets a SIGTERM handler that exits 15 past the caller's own;
+    and a caller's handler that raises inside ray.init is swallowed by its `except Exception`
+    blocks, or leaves a half-started node that ray.shutdown cannot end. Off the main thread Ray
+    sets no handler, and the caller's handlers run in the caller's thread, which only waits.
+    """
+    import ray
+
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def start_and_stay() -> None:
+        try:
+            ray.init(**options)
+        except BaseException as error:  # raised again in the caller's thread
+            failed.append(error)
+        done.set()
+        # the driver's shutdown waits long once the thread that started it has ended
+        # (upstream fix: a Ray driver that does not depend on the thread that called ray.init)
+        while not failed and ray.is_initialized():
+            time.sleep(STAY_SECONDS)
+
+    threading.Thread(target=start_and_stay, name="ray.init", daemon=True).start()
+    try:
+        wait_for(done)
+    except BaseException:
+        wait_for(done)  # a second signal ends this wait too: Ray's reaper is left to act
+        ray.shutdown()
+        raise
+    if failed:
+        ray.shutdown()  # what a failed start had begun
+        raise failed[0]
+
+
+def wait_for(done: threading.Event) -> None:
+    """Short waits, so that this thread's signal handlers run meanwhile (an Event, not
+    Thread.join: a join that a handler interrupts can take a live thread for ended)."""
+    while not done.wait(WAIT_SECONDS):
+        pass
 
 
 def unreachable_cluster(address: str, error: Exception) -> str:
