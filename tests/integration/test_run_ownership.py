@@ -12,7 +12,9 @@ from dataclasses import replace
 
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from shardprop.service.cli.app import app
 from shardprop.service.tracking import tracker as tracker_module
 from shardprop.service.tracking.lease import LEASE_TAG, Lease
 from shardprop.service.tracking.tracker import (
@@ -21,7 +23,7 @@ from shardprop.service.tracking.tracker import (
     Tracker,
     recall_run,
 )
-from tests.processes import BIN
+from tests.processes import BIN, free_port
 
 HOLDER = """
 import sys, time
@@ -54,6 +56,11 @@ def write_lease(uri: str, run_id: str, lease: Lease, seconds_left: float) -> Non
 ELSEWHERE = Lease(4242, "another-host", 0.0, "pid:[4026531836]")
 
 
+def resume(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["resume", *map(str, args)])
+    return result.exit_code, result.output.strip()
+
+
 def running_run(uri: str, experiment: str = "owned") -> str:
     """A RUNNING run whose process is gone, as a killed coordinator leaves it."""
     tracker = Tracker.start(uri, experiment, None)
@@ -70,6 +77,9 @@ def test_a_run_held_by_a_live_process_is_refused_and_taken_over_once_it_is_kille
         Tracker.reopen(tracking_uri, holder.run_id)
     with pytest.raises(RunHeldError, match=rf"process {holder.pid} on "):
         recall_run(tracking_uri, holder.run_id)  # the CLI's check, before Ray starts
+    code, said = resume(holder.run_id, "--tracking-uri", tracking_uri)
+    assert (code, said.splitlines()[-1]) == (2, said)
+    assert said.startswith(f"error: run {holder.run_id} is being trained by process {holder.pid}")
     assert MlflowClient(tracking_uri).get_run(holder.run_id).info.status == "RUNNING"
 
     holder.send_signal(signal.SIGKILL)  # no end(), no release: its lease still runs
@@ -115,6 +125,28 @@ def test_a_finished_run_is_nothing_to_resume_and_is_left_as_it_was(tracking_uri)
     after = MlflowClient(tracking_uri).get_run(tracker.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert after.data.tags == before.data.tags
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0_without_touching_it(tracking_uri):
+    with Tracker.start(tracking_uri, "owned", None) as tracker:
+        tracker.log_config({"train": {"steps": 3}}, {})
+    before = MlflowClient(tracking_uri).get_run(tracker.run_id)
+    code, said = resume(tracker.run_id, "--tracking-uri", tracking_uri)
+    assert (code, said) == (0, f"run {tracker.run_id} is FINISHED: nothing to resume")
+    after = MlflowClient(tracking_uri).get_run(tracker.run_id)
+    assert (after.info.end_time, after.data.tags) == (before.info.end_time, before.data.tags)
+
+
+def test_resume_from_a_store_that_is_not_there_is_one_line_and_creates_none(tmp_path):
+    server = f"http://127.0.0.1:{free_port()}"
+    code, said = resume("0123456789abcdef", "--tracking-uri", server)
+    assert code == 2
+    assert said.startswith(f"error: tracking.uri: the MLflow server at {server} is unreachable")
+    db = tmp_path / "mlflow.db"
+    code, said = resume("0123456789abcdef", "--tracking-uri", f"sqlite:///{db}")
+    assert (code, said.splitlines()[0]) == (2, said)
+    assert f"no tracking store at {db}" in said
+    assert not db.exists()
 
 
 def test_the_next_start_marks_runs_whose_process_is_gone_failed(tracking_uri):
