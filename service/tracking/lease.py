@@ -17,8 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Self
 
 LEASE_TAG = "shardprop.lease"
-# renewed every RENEW_SECONDS (one tag write), valid for LEASE_SECONDS: a live holder may miss
-# five renewals (a store outage, a slow call) before another host may take its run
+# one tag write per renewal; a live holder may miss five (a store outage) before its lease lapses
 RENEW_SECONDS = 10.0
 LEASE_SECONDS = 60.0
 
