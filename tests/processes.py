@@ -164,6 +164,12 @@ class RayCluster:
             self._start("--address", self.address)
         wait_until(lambda: self.alive_nodes() == nodes, 90, f"{nodes} ray nodes")
 
+    def add_node(self) -> None:
+        """One more node joins the cluster (e.g. in place of a lost one)."""
+        alive = self.alive_nodes()
+        self._start("--address", self.address)
+        wait_until(lambda: self.alive_nodes() > alive, 90, "the new ray node")
+
     def _head_ready(self) -> bool:
         if self.nodes[0].poll() is not None:
             raise RuntimeError(f"ray head exited: {self.log(0)}")

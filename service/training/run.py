@@ -24,7 +24,7 @@ from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
 from shardprop.service.errors import DivergenceError, TrainingError
 from shardprop.service.tracking.plots import plot_history, plot_timing
-from shardprop.service.tracking.store import check_store
+from shardprop.service.tracking.store import StoreError, check_store
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import (
     Checkpoint,
@@ -468,6 +468,8 @@ def train(
                         resume_run,
                     )
                 except (TrainingError, Interrupted) as error:
+                    if isinstance(error, StoreError):
+                        error.args = (f"the tracking store {tracker.tracking_uri} failed: {error}",)
                     error.args = (f"{error}{how_to_go_on(error, tracker, folder.path)}",)
                     raise
 

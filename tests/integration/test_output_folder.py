@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from shardprop.workers.network.params import load_weights
+
 SETS = ["data.synthetic={name: moons, rows: 2000}", "model.hidden=[16]", "train.checkpoint_every=5"]
 
 
@@ -108,3 +110,29 @@ def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, small_disk):
         f"failed: could not write the checkpoint of step 5 to {out / 'checkpoints'} "
         "(No space left on device)"
     ), line
+
+
+def test_a_tracking_store_that_fills_up_keeps_the_final_weights_on_local_disk(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    # room for MLflow's empty database and some hundreds of steps' metrics, no more
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(store)])
+    if mounted.returncode != 0:
+        pytest.skip("no tmpfs mount here (needs root)")
+    try:
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        out = tmp_path / "out"
+        command = [str(Path(sys.executable).parent / "shardprop"), "train", "/dev/null"]
+        command += ["--workers", "0", "--quiet", "--tracking-uri", uri, "--output", str(out)]
+        command += [arg for s in [*SETS, "train.steps=1500"] for arg in ("--set", s)]
+        command += ["--set", "train.checkpoint_every=0", "--set", "tracking.flush_seconds=0.2"]
+        process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(store)], check=False)
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    line = process.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"failed: the tracking store {uri} failed: "), line
+    assert "full" in line, line
+    assert f"the last good weights: {out / 'weights.npz'}" in line, line
+    load_weights(out / "weights.npz")

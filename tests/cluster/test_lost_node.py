@@ -1,0 +1,88 @@
+"""A node lost with no room left for its worker: the run does not wait for ever. It fails
+after cluster.start_timeout, names what could not be placed, keeps its last checkpoint and
+says how to go on; the resume on a cluster with room again ends with the undisturbed bits."""
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.processes import BIN, RayCluster, stop_group
+
+CONFIG = """\
+data: {synthetic: {name: moons, rows: 4001, seed: 3}}
+model: {hidden: [32, 32]}
+train: {steps: 400, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
+cluster: {workers: 2, worker_resources: {shard_slot: 1}, start_timeout: 15}
+tracking: {flush_seconds: 0.2}
+"""
+
+
+def shardprop(*args: object, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "shardprop"), *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def cluster():
+    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
+    try:
+        cluster.start(nodes=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path, cluster):
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the schema, before this test polls the store
+    out = tmp_path / "out"
+    run = shardprop(
+        "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
+        cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoints" / "step-000020" / "manifest.json").exists():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, "no checkpoint at step 20"
+        time.sleep(0.05)
+    stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone for good
+    _, stderr = run.communicate(timeout=240)
+    assert run.returncode == 1, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "the replacement of worker" in line and "could not be placed" in line, line
+    assert "shard_slot 1" in line and "cluster.start_timeout" in line, line
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+    assert found.info.status == "FAILED"
+    assert f"go on with: shardprop resume {found.info.run_id}" in line
+    kept = Path(line.split("the last good weights: ")[1].split(";")[0])
+    assert kept.parent.parent == out / "checkpoints" and kept.exists()
+
+    # the second node back: the resume goes on to the bits of a run never disturbed
+    cluster.add_node()
+    resumed = shardprop(
+        "resume", found.info.run_id, "--tracking-uri", uri, "--address", cluster.address,
+        cwd=tmp_path,
+    )  # fmt: skip
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    reference = shardprop(
+        "train", config, "--no-tracking", "--workers", "0", "--output", tmp_path / "ref",
+        cwd=tmp_path,
+    )  # fmt: skip
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr
+    with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
+        for name in want.files:
+            assert np.array_equal(got[name], want[name]), name
