@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
@@ -48,6 +48,8 @@ class ShardStats:
     # (rows, mean, m2) of each block's training rows, in block order: the exact reduction's
     # statistics, the same bits for any split of the blocks
     blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+    # column: where its first NaN, inf or null value is, as the user finds it (row, file)
+    first_bad: dict[str, str] = field(default_factory=dict)
 
 
 def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,18 +150,24 @@ class ShardWorker:
                 for lo, hi in pairwise(self._train_bounds)
             ]
         kind = label_kind(labels)
-        valid = pc.drop_null(labels)
-        nulls = labels.null_count
         if kind == "float":
-            values = pc.cast(valid, pa.float64()).to_numpy()
-            finite = np.isfinite(values)
-            nulls += int(np.count_nonzero(~finite))
-            values = values[finite]
+            values = pc.cast(labels, pa.float64()).to_numpy()  # nulls become NaN
+            bad_labels = ~np.isfinite(values)
+            values = values[~bad_labels]
             fractional = bool(np.any(values != np.round(values)))
         else:
-            values = valid.to_numpy(zero_copy_only=False)
+            bad_labels = labels.is_null().to_numpy()
+            values = pc.drop_null(labels).to_numpy(zero_copy_only=False)
             fractional = False
+        nulls = int(np.count_nonzero(bad_labels))
         distinct = np.unique(values)[: MAX_LABEL_VALUES + 1].tolist()
+        bad_rows = dict(zip(self._features, first.tolist(), strict=True))
+        bad_rows[self._label] = int(bad_labels.argmax()) if nulls else -1
+        first_bad = {
+            column: self._source.locate(self.start + row)
+            for column, row in bad_rows.items()
+            if row >= 0
+        }
         val_rows = int(np.count_nonzero(self._val))
         return ShardStats(
             self.start,
@@ -174,6 +182,7 @@ class ShardWorker:
             fractional,
             distinct,
             blocks=blocks,
+            first_bad=first_bad,
         )
 
     def prepare(

@@ -182,6 +182,15 @@ class Source:
         # chunks stay as read: combining them would copy the whole shard once more
         return pa.concat_tables(pieces)
 
+    def locate(self, row: int) -> str:
+        """Global row `row` as a user finds it: its index (from 0, as pandas numbers a table's
+        rows), and the file it is in with its index there when the table has several."""
+        if len(self.files) == 1:
+            return f"row {row} of {self.files[0]}"
+        for file, lo, _ in self.spans(row, row + 1):
+            return f"row {row}: row {lo} of {file}"
+        return f"row {row}"  # synthetic
+
     def spans(self, start: int, stop: int) -> list[tuple[str, int, int]]:
         """(file, lo, hi) for each file that holds some of global rows [start, stop)."""
         spans = []
