@@ -312,5 +312,13 @@ def _current_rss() -> int:
 
 
 def _peak_rss() -> int:
+    """This process's peak resident size: VmHWM on Linux, where ru_maxrss would carry the
+    parent's peak across the fork and exec of a spawned process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -97,8 +97,9 @@ def render_plan(
     table.add_column("rank", justify="right")
     table.add_column("row range", justify="right")
     table.add_column("rows", justify="right")
-    table.add_column("memory", justify="right")
-    table.add_column("loading peak", justify="right")
+    table.add_column("training arrays", justify="right")
+    table.add_column("loading arrays", justify="right")
+    table.add_column("peak RSS", justify="right")
     table.add_column("FLOPs/step", justify="right")
     for shard in estimate.shards:
         table.add_row(
@@ -107,6 +108,7 @@ def render_plan(
             f"{shard.rows:,}",
             human_bytes(shard.memory.training),
             human_bytes(shard.memory.loading),
+            human_bytes(shard.memory.peak),
             f"{shard.flops.total:,}",
         )
     console.print(table)
@@ -114,8 +116,19 @@ def render_plan(
     console.print(
         f"memory per worker (rank 0): batch {human_bytes(first.batch)}, activations "
         f"{human_bytes(first.activations)}, deltas {human_bytes(first.deltas)}, parameters + "
-        f"gradient {human_bytes(first.parameters)}"
+        f"gradient {human_bytes(first.parameters)}; Arrow's read memory, kept to the end, "
+        f"{human_bytes(first.kept)}"
     )
+    process = "this process (Python, its libraries, MLflow)" if in_process else "a Ray worker"
+    console.print(
+        f"peak RSS = the process + the larger of the loading arrays and the training arrays "
+        f"with Arrow's kept memory; the process: {process} {human_bytes(first.process)}"
+    )
+    if not in_process:
+        console.print(
+            f"all {len(estimate.shards)} workers together: {human_bytes(sum(estimate.peaks))}; "
+            f"the coordinator: {human_bytes(estimate.coordinator)}"
+        )
     traffic = estimate.traffic
     if in_process:
         console.print("all-reduce per step: none (in-process, nothing leaves this process)")
