@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from shardprop.service.config import Config
+from shardprop.service.config import ClusterConfig, Config
 from shardprop.service.data.estimate import (
     PlanEstimate,
     ShardEstimate,
@@ -117,6 +117,23 @@ def estimate_run(config: Config, plan: DataPlan, outputs: int | None = None) -> 
         plan.source,
         config.data.validation_fraction,
     )
+
+
+def worker_request(cluster: ClusterConfig) -> dict[str, float]:
+    """What each worker asks Ray for: its CPUs and the custom resources the config names."""
+    return {"CPU": float(cluster.cpus_per_worker), **cluster.worker_resources}
+
+
+def fit_problem(
+    estimate: PlanEstimate, cluster: ClusterConfig, nodes: Sequence[Node]
+) -> str | None:
+    """The first reason the run cannot start on `nodes`: workers Ray could never place, or
+    memory the workers' peaks do not fit; None when it fits."""
+    if cluster.workers:
+        placement = placement_problem(worker_request(cluster), cluster.workers, nodes)
+        if placement is not None:
+            return placement
+    return memory_problem(estimate, nodes)
 
 
 def memory_problem(estimate: PlanEstimate, nodes: Sequence[Node]) -> str | None:

@@ -7,10 +7,12 @@ from shardprop.service.cluster.capacity import (
     RAY_PROCESSES_BYTES,
     Node,
     estimate_run,
+    fit_problem,
     local_ray_node,
     machine_memory,
     memory_problem,
     placement_problem,
+    worker_request,
 )
 from shardprop.service.config import load_config
 from shardprop.service.data.estimate import (
@@ -157,3 +159,24 @@ def test_this_machine_gives_its_available_memory_less_rays_processes():
     assert node.resources == {"CPU": 3.0}
     # MemAvailable moves a little between the two reads
     assert abs(node.memory - (available - RAY_PROCESSES_BYTES - GiB)) < GiB / 4
+
+
+def test_a_worker_asks_for_its_cpus_and_the_configs_custom_resources():
+    cluster = load_config(
+        None, ["cluster.cpus_per_worker=2", "cluster.worker_resources={shard_slot: 1}"]
+    ).cluster
+    assert worker_request(cluster) == {"CPU": 2.0, "shard_slot": 1}
+
+
+def test_placement_is_told_before_memory_and_in_process_asks_for_no_cpu():
+    nodes = [Node("a", GiB, {"CPU": 1}), Node("b", GiB, {"CPU": 1})]
+    big = plan_of(held(8 * GiB), held(8 * GiB), held(8 * GiB))
+    three = load_config(None, [], {"cluster.workers": 3}).cluster
+    assert (fit_problem(big, three, nodes) or "").startswith("placement: 3 workers")
+    fitting = plan_of(held(GiB // 8), held(GiB // 8))
+    assert fit_problem(fitting, load_config(None, []).cluster, nodes) is None
+    in_process = load_config(None, [], {"cluster.workers": 0}).cluster
+    alone = plan_of(held(8 * GiB), workers=0)
+    assert (fit_problem(alone, in_process, [Node("this machine", GiB, {})]) or "").startswith(
+        "memory: the in-process run"
+    )
