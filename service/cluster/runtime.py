@@ -84,8 +84,9 @@ def start_ray(options: dict[str, Any]) -> None:
         except BaseException as error:  # raised again in the caller's thread
             failed.append(error)
         done.set()
-        # the driver's shutdown waits long once the thread that started it has ended
-        # (upstream fix: a Ray driver that does not depend on the thread that called ray.init)
+        # Ray's processes die with the thread that started them (Linux's parent-death signal
+        # follows the thread), so it stays until Ray is shut down
+        # (upstream fix: a ray.init that does not tie its processes to the calling thread)
         while not failed and ray.is_initialized():
             time.sleep(STAY_SECONDS)
 
@@ -93,7 +94,7 @@ def start_ray(options: dict[str, Any]) -> None:
     try:
         wait_for(done)
     except BaseException:
-        wait_for(done)  # a second signal ends this wait too: Ray's reaper is left to act
+        wait_for(done)  # a second signal ends this wait too: Ray ends with this process then
         ray.shutdown()
         raise
     if failed:

@@ -43,6 +43,7 @@ if outcome == "started":
         signal.raise_signal(signal.SIGTERM)
     except Stop as error:
         seen["sigterm_raised"] = error.args[0]
+    seen["task"] = ray.get(ray.remote(lambda: "done").remote(), timeout=120)
 print(json.dumps(seen), flush=True)
 sys.stdin.read()  # alive until the test has looked for Ray's processes
 ray.shutdown()
@@ -110,6 +111,7 @@ def test_the_callers_signal_handlers_stay_in_charge_once_ray_has_started():
         assert seen["outcome"] == "started"
         assert seen["kept"] == [True, True]
         assert seen["sigterm_raised"] == signal.SIGTERM  # the caller's handler, not Ray's
+        assert seen["task"] == "done"  # the runtime outlives the start
     finally:
         child.communicate("", timeout=120)
     assert child.returncode == 0, child.stderr
