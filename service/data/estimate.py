@@ -80,16 +80,18 @@ class ReadMemory:
 
 
 def read_memory(source: Source | None, start: int, stop: int, columns: int) -> ReadMemory:
-    """A file read holds one file's raw column chunks beside the decoded table, and Arrow's
-    allocator keeps both (a worker's Arrow memory grows, it never shrinks); the synthetic
-    generator makes two float64 copies, in numpy memory that goes back when freed. `columns`:
-    features and label. No source: a shard read from one file."""
+    """A file read holds one file's raw column chunks beside the decoded table. Arrow's
+    allocator gives that memory back to the system at times of its own, after the table is
+    freed: a worker keeps from the table alone to the table and the chunks, so count the
+    table and half the chunks. The synthetic generator makes two float64 copies, in numpy
+    memory that goes back when freed. `columns`: features and label. No source: a shard read
+    from one file."""
     table = RAW_BYTES * (stop - start) * columns
     if source is not None and source.synthetic is not None:
         return ReadMemory(buffers=2 * table, kept=0)
     spans = source.spans(start, stop) if source is not None else [("", start, stop)]
     buffers = RAW_BYTES * columns * max((hi - lo for _, lo, hi in spans), default=0)
-    return ReadMemory(buffers, kept=table + buffers)
+    return ReadMemory(buffers, kept=table + buffers // 2)
 
 
 def worker_memory(

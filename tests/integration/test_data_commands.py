@@ -242,7 +242,7 @@ def test_estimates_of_a_tiny_network_match_a_hand_count():
 
 def test_a_file_read_and_validation_rows_add_to_the_loading_peak_by_hand():
     sizes, m = (2, 3, 1), 4
-    read = ReadMemory(buffers=96, kept=96 + 96)  # a file's raw chunks beside the table, kept
+    read = ReadMemory(buffers=96, kept=96 + 96)  # a file's raw chunks beside the table
     memory = worker_memory(sizes, m, 8, read=read, validation_fraction=0.25, process=1000)
     assert (memory.activations, memory.deltas) == (2 * 160, 2 * 192)  # a validation network
     # statistics: 3 training rows copied (2 x 3 x 8); preparing: features and targets too
@@ -255,8 +255,8 @@ def test_a_file_read_and_validation_rows_add_to_the_loading_peak_by_hand():
 def test_a_read_holds_the_largest_file_span_beside_the_table():
     files = Source("parquet", files=("a", "b"), file_rows=(3, 5))
     # rows 2..7: 1 row of a, 4 of b; 3 columns of 8 bytes
-    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * (5 + 4))
-    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=240)  # one file
+    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * (5 + 2))
+    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=120 + 60)  # one file
     synthetic = Source("synthetic", synthetic=SyntheticSpec("moons", 10))
     assert read_memory(synthetic, 0, 5, 3) == ReadMemory(buffers=240, kept=0)  # numpy's
 

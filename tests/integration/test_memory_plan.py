@@ -19,7 +19,7 @@ from shardprop.service.cluster.capacity import (
     ray_nodes,
 )
 
-ROWS, FEATURES, FILES = 1_000_000, 64, 2  # a data-heavy job: 512 MB of float64 features
+ROWS, FEATURES, FILES = 1_000_000, 64, 8  # a data-heavy job: 512 MB of float64 features
 WITHIN = 0.25  # of the measured peak
 
 
