@@ -73,6 +73,19 @@ def local_ray_node(cpus: float, reserved: int = 0) -> Node:
     return Node("this machine", max(memory, 0), {"CPU": float(cpus)})
 
 
+def nodes_before_ray(cluster: ClusterConfig, coordinator: int = 0) -> list[Node] | None:
+    """The nodes a run will have, where they are known before Ray starts: this machine, for
+    an in-process run or as the one node of a local runtime (with the CPUs connect_ray
+    declares, and `coordinator` bytes set aside); None when the run joins a cluster, whose
+    nodes ray_nodes reads once connected."""
+    if not cluster.workers:
+        return [in_process_node()]
+    if cluster.address is not None:
+        return None
+    cpus = max(os.cpu_count() or 1, cluster.workers * cluster.cpus_per_worker)
+    return [local_ray_node(cpus, coordinator)]
+
+
 def ray_nodes(ray: ModuleType) -> list[Node]:
     """The alive nodes of the cluster `ray` is connected to (`ray.nodes()`), by address.
 

@@ -11,6 +11,7 @@ from shardprop.service.cluster.capacity import (
     local_ray_node,
     machine_memory,
     memory_problem,
+    nodes_before_ray,
     placement_problem,
     worker_request,
 )
@@ -180,3 +181,14 @@ def test_placement_is_told_before_memory_and_in_process_asks_for_no_cpu():
     assert (fit_problem(alone, in_process, [Node("this machine", GiB, {})]) or "").startswith(
         "memory: the in-process run"
     )
+
+
+def test_the_nodes_before_ray_starts_are_this_machine_unless_joining_a_cluster():
+    def nodes(**flags):
+        return nodes_before_ray(load_config(None, [], flags).cluster, coordinator=GiB)
+
+    [alone] = nodes(**{"cluster.workers": 0})
+    assert alone.resources == {} and alone.memory > local_ray_node(1, GiB).memory
+    [local] = nodes(**{"cluster.workers": 64})
+    assert local.resources == {"CPU": 64.0}  # a local start declares what the workers ask
+    assert nodes(**{"cluster.address": "ray://head:10001"}) is None
