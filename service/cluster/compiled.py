@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shardprop.service.cluster.waits import interruptible
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ class CompiledStep:
         try:
             # -1: no limit (not Ray's default). Copies: numpy arrays come back as views of
             # the channel's shared memory, which the next step overwrites and teardown unmaps
-            return copy.deepcopy(ray.get(refs, timeout=left))
+            return copy.deepcopy(interruptible(ray.get, refs, timeout=left))
         except ray.exceptions.RayTaskError:
             raise  # the worker's own error (bad data...): not a lost worker
         except (

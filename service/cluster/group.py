@@ -16,6 +16,7 @@ import numpy as np
 from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
 from shardprop.service.cluster.policy import Decision, FailurePolicy
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
+from shardprop.service.cluster.waits import interruptible
 from shardprop.service.config import ClusterConfig
 from shardprop.service.data.plan import DataPlan
 from shardprop.service.errors import ConfigError, TrainingError
@@ -180,7 +181,7 @@ class RayGroup:
             for rank, future in pending.items():
                 try:
                     left = max(0.0, deadline - time.monotonic())
-                    results[rank] = self._ray.get(future, timeout=left)
+                    results[rank] = interruptible(self._ray.get, future, timeout=left)
                 except self._ray.exceptions.RayTaskError as error:
                     raise_user_error(error)
                 except self._ray.exceptions.RayActorError:
@@ -273,8 +274,11 @@ class RayGroup:
                     f"{self._unplaced(sorted(pending.values()), replacing)}, after waiting "
                     f"{self._start_timeout:.0f} s (cluster.start_timeout)"
                 )
-            ready, _ = ray.wait(
-                list(pending), num_returns=len(pending), timeout=min(left, NOTICE_SECONDS)
+            ready, _ = interruptible(
+                ray.wait,
+                list(pending),
+                num_returns=len(pending),
+                timeout=min(left, NOTICE_SECONDS),
             )
             for ref in ready:
                 pending.pop(ref)
@@ -329,7 +333,7 @@ class RayGroup:
             self._await_placed({rank: actor}, replacing=True)
             for state_method, state_args in self._state_calls:  # the same rows, the same state
                 ref = getattr(actor, state_method).remote(*state_args)
-                self._ray.get(ref, timeout=self._start_timeout)
+                interruptible(self._ray.get, ref, timeout=self._start_timeout)
         except BaseException as error:
             self._ray.kill(actor)
             if isinstance(error, self._ray.exceptions.GetTimeoutError):
