@@ -30,11 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardprop.service.bench.timing import Timing
-from shardprop.service.cluster.capacity import estimate_run
-from shardprop.service.cluster.group import start_group
-from shardprop.service.config import config_from
 from shardprop.service.data.plan import plan_data, write_table
-from shardprop.service.training.run import make_plan, set_up_workers, train
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from shardprop.workers.network.params import init_params
 from shardprop.workers.shard import ShardWorker
@@ -176,6 +172,12 @@ def measure_run(data: str, workers: int, scratch: Path, classes: int = 3) -> dic
     process holds everything. On Ray: the workers' load, prepare, steps and evaluation, as a
     run makes them, each worker reporting its own process's peak.
     """
+    # a run's modules (MLflow, matplotlib) load in the processes that measure a run only
+    from shardprop.service.cluster.capacity import estimate_run
+    from shardprop.service.cluster.group import start_group
+    from shardprop.service.config import config_from
+    from shardprop.service.training.run import make_plan, set_up_workers, train
+
     tracked = f"sqlite:///{scratch / f'mlflow-{workers}.db'}"
     config = config_from(run_settings(data, workers, tracked if not workers else None))
     plan = make_plan(config)
@@ -238,6 +240,9 @@ def measure_process_baselines(folder: str | Path) -> dict:
 
 def measure_coordinator(data: str, scratch: Path) -> int:
     """The peak resident size of the coordinator of a tracked 2-worker run."""
+    from shardprop.service.config import config_from
+    from shardprop.service.training.run import train
+
     tracked = f"sqlite:///{scratch / 'mlflow-coordinator.db'}"
     ray = start_local_ray(2)
     train(config_from(run_settings(data, 2, tracked)), output=scratch / "coordinator")

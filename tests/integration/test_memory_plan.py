@@ -83,7 +83,8 @@ def heavy_table(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("heavy"), ROWS, FILES, FEATURES)
 
 
-@pytest.mark.parametrize("workers", [2, 0])
+# in-process: the whole run with MLflow, a quarter of a minute more: with the slow tests
+@pytest.mark.parametrize("workers", [2, pytest.param(0, marks=pytest.mark.slow)])
 def test_the_plan_is_within_a_quarter_of_each_workers_measured_peak(heavy_table, tmp_path, workers):
     """2 Ray workers that report their own peak resident size, and the in-process run (MLflow
     tracking included) whose process holds everything."""
