@@ -161,16 +161,11 @@ def memory_problem(estimate: PlanEstimate, nodes: Sequence[Node]) -> str | None:
     largest = max(nodes, key=lambda node: node.memory)
     biggest = shards[0]
     if biggest.memory.peak > largest.memory:
-        where = (
-            "this machine has"
-            if len(nodes) == 1
-            else f"more than any node has (the most: {largest.name},"
-        )
-        closing = "" if len(nodes) == 1 else ")"
+        where = "this machine has" if len(nodes) == 1 else f"the largest node, {largest.name}, has"
         return (
             f"memory: {worker_name(estimate, biggest)} needs {gib(biggest.memory.peak)} at its "
-            f"peak but {where} {gib(largest.memory)}{closing}; "
-            f"{shrink_one(estimate, biggest, largest)}"
+            f"peak but {where} {gib(largest.memory)}; "
+            f"{shrink_one(estimate, biggest, largest, len(nodes))}"
         )
     free = {node.name: node.memory for node in nodes}
     for shard in shards:
@@ -194,13 +189,13 @@ def worker_name(estimate: PlanEstimate, shard: ShardEstimate) -> str:
     return f"{what} (rows {shard.start:,}..{shard.stop:,})"
 
 
-def shrink_one(estimate: PlanEstimate, shard: ShardEstimate, node: Node) -> str:
-    """What makes one worker's peak smaller: fewer rows, if its rows weigh most; else a
+def shrink_one(estimate: PlanEstimate, shard: ShardEstimate, node: Node, nodes: int) -> str:
+    """What makes one worker's peak smaller: fewer rows each, if its rows weigh most; else a
     smaller network."""
     memory = shard.memory
     fixed = memory.process + memory.model  # what a worker costs however few rows it holds
     rows_part = memory.peak - fixed
-    smaller_dtype = " or model.dtype: float32" if estimate.dtype == "float64" else ""
+    smaller_dtype = ", or model.dtype: float32" if estimate.dtype == "float64" else ""
     if rows_part <= memory.model or fixed >= node.memory:
         return (
             f"the network's parameters and buffers alone take {gib(memory.model)} a worker, "
@@ -209,9 +204,11 @@ def shrink_one(estimate: PlanEstimate, shard: ShardEstimate, node: Node) -> str:
     total_rows = sum(s.rows for s in estimate.shards)
     per_row = rows_part / max(shard.rows, 1)
     workers = math.ceil(total_rows * per_row / (node.memory - fixed))
+    # more workers on the same machines hold the same rows: they need machines too
+    machines = "machines" if nodes < workers else "nodes"
     return (
-        f"its rows take {gib(rows_part)}: more workers (cluster.workers: {workers} or more, on "
-        f"nodes this size) or fewer features (data.features){smaller_dtype}"
+        f"its rows take {gib(rows_part)}: {workers} or more workers (cluster.workers) on as "
+        f"many {machines} this size, or fewer features (data.features){smaller_dtype}"
     )
 
 

@@ -59,10 +59,10 @@ def test_a_shard_too_big_for_any_node_asks_for_more_workers_when_its_rows_weigh_
     line = memory_problem(plan, [Node("10.0.0.1", 8 * GiB, {}), Node("10.0.0.2", 4 * GiB, {})])
     assert line is not None and "\n" not in line
     assert "worker 0 (rows 0..5,000,000) needs 12.2 GiB" in line
-    assert "the most: 10.0.0.1, 8.0 GiB" in line
-    # 24 GiB of rows over nodes with 7.75 GiB for rows: 4 workers
-    assert "its rows take 12.0 GiB" in line and "cluster.workers: 4 or more" in line
-    assert "data.features" in line
+    assert "but the largest node, 10.0.0.1, has 8.0 GiB" in line
+    # 24 GiB of rows over nodes with 7.75 GiB for rows: 4 workers, more than the 2 nodes
+    assert "its rows take 12.0 GiB: 4 or more workers (cluster.workers) on as many machines" in line
+    assert "fewer features (data.features), or model.dtype: float32" in line
 
 
 def test_a_network_too_big_for_the_machine_asks_for_a_smaller_model():
@@ -75,7 +75,7 @@ def test_a_network_too_big_for_the_machine_asks_for_a_smaller_model():
     line = memory_problem(estimate, [Node("this machine", 24 * GiB, {"CPU": 2})])
     assert line is not None and "worker 0 (rows 0..10,240) needs 34.7 GiB" in line  # exact: blocks
     assert "but this machine has 24.0 GiB" in line
-    assert "a smaller model.hidden or model.dtype: float32" in line
+    assert "a smaller model.hidden, or model.dtype: float32" in line
     assert "cluster.workers" not in line  # more workers would not help
 
 
