@@ -177,16 +177,17 @@ def memory_problem(estimate: PlanEstimate, nodes: Sequence[Node]) -> str | None:
             return (
                 f"memory: the {len(shards)} workers need {gib(total)} together but the nodes "
                 f"have {gib(sum(node.memory for node in nodes))} ({held}): "
-                f"{worker_name(estimate, shard)} ({gib(shard.memory.peak)}) finds no node with "
-                f"room left; {shrink_all(estimate, processes, total)}"
+                f"{worker_name(estimate, shard, shard.memory.peak)} finds no node with room "
+                f"left; {shrink_all(estimate, processes, total)}"
             )
         free[name] -= shard.memory.peak
     return None
 
 
-def worker_name(estimate: PlanEstimate, shard: ShardEstimate) -> str:
+def worker_name(estimate: PlanEstimate, shard: ShardEstimate, peak: int | None = None) -> str:
     what = "the in-process run" if not estimate.workers else f"worker {shard.rank}"
-    return f"{what} (rows {shard.start:,}..{shard.stop:,})"
+    needs = "" if peak is None else f", {gib(peak)} at its peak"
+    return f"{what} (rows {shard.start:,}..{shard.stop:,}{needs})"
 
 
 def shrink_one(estimate: PlanEstimate, shard: ShardEstimate, node: Node, nodes: int) -> str:

@@ -96,7 +96,7 @@ def test_many_small_workers_that_overflow_the_nodes_together_ask_for_fewer_worke
     line = memory_problem(estimate, [Node("this machine", room, {"CPU": 64})])
     assert line is not None and "\n" not in line
     assert "the 64 workers need 14.6 GiB together but the nodes have 8.0 GiB" in line
-    assert "finds no node with room left" in line
+    assert "MiB at its peak) finds no node with room left" in line
     assert "fewer workers (cluster.workers; each process takes 234.0 MiB" in line
 
 
