@@ -26,7 +26,7 @@ from shardprop.service.data.plan import DataPlan
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.chunks import blas_threads
 
-# RSS of Ray's own processes on a fresh local runtime, summed (service/bench/data.py, baselines)
+# RSS of Ray's own processes on a fresh local runtime, summed (measure_process_baselines)
 RAY_PROCESSES_BYTES = 556 * 2**20
 RESOURCE_SLACK = 1e-9  # resource amounts are decimals: 0.1 + 0.2 CPUs must fit in 0.3
 RAY_MEMORY_KEYS = ("memory", "object_store_memory")

@@ -20,7 +20,7 @@ from shardprop.workers.network.params import Layout
 from shardprop.workers.reduction.blocktree import BlockGrid, subtree_count
 
 RAW_BYTES = 8  # a worker reads every column as float64 (labels: int64/float64) before prepare
-# peak RSS of a Ray worker after a 2,000-row job (service/bench/data.py, baselines)
+# peak RSS of a Ray worker after a 2,000-row job (measure_process_baselines, bench/data.py)
 WORKER_PROCESS_BYTES = 234 * 2**20
 # peak RSS of a whole in-process run of that job, MLflow tracking included (same function)
 IN_PROCESS_BYTES = 297 * 2**20
