@@ -222,7 +222,8 @@ def plan(
     ] = None,
 ) -> None:
     """Dry run: rows per worker, memory, all-reduce bytes and FLOPs per step, from metadata."""
-    from shardprop.service.data.estimate import estimate_plan, output_units
+    from shardprop.service.cluster.capacity import estimate_run
+    from shardprop.service.data.estimate import output_units
     from shardprop.service.training.run import make_plan
     from shardprop.workers.data.synthetic import SyntheticSpec
 
@@ -232,16 +233,7 @@ def plan(
         synthetic = cfg.data.synthetic
         spec = SyntheticSpec(**synthetic.model_dump()) if synthetic else None
         known = output_units(cfg.data.task, spec)
-        estimate = estimate_plan(
-            data_plan.shards,
-            len(data_plan.features),
-            cfg.model.hidden,
-            outputs or known or 1,
-            cfg.model.dtype,
-            cfg.cluster.workers,
-            data_plan.grid,
-            cfg.cluster.cpus_per_worker,
-        )
+        estimate = estimate_run(cfg, data_plan, outputs or known)
     render_plan(cfg, data_plan, estimate, known, outputs)
 
 

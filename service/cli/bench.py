@@ -102,12 +102,24 @@ def bench_data(
     folder: Annotated[
         Path | None, typer.Option(help="Keep the dataset here between runs (default: a temp dir).")
     ] = None,
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Runs whose workers' peak memory is measured against the plan, comma-separated "
+            "(0: in-process; k: k Ray workers)."
+        ),
+    ] = "",
+    features: Annotated[int, typer.Option(help="Feature columns.")] = 8,
     json_out: JsonOption = None,
 ) -> None:
-    """Planning time and coordinator memory for a large Parquet dataset; one worker's read."""
+    """Planning time and coordinator memory for a large Parquet dataset; one worker's read;
+    with --workers, each worker's peak memory against the plan's."""
     from shardprop.service.bench.data import bench_planning
 
-    figures = bench_planning(rows=rows, files=files, folder=folder)
+    counts = int_list(workers) if workers else ()
+    figures = bench_planning(
+        rows=rows, files=files, features=features, folder=folder, workers=counts
+    )
     for key, value in figures.items():
         typer.echo(
             f"{key:28s} {value:,.4g}" if isinstance(value, float) else f"{key:28s} {value:,}"

@@ -13,11 +13,18 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
+from shardprop.service.cluster.capacity import (
+    memory_problem,
+    placement_problem,
+    ray_nodes,
+    worker_request,
+)
 from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
 from shardprop.service.cluster.policy import Decision, FailurePolicy
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.cluster.waits import interruptible
 from shardprop.service.config import ClusterConfig
+from shardprop.service.data.estimate import PlanEstimate
 from shardprop.service.data.plan import DataPlan
 from shardprop.service.errors import ConfigError, TrainingError
 from shardprop.workers.chaos import WHEN, ChaosWorker, InjectedFailure
@@ -375,9 +382,13 @@ def raise_user_error(error: Exception) -> NoReturn:
 
 
 def start_group(
-    plan: DataPlan, cluster: ClusterConfig, worker_class: type[ShardWorker] = ShardWorker
+    plan: DataPlan,
+    cluster: ClusterConfig,
+    worker_class: type[ShardWorker] = ShardWorker,
+    estimate: PlanEstimate | None = None,
 ) -> WorkerGroup:
-    """The group `cluster` asks for; workers that can be made to fail only for chaos runs."""
+    """The group `cluster` asks for; workers that can be made to fail only for chaos runs.
+    On a joined cluster, the `estimate`'s memory must fit its nodes (exit 2)."""
     if cluster.workers == 0:
         return LocalGroup(plan, worker_class)
     if cluster.inject_failure:
@@ -385,15 +396,40 @@ def start_group(
     started = connect_ray(
         cluster.address, cluster.workers * cluster.cpus_per_worker, code_to_ship(cluster)
     )
-    return RayGroup(
-        plan,
-        cluster.cpus_per_worker,
-        owns_runtime=started,
-        policy=FailurePolicy(cluster.max_worker_failures),
-        timeout=cluster.step_timeout,
-        start_timeout=cluster.start_timeout,
-        placement=cluster.placement,
-        resources=cluster.worker_resources,
-        transport=cluster.transport,
-        worker_class=worker_class,
-    )
+    try:
+        if cluster.address is not None:
+            check_joined_cluster(cluster, estimate)
+        return RayGroup(
+            plan,
+            cluster.cpus_per_worker,
+            owns_runtime=started,
+            policy=FailurePolicy(cluster.max_worker_failures),
+            timeout=cluster.step_timeout,
+            start_timeout=cluster.start_timeout,
+            placement=cluster.placement,
+            resources=cluster.worker_resources,
+            transport=cluster.transport,
+            worker_class=worker_class,
+        )
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+
+
+def check_joined_cluster(cluster: ClusterConfig, estimate: PlanEstimate | None) -> None:
+    """Memory the nodes do not have stops the run (exit 2); room Ray cannot find now is only
+    said, since an autoscaler may add the nodes while the workers wait for them."""
+    import ray
+
+    nodes = ray_nodes(ray)
+    if estimate is not None and (problem := memory_problem(estimate, nodes)):
+        raise ConfigError(problem)
+    if problem := placement_problem(worker_request(cluster), cluster.workers, nodes):
+        log.warning(
+            "%s; waiting up to %.0f s for nodes to join (cluster.start_timeout)",
+            problem,
+            cluster.start_timeout,
+        )

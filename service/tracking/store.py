@@ -99,27 +99,27 @@ def check_store(uri: str | None, resuming: bool = False) -> None:
                 f"tracking.uri: no tracking store at {db}; "
                 "name the store that holds the run with --tracking-uri"
             )
-        _check_writable(db.absolute().parent, f"the folder of the sqlite store {db}")
+        check_writable(db.absolute().parent, "tracking.uri", f"the folder of the sqlite store {db}")
     elif (folder := file_store_path(tracking_uri)) is not None:
         if resuming and not folder.is_dir():
             raise ConfigError(
                 f"tracking.uri: no tracking store at {folder}; "
                 "name the store that holds the run with --tracking-uri"
             )
-        _check_writable(folder.absolute(), f"the file store {folder}")
+        check_writable(folder.absolute(), "tracking.uri", f"the file store {folder}")
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """A file can be made in `folder`, or in the nearest folder above it that exists (MLflow
-    creates the rest). A real file, not os.access: as root on a read-only mount, access
-    says yes."""
+def check_writable(folder: Path, key: str, what: str) -> None:
+    """A file can be made in `folder`, or in the nearest folder above it that exists (the
+    rest is created later), or one ConfigError line naming `key`. A real file, not
+    os.access: as root on a read-only mount, access says yes."""
     existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".shardprop-probe-"):
             pass
     except OSError as error:
         raise ConfigError(
-            f"tracking.uri: cannot write to {existing} ({what}): {error.strerror or error}"
+            f"{key}: cannot write to {existing} ({what}): {error.strerror or error}"
         ) from None
 
 

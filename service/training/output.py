@@ -10,25 +10,14 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import IO
 
 from shardprop.service.errors import ConfigError
+from shardprop.service.tracking.store import check_writable
 
 LOCK_FILE = ".lock"
 OWNER_FILE = "run.json"
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """`folder` (made if missing) takes a new file, or one ConfigError line saying why not.
-    A real write, not os.access: root on a read-only mount is told it may write."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ConfigError(f"{what}: cannot write to {folder} ({error.strerror or error})") from None
 
 
 class OutputFolder:
@@ -41,7 +30,8 @@ class OutputFolder:
     def hold(self, run_id: str | None) -> None:
         """Take the folder for `run_id` (None: a new run), or one ConfigError line: another
         live process has it, or it holds another run's outputs."""
-        check_writable(self.path, "--output")
+        check_writable(self.path, "--output", "the output folder")
+        self.path.mkdir(parents=True, exist_ok=True)
         lock = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 - held until release()
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

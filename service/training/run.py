@@ -17,14 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from shardprop.service.cluster.capacity import estimate_run, fit_problem, nodes_before_ray
 from shardprop.service.cluster.group import WorkerGroup, start_group
 from shardprop.service.config import Config
+from shardprop.service.data.estimate import PlanEstimate
 from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
-from shardprop.service.errors import DivergenceError, TrainingError
+from shardprop.service.errors import ConfigError, DivergenceError, TrainingError
 from shardprop.service.tracking.plots import plot_history, plot_timing
-from shardprop.service.tracking.store import StoreError, check_store
+from shardprop.service.tracking.store import StoreError, check_store, check_writable
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import (
     Checkpoint,
@@ -35,7 +37,7 @@ from shardprop.service.training.checkpoint import (
 from shardprop.service.training.early_stop import EarlyStopping
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
 from shardprop.service.training.optim import make_optimizer
-from shardprop.service.training.output import OutputFolder, check_writable
+from shardprop.service.training.output import OutputFolder
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
 from shardprop.workers.chaos import InjectedFailure
@@ -396,7 +398,11 @@ def final_metrics(
 
 
 def open_run(
-    config: Config, plan: DataPlan, background: ThreadPoolExecutor, resume_run: str | None
+    config: Config,
+    plan: DataPlan,
+    estimate: PlanEstimate,
+    background: ThreadPoolExecutor,
+    resume_run: str | None,
 ) -> tuple[Recorder, WorkerGroup]:
     """Open the MLflow run and start the workers at once.
 
@@ -405,7 +411,7 @@ def open_run(
     """
     opening = background.submit(open_tracker, config, resume_run)
     try:
-        group = start_group(plan, config.cluster)
+        group = start_group(plan, config.cluster, estimate=estimate)
     except BaseException as error:
         if opening.exception() is None:
             tracker = opening.result()
@@ -438,6 +444,10 @@ def train(
     # from the first moment: a signal during start-up stops the run as cleanly as later
     with stop_requests() as stop, ExitStack() as held:
         plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+        estimate = estimate_run(config, plan)
+        nodes = nodes_before_ray(config.cluster, estimate.coordinator)  # None: a joined cluster
+        if nodes is not None and (problem := fit_problem(estimate, config.cluster, nodes)):
+            raise ConfigError(problem)
         if config.tracking.enabled:
             # reachable and writable: seconds, not minutes of MLflow's retries
             check_store(config.tracking.uri, resuming=resume_run is not None)
@@ -446,9 +456,9 @@ def train(
             folder = held.enter_context(OutputFolder(output))
             folder.hold(resume_run)
         else:
-            check_writable(RUNS_FOLDER, "the output folder")
+            check_writable(RUNS_FOLDER, "--output", "the default output folder")
         with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
-            tracker, group = open_run(config, plan, background, resume_run)
+            tracker, group = open_run(config, plan, estimate, background, resume_run)
             with tracker, closing(group):
                 if folder is None:
                     folder = held.enter_context(OutputFolder(RUNS_FOLDER / tracker.run_id))
