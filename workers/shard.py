@@ -39,7 +39,6 @@ class ShardStats:
     mean: np.ndarray  # (n0,) per-feature mean of this shard
     m2: np.ndarray  # (n0,) per-feature sum of squared deviations from that mean
     nonfinite: np.ndarray  # (n0,) NaN, inf or null values per feature
-    first_nonfinite: np.ndarray  # (n0,) shard-local row of the first one, -1 if none
     label_nulls: int  # null or NaN labels
     label_kind: str  # "integer" | "float" | "bool" | "string"
     label_fractional: bool  # some float label has a fractional part: not a class label
@@ -176,7 +175,6 @@ class ShardWorker:
             mean,
             m2,
             nonfinite,
-            first,
             nulls,
             kind,
             fractional,

@@ -61,14 +61,18 @@ def check_finite(parts: Sequence[ShardStats], features: Sequence[str], label: st
     counts = sum(part.nonfinite for part in parts)
     for i, (column, count) in enumerate(zip(features, counts, strict=True)):
         if count:
-            first = next(p.start + int(p.first_nonfinite[i]) for p in parts if p.nonfinite[i])
+            first = next(part.first_bad[column] for part in parts if part.nonfinite[i])
             raise DataError(
-                f"column {column!r} has {count} NaN, inf or null values (first at row {first}); "
+                f"column {column!r} has {count} NaN, inf or null values (first at {first}); "
                 "clean or drop them before training"
             )
     label_nulls = sum(part.label_nulls for part in parts)
     if label_nulls:
-        raise DataError(f"label column {label!r} has {label_nulls} null or NaN values")
+        first = next(part.first_bad[label] for part in parts if part.label_nulls)
+        raise DataError(
+            f"label column {label!r} has {label_nulls} null or NaN values (first at {first}); "
+            "clean or drop those rows before training"
+        )
 
 
 def decide_task(parts: Sequence[ShardStats], config: DataConfig) -> tuple[str, list | None]:

@@ -77,9 +77,6 @@ def test_clean_rows_name_nothing(tmp_path):
     assert (stats.label_nulls, stats.first_bad) == (0, {})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="service/data/prepare.py puts the row in the message once patched"
-)
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_the_command_names_the_first_null_label_in_one_line_and_exits_2(tmp_path, fmt):
     folder = write_parts(tmp_path / "parts", fmt)
