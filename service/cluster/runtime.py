@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from shardprop.service.cluster.auth import TOKEN_VARIABLE, check_token
+from shardprop.service.cluster.waits import wait_for
 from shardprop.service.config import ClusterConfig
 from shardprop.service.errors import ConfigError
 from shardprop.service.shipped_code import stage
 
-WAIT_SECONDS = 0.1  # how often the thread that waits for ray.init runs its signal handlers
 STAY_SECONDS = 1.0  # how often the thread that started Ray checks whether it is shut down
 
 
@@ -100,13 +100,6 @@ def start_ray(options: dict[str, Any]) -> None:
     if failed:
         ray.shutdown()  # what a failed start had begun
         raise failed[0]
-
-
-def wait_for(done: threading.Event) -> None:
-    """Short waits, so that this thread's signal handlers run meanwhile (an Event, not
-    Thread.join: a join that a handler interrupts can take a live thread for ended)."""
-    while not done.wait(WAIT_SECONDS):
-        pass
 
 
 def unreachable_cluster(address: str, error: Exception) -> str:
