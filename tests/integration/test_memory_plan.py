@@ -92,3 +92,26 @@ def test_the_plan_is_within_a_quarter_of_each_workers_measured_peak(heavy_table,
     ratios = {key: value for key, value in figures.items() if key.endswith("_over_plan")}
     assert len(ratios) == max(workers, 1)
     assert all(1 - WITHIN <= ratio <= 1 + WITHIN for ratio in ratios.values()), figures
+
+
+def refused(*sets: str) -> list[str]:
+    from typer.testing import CliRunner
+
+    from shardprop.service.cli.app import app
+
+    args = ["train", "/dev/null", "--no-tracking", *(a for s in sets for a in ("--set", s))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    return result.output.strip().splitlines()
+
+
+def test_a_network_no_node_can_hold_is_refused_before_ray_starts():
+    (line,) = refused("model.hidden=[3000000]", "cluster.workers=2")
+    assert line.startswith("error: memory: "), line
+    assert "GiB" in line and ("model.hidden" in line or "float32" in line), line
+
+
+def test_workers_a_local_runtime_could_never_place_are_refused_before_ray_starts():
+    (line,) = refused("cluster.worker_resources={shard_slot: 1}")
+    assert line.startswith("error: "), line
+    assert "shard_slot" in line, line
