@@ -2,6 +2,7 @@
 test marked with its level, from its folder."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,28 @@ def _no_stray_mlflow_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("MLFLOW_TRACKING"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount("name", "ro") -> a folder with a tmpfs of those options on it, taken off after
+    the test. Root alone may mount: elsewhere the test is skipped, saying so."""
+    mounted: list[Path] = []
+
+    def mount_tmpfs(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"a real read-only or full mount needs `mount` (root): {done.stderr}")
+        mounted.append(folder)
+        return folder
+
+    yield mount_tmpfs
+    for folder in reversed(mounted):
+        # lazily: a store's open database keeps the mount busy until its process ends
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)

@@ -4,10 +4,7 @@ that cannot be written is named before anything starts."""
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from shardprop.workers.network.params import load_weights
 
@@ -26,26 +23,6 @@ def shardprop(*args: object, cwd: Path, steps: int = 20) -> subprocess.Popen:
 def finished(process: subprocess.Popen, seconds: float = 120) -> tuple[int, list[str]]:
     _, stderr = process.communicate(timeout=seconds)
     return process.returncode, [line for line in stderr.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[Path]:
-    """A read-only folder for real: a read-only mount (as root, chmod would not stop writes),
-    or a chmod-ed folder for other users."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)])
-    if mounted.returncode != 0:
-        pytest.skip("no read-only mount here (mount refused)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process(tmp_path):
@@ -76,7 +53,8 @@ def test_a_folder_that_holds_another_runs_outputs_is_refused(tmp_path):
     assert "choose another folder" in line
 
 
-def test_a_read_only_output_folder_is_named_before_anything_starts(tmp_path, read_only):
+def test_a_read_only_output_folder_is_named_before_anything_starts(tmp_path, mount):
+    read_only = mount("read-only", "ro,size=1m")
     started = time.monotonic()
     code, lines = finished(shardprop("--output", read_only / "out", cwd=tmp_path))
     assert code == 2, lines
@@ -85,22 +63,8 @@ def test_a_read_only_output_folder_is_named_before_anything_starts(tmp_path, rea
     assert time.monotonic() - started < 30  # no training first
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB file system: room for the run's lock, not for a checkpoint."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)])
-    if mounted.returncode != 0:
-        pytest.skip("no tmpfs mount here (needs root)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
-def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, small_disk):
-    out = small_disk / "out"
+def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, mount):
+    out = mount("small", "size=256k") / "out"  # room for the run's lock, not a checkpoint
     code, lines = finished(
         shardprop("--output", out, "--set", "model.hidden=[256, 256]", cwd=tmp_path)
     )
@@ -112,23 +76,16 @@ def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, small_disk):
     ), line
 
 
-def test_a_tracking_store_that_fills_up_keeps_the_final_weights_on_local_disk(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
+def test_a_tracking_store_that_fills_up_keeps_the_final_weights_on_local_disk(tmp_path, mount):
     # room for MLflow's empty database and some hundreds of steps' metrics, no more
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(store)])
-    if mounted.returncode != 0:
-        pytest.skip("no tmpfs mount here (needs root)")
-    try:
-        uri = f"sqlite:///{store / 'mlflow.db'}"
-        out = tmp_path / "out"
-        command = [str(Path(sys.executable).parent / "shardprop"), "train", "/dev/null"]
-        command += ["--workers", "0", "--quiet", "--tracking-uri", uri, "--output", str(out)]
-        command += [arg for s in [*SETS, "train.steps=1500"] for arg in ("--set", s)]
-        command += ["--set", "train.checkpoint_every=0", "--set", "tracking.flush_seconds=0.2"]
-        process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    finally:
-        subprocess.run(["umount", str(store)], check=False)
+    store = mount("store", "size=1400k")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "shardprop"), "train", "/dev/null"]
+    command += ["--workers", "0", "--quiet", "--tracking-uri", uri, "--output", str(out)]
+    command += [arg for s in [*SETS, "train.steps=1500"] for arg in ("--set", s)]
+    command += ["--set", "train.checkpoint_every=0", "--set", "tracking.flush_seconds=0.2"]
+    process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert process.returncode == 1, process.stderr
     assert "Traceback" not in process.stderr
     line = process.stderr.strip().splitlines()[-1]

@@ -6,7 +6,6 @@ listens on, a real `mlflow server`.
 
 import errno
 import logging
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +29,6 @@ META = {
     "std": None,
     "classes": None,
 }
-
-
-@pytest.fixture
-def mount(tmp_path):
-    """mount("name", "ro") -> a folder with a tmpfs of those options on it, taken off after
-    the test. Root alone may mount: elsewhere the test is skipped, saying so."""
-    mounted: list[Path] = []
-
-    def mount_tmpfs(name: str, options: str) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"a real read-only or full mount needs `mount` (root): {done.stderr}")
-        mounted.append(folder)
-        return folder
-
-    yield mount_tmpfs
-    for folder in reversed(mounted):
-        # lazily: a store's open database keeps the mount busy until its process ends
-        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def fill(folder: Path) -> None:
