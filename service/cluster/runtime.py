@@ -14,6 +14,9 @@ from shardprop.service.config import ClusterConfig
 from shardprop.service.errors import ConfigError
 from shardprop.service.shipped_code import stage
 
+log = logging.getLogger(__name__)
+JOIN_RETRY_SECONDS = 60.0  # a new head's Ray Client server may need this long to come up
+JOIN_RETRY_PAUSE = 2.0
 STAY_SECONDS = 1.0  # how often the thread that started Ray checks whether it is shut down
 
 
@@ -54,7 +57,7 @@ def connect_ray(address: str | None, cpus_needed: int, ship: tuple[str, ...] = (
         with tempfile.TemporaryDirectory(prefix="shardprop-code-") as folder:
             if ship:  # uploaded by ray.init, so the copy may go once it returns
                 options["runtime_env"] = {"py_modules": [str(stage(Path(folder), ship))]}
-            start_ray(options)
+            join_or_start(address, options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         if address is None:
             raise
@@ -62,6 +65,28 @@ def connect_ray(address: str | None, cpus_needed: int, ship: tuple[str, ...] = (
     finally:
         logging.getLogger("ray").setLevel(logging.WARNING)  # its warnings while the run trains
     return True
+
+
+def join_or_start(address: str | None, options: dict[str, Any]) -> None:
+    """start_ray; a cluster that answers but cannot open a session yet (a Ray Client server
+    still starting on a new head) is tried again, for JOIN_RETRY_SECONDS at most."""
+    deadline = time.monotonic() + JOIN_RETRY_SECONDS
+    while True:
+        try:
+            start_ray(options)
+            return
+        except ConnectionAbortedError as error:
+            left = deadline - time.monotonic()
+            if address is None or left <= 0:
+                raise
+            reason = " ".join(str(error).split())[:200]
+            log.warning(
+                "the Ray cluster at %s is not ready yet (%s); trying again for up to %.0f s",
+                address,
+                reason,
+                left,
+            )
+            time.sleep(JOIN_RETRY_PAUSE)
 
 
 def start_ray(options: dict[str, Any]) -> None:
