@@ -2,8 +2,10 @@
 real Ray runtime reports and places. Each Ray runtime here lives in a fresh process of its
 own: its resources are the test's, and a process's peak memory is only its own there."""
 
-import concurrent.futures
-import multiprocessing
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,24 @@ WITHIN = 0.25  # of the measured peak
 
 
 def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        return pool.submit(function, *args).result()
+    """`function(*args)` in a new interpreter with a fresh sys.path: a process spawned by
+    multiprocessing inherits this one's, where a logged model loaded by an earlier test may
+    have put its own partial copy of shardprop first."""
+    with tempfile.TemporaryDirectory() as folder:
+        call, result = Path(folder) / "call.pkl", Path(folder) / "result.pkl"
+        call.write_bytes(pickle.dumps((function, args)))
+        script = (
+            "import pickle, sys; function, args = pickle.load(open(sys.argv[1], 'rb')); "
+            "pickle.dump(function(*args), open(sys.argv[2], 'wb'))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(call), str(result)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return pickle.loads(result.read_bytes())
 
 
 def nodes_and_placements() -> tuple[list[Node], int, list[bool]]:
