@@ -54,11 +54,13 @@ def tracking_flags(
 def quiet_mlflow() -> None:
     """MLflow's INFO lines would drown the progress; its client retries a dead server for
     minutes per call, where the tracker's writer retries at its next tick anyway; and its
-    usage telemetry reaches for the network. Each is only a default: the user's variable wins."""
+    usage telemetry reaches for the network; and its run links (printed on a server's runs)
+    repeat the run's last lines. Each is only a default: the user's variable wins."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow logs each failed database call with its traceback, then raises it: the tracker
     # says it in one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
