@@ -408,7 +408,10 @@ def start_group(
             start_timeout=cluster.start_timeout,
             placement=cluster.placement,
             resources=cluster.worker_resources,
-            transport=cluster.transport,
+            # Ray Client cannot run compiled graphs: plain calls, without trying
+            transport="plain"
+            if (cluster.address or "").startswith("ray://")
+            else cluster.transport,
             worker_class=worker_class,
         )
     except BaseException:
