@@ -16,7 +16,7 @@ CONFIG = """\
 data: {synthetic: {name: moons, rows: 4001, seed: 3}}
 model: {hidden: [32, 32]}
 train: {steps: 400, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
-cluster: {workers: 2, worker_resources: {shard_slot: 1}, start_timeout: 15}
+cluster: {workers: 2, worker_resources: {shard_slot: 1}, start_timeout: 15, transport: plain}
 tracking: {flush_seconds: 0.2}
 """
 
@@ -42,6 +42,8 @@ def cluster():
 
 
 def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path, cluster):
+    # plain calls: after a compiled graph lost a node's actor, Ray itself sometimes crashes
+    # the driver at exit (SIGSEGV, after the run's last line): the exit code is Ray's then
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
