@@ -1,6 +1,5 @@
 """What several commands share: their options, and how those become config overrides."""
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -61,6 +60,3 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # MLflow logs each failed database call with its traceback, then raises it: the tracker
-    # says it in one line
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -85,6 +85,9 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 STORE_ERRORS = (mlflow.MlflowException, OSError)
 
 log = logging.getLogger(__name__)
+# MLflow logs each failed database call with its traceback, then raises it: the tracker says
+# it in one line (set after MLflow's import, which configures its loggers)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 T = TypeVar("T")
 P = ParamSpec("P")
 

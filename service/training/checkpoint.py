@@ -8,6 +8,7 @@ checksums is skipped for the one before it.
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -55,8 +56,9 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_weights(staging / "weights.npz", layout, theta)
-    with open(staging / "state.npz", "wb") as file:
-        np.savez(file, step=np.array(step), **state)
+    buffer = io.BytesIO()  # zipped in memory: a full disk fails the write below, not numpy's
+    np.savez(buffer, step=np.array(step), **state)
+    (staging / "state.npz").write_bytes(buffer.getbuffer())
     manifest = {
         "step": step,
         "weights_sha256": fingerprint(theta),

@@ -7,6 +7,7 @@ GEMM against activations that carry a row of ones compute W A + b in the forward
 """
 
 import hashlib
+import io
 import os
 import tempfile
 import zipfile
@@ -123,8 +124,15 @@ def save_weights(path: str | os.PathLike, layout: Layout, theta: np.ndarray) -> 
     """Write the .npz weights file atomically: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # zipped in memory: a full disk fails the write below, not numpy's
+    np.savez(buffer, **to_arrays(layout, theta))
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez(tmp, **to_arrays(layout, theta))
+        try:
+            tmp.write(buffer.getbuffer())
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
     return path
 
