@@ -17,6 +17,17 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def start_shardprop(*args: object, cwd: Path) -> subprocess.Popen:
+    """The `shardprop` command as a user starts it, its output captured as text."""
+    return subprocess.Popen(
+        [str(BIN / "shardprop"), *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

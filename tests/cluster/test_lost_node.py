@@ -2,7 +2,6 @@
 after cluster.start_timeout, names what could not be placed, keeps its last checkpoint and
 says how to go on; the resume on a cluster with room again ends with the undisturbed bits."""
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.processes import BIN, RayCluster, stop_group
+from tests.processes import RayCluster, stop_group
+from tests.processes import start_shardprop as shardprop
 
 CONFIG = """\
 data: {synthetic: {name: moons, rows: 4001, seed: 3}}
@@ -19,16 +19,6 @@ train: {steps: 400, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
 cluster: {workers: 2, worker_resources: {shard_slot: 1}, start_timeout: 15, transport: plain}
 tracking: {flush_seconds: 0.2}
 """
-
-
-def shardprop(*args: object, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "shardprop"), *map(str, args)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ end the run with a bound, a message, the last good weights and the command that 
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from shardprop.service.config import load_config
 from shardprop.service.errors import TrainingError
 from shardprop.service.training.run import make_plan
 from tests.groups import kill_and_wait
+from tests.processes import start_shardprop as shardprop
 
 CONFIG = """
 data: {synthetic: {name: moons, rows: 20000, noise: 0.3, seed: 3}}
@@ -25,13 +25,6 @@ train: {steps: 100000, optimizer: adam, learning_rate: 0.01, checkpoint_every: 2
 cluster: {workers: 2}
 tracking: {flush_seconds: 0.2}
 """
-
-
-def shardprop(*args: object, cwd: Path) -> subprocess.Popen:
-    command = [str(Path(sys.executable).parent / "shardprop"), *map(str, args)]
-    return subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def wait_for(ready, process: subprocess.Popen, what: str, seconds: float = 120) -> None:

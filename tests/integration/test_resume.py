@@ -4,7 +4,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mlflow import MlflowClient
 
 from shardprop.service.training.checkpoint import latest_checkpoint, save_checkpoint
 from shardprop.workers.network.params import Layout
+from tests.processes import start_shardprop as shardprop
 
 CONFIG = """
 data: {synthetic: {name: moons, rows: 40000, noise: 0.3, seed: 3}}
@@ -22,13 +22,6 @@ train: {steps: 120, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
 cluster: {workers: 2}
 tracking: {flush_seconds: 0.2}
 """
-
-
-def shardprop(*args, cwd):
-    command = [str(Path(sys.executable).parent / "shardprop"), *map(str, args)]
-    return subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
