@@ -7,14 +7,17 @@ import typer
 
 from shardprop.service.cli.errors import errors_as_exit_codes
 
-data_app = typer.Typer(help="Datasets as Parquet: the synthetic sets and two real tables.")
+data_app = typer.Typer(help="Datasets as Parquet: the synthetic sets and four real tables.")
 
 
 @data_app.command("make")
 def data_make(
     name: Annotated[
         str,
-        typer.Argument(help="moons, circles, blobs, regression, breast-cancer or digits."),
+        typer.Argument(
+            help="Synthetic: moons, circles, blobs, regression. Real tables: breast-cancer, "
+            "digits, diabetes (regression), penguins (string columns and nulls, kept as they are)."
+        ),
     ],
     out: Annotated[
         Path, typer.Option(help="A .parquet file, or with --files F > 1 a folder of parts.")
@@ -30,7 +33,10 @@ def data_make(
     seed: Annotated[int | None, typer.Option(help="Seed of a synthetic set (0).")] = None,
     classes: Annotated[int | None, typer.Option(help="Classes of blobs (3).")] = None,
 ) -> None:
-    """Write dataset NAME as Parquet, file by file, never holding all its rows."""
+    """Write dataset NAME as Parquet, file by file, never holding all its rows.
+
+    Nothing is downloaded: the real tables ship in scikit-learn, penguins in shardprop.
+    """
     from shardprop.service.data.datasets import make_dataset
 
     with errors_as_exit_codes():

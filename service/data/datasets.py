@@ -1,20 +1,24 @@
-"""Datasets to train on, written as Parquet: the synthetic generators, and two real tables.
+"""Datasets to train on, written as Parquet: the synthetic generators, and four real tables.
 
 Synthetic sets are written file by file and row group by row group, each piece generated on
 its own by workers/data/synthetic.py's generate (seeded by block), so a billion-row set never has to
 fit in memory and the files hold exactly the rows a `data.synthetic` config would train on.
-The real tables (`breast-cancer`, `digits`) are the ones scikit-learn ships inside its
-package: no network, and scikit-learn is imported only when one of them is asked for.
+The real tables need no network: `breast-cancer`, `digits` and `diabetes` are the ones
+scikit-learn ships inside its package (imported only when one of them is asked for), and
+`penguins` is a CSV shipped inside shardprop (service/data/tables/).
 """
 
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shardprop.service.data.plan import EXTENSIONS, IGNORED_PREFIXES, split_rows
@@ -23,8 +27,18 @@ from shardprop.workers.data.synthetic import schema as synthetic_schema
 from shardprop.workers.errors import DataError
 
 SYNTHETIC = tuple(DATASETS)
-TABLES = {"breast-cancer": "load_breast_cancer", "digits": "load_digits"}  # sklearn.datasets
-NAMES = (*SYNTHETIC, *TABLES)
+# the penguins table as the palmerpenguins package ships it; types pinned, not inferred
+PENGUINS_CSV = "penguins.csv"
+PENGUINS_TYPES = {
+    "species": pa.string(),
+    "island": pa.string(),
+    "bill_length_mm": pa.float64(),
+    "bill_depth_mm": pa.float64(),
+    "flipper_length_mm": pa.int64(),
+    "body_mass_g": pa.int64(),
+    "sex": pa.string(),
+    "year": pa.int64(),
+}
 # 32 synthetic blocks; a worker decodes only the row groups that overlap its rows, so groups
 # much larger than a shard would make every worker decode rows it then throws away
 ROW_GROUP_ROWS = 131_072
@@ -119,29 +133,61 @@ def synthetic_spec(
 
 
 def bundled_table(name: str, rows: int | None = None) -> pa.Table:
-    """scikit-learn's copy of a real table: float64 features with simple names, int64 `y`.
+    """Real table NAME whole, or its first `rows` rows in the order it is shipped."""
+    table = TABLES[name]()
+    if rows is not None:
+        if not 1 <= rows <= table.num_rows:
+            raise DataError(f"--rows: {name} has {table.num_rows} rows; got {rows}")
+        table = table.slice(0, rows)
+    return table
+
+
+def sklearn_table(name: str, loader: str, label_type: pa.DataType, **options: object) -> pa.Table:
+    """scikit-learn's copy of a real table: float64 features with simple names, then `y`.
 
     breast-cancer: 569 rows, 30 features, y = sklearn's target (0 = malignant, 1 = benign).
     digits: 1797 rows, 64 pixel intensities 0..16 (pixel_<row>_<col>), y = the digit 0..9.
-    rows=N keeps the first N rows, in the order scikit-learn ships them.
+    diabetes: 442 rows, 10 features in their original units (age, sex, bmi, bp, s1..s6
+    blood serum measurements), y = disease progression a year later, 25..346.
     """
     try:
-        from sklearn import datasets  # heavy and optional: only when a real table is asked for
+        from sklearn import datasets  # heavy and optional: only when its table is asked for
     except ImportError:
         raise DataError(
             f"{name}: needs scikit-learn, which ships this table: pip install scikit-learn"
         ) from None
-    bunch = getattr(datasets, TABLES[name])()
+    bunch = getattr(datasets, loader)(**options)
     X, y = bunch.data, bunch.target  # (m, n0), (m,)
-    available = len(y)
-    if rows is not None:
-        if not 1 <= rows <= available:
-            raise DataError(f"--rows: {name} has {available} rows; got {rows}")
-        X, y = X[:rows], y[:rows]
     names = column_names(bunch.feature_names)
     columns = {column: pa.array(X[:, j], pa.float64()) for j, column in enumerate(names)}
-    columns[LABEL] = pa.array(np.asarray(y, dtype=np.int64))
+    columns[LABEL] = pa.array(np.asarray(y), label_type)
     return pa.table(columns)
+
+
+def penguins_table() -> pa.Table:
+    """The Palmer penguins, 344 rows: species, island and sex as strings (sex null for 11
+    birds), bill, flipper and body mass with nulls where they were not measured, and year.
+    """
+    source = resources.files("shardprop.service.data") / "tables" / PENGUINS_CSV
+    with source.open("rb") as stream:
+        return pacsv.read_csv(
+            stream,
+            convert_options=pacsv.ConvertOptions(
+                column_types=PENGUINS_TYPES,
+                null_values=["NA"],
+                strings_can_be_null=True,
+                include_columns=list(PENGUINS_TYPES),
+            ),
+        )
+
+
+TABLES: dict[str, Callable[[], pa.Table]] = {
+    "breast-cancer": partial(sklearn_table, "breast-cancer", "load_breast_cancer", pa.int64()),
+    "digits": partial(sklearn_table, "digits", "load_digits", pa.int64()),
+    "diabetes": partial(sklearn_table, "diabetes", "load_diabetes", pa.float64(), scaled=False),
+    "penguins": penguins_table,
+}
+NAMES = (*SYNTHETIC, *TABLES)
 
 
 def column_names(raw: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""`shardprop data make` writes the rows the generators make; `shardprop plan` costs a run from
-metadata alone, with numbers that match a hand count; the real-table configs train."""
+"""`shardprop data make` writes the rows the generators make and the real tables as shipped;
+`shardprop plan` costs a run from metadata alone, with numbers that match a hand count; the
+real-table configs train."""
 
 import json
 from pathlib import Path
@@ -148,6 +149,73 @@ def test_digits_has_64_pixels_and_ten_classes_and_rows_takes_the_first_rows(tmp_
     head = tmp_path / "head.parquet"
     assert shardprop("data", "make", "digits", "--rows", 100, "--out", head)[0] == 0
     assert pq.read_table(head).equals(table.slice(0, 100))
+
+
+def test_penguins_keep_their_strings_and_their_nulls(tmp_path):
+    out = tmp_path / "penguins.parquet"
+    code, output = shardprop("data", "make", "penguins", "--out", out)
+    assert code == 0, output
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "species",
+        "island",
+        "bill_length_mm",
+        "bill_depth_mm",
+        "flipper_length_mm",
+        "body_mass_g",
+        "sex",
+        "year",
+    ]
+    assert table.num_rows == 344
+    for name in ("species", "island", "sex"):
+        assert pa.types.is_string(table.schema.field(name).type)
+    assert table.column("species").value_counts().to_pylist() == [
+        {"values": "Adelie", "counts": 152},
+        {"values": "Gentoo", "counts": 124},
+        {"values": "Chinstrap", "counts": 68},
+    ]
+    # the "NA"s of the shipped CSV are nulls, not the string "NA" nor NaN
+    nulls = {name: table.column(name).null_count for name in table.column_names}
+    assert nulls == {
+        "species": 0,
+        "island": 0,
+        "bill_length_mm": 2,
+        "bill_depth_mm": 2,
+        "flipper_length_mm": 2,
+        "body_mass_g": 2,
+        "sex": 11,
+        "year": 0,
+    }
+    assert "NA" not in table.column("sex").to_pylist()
+    assert table.slice(0, 4).column("body_mass_g").to_pylist() == [3750, 3800, 3250, None]
+    head = tmp_path / "head.parquet"
+    assert shardprop("data", "make", "penguins", "--rows", 4, "--out", head)[0] == 0
+    assert pq.read_table(head).equals(table.slice(0, 4))
+
+
+def test_diabetes_is_a_numeric_regression_table_in_original_units(tmp_path):
+    out = tmp_path / "diabetes.parquet"
+    code, output = shardprop("data", "make", "diabetes", "--out", out)
+    assert code == 0, output
+    table = pq.read_table(out)
+    assert table.shape == (442, 11)
+    assert table.column_names == [
+        "age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6", "y"
+    ]  # fmt: skip
+    assert all(pa.types.is_float64(t) for t in table.schema.types)
+    assert all(table.column(name).null_count == 0 for name in table.column_names)
+    age, y = table.column("age").to_numpy(), table.column("y").to_numpy()
+    assert age.min() >= 19 and age.max() <= 79  # years, not scikit-learn's scaled copy
+    assert y.min() == 25 and y.max() == 346 and len(np.unique(y)) > 200
+    head = tmp_path / "head.parquet"
+    assert shardprop("data", "make", "diabetes", "--rows", 10, "--out", head)[0] == 0
+    assert pq.read_table(head).equals(table.slice(0, 10))
+
+
+@pytest.mark.parametrize("name, rows", [("penguins", 344), ("diabetes", 442)])
+def test_new_tables_refuse_more_rows_than_they_have(tmp_path, name, rows):
+    code, output = shardprop("data", "make", name, "--rows", rows + 1, "--out", tmp_path / "t.pq")
+    assert_one_line_error(code, output, "--rows", f"{name} has {rows} rows")
 
 
 # plan
