@@ -22,6 +22,9 @@ class BatchMean:
     loss: float  # mean loss
     rows: int
     accuracy: float | None
+    # the task's metric tallies summed over all rows, not divided (training/metrics.py);
+    # None when no row was there
+    tallies: np.ndarray | None = None
 
 
 def reduce_sums(parts: Sequence[ShardSums | BlockSums]) -> ShardSums:
@@ -36,4 +39,4 @@ def reduce_sums(parts: Sequence[ShardSums | BlockSums]) -> ShardSums:
 def batch_mean(total: ShardSums) -> BatchMean:
     rows = total.rows
     accuracy = None if total.correct is None else total.correct / rows
-    return BatchMean(total.grad / rows, total.loss / rows, rows, accuracy)
+    return BatchMean(total.grad / rows, total.loss / rows, rows, accuracy, total.tallies)

@@ -128,16 +128,21 @@ class Network:
         chunk = partial(self._chunk_gradient, theta, batch)
         total, forward_seconds = self.runner.columns(chunk, batch.rows, theta)
         return ShardSums(
-            total.grad, total.loss, total.rows, total.correct, forward_seconds=forward_seconds
+            total.grad,
+            total.loss,
+            total.rows,
+            total.correct,
+            tallies=total.tallies,
+            forward_seconds=forward_seconds,
         )
 
     def evaluate(self, theta: np.ndarray, batch: Batch) -> ShardSums:
-        """Forward only: loss sum and correct count (grad is empty)."""
+        """Forward only: loss sum, correct count and tallies (grad is empty)."""
         self._check(theta, batch)
         empty = np.empty(0, self.dtype)
         chunk = partial(self._chunk_evaluate, theta, batch)
         total, _ = self.runner.columns(chunk, batch.rows, empty)
-        return ShardSums(total.grad, total.loss, total.rows, total.correct)
+        return ShardSums(total.grad, total.loss, total.rows, total.correct, tallies=total.tallies)
 
     def block_gradient(
         self, theta: np.ndarray, batch: Batch, bounds: Sequence[int], first: int, grid: BlockGrid
@@ -217,12 +222,19 @@ class Network:
                 self._derivative(A1_prev[:-1], dA)  # now dZ[l-1]
                 dZ = dA
 
-    def _loss(self, Z_out: np.ndarray, Y: np.ndarray, buffers: Buffers) -> tuple[float, int | None]:
-        """Loss sum and correct count of the chunk; dZ[L] = A[L] - Y goes where `_backward`
-        starts."""
+    def _loss(
+        self, Z_out: np.ndarray, Y: np.ndarray, buffers: Buffers
+    ) -> tuple[float, int | None, np.ndarray]:
+        """Loss sum, correct count and metric tallies of the chunk; dZ[L] = A[L] - Y goes
+        where `_backward` starts."""
         L = self.layout.depth
         dZ = buffers.delta_of(L, self.layout.sizes[L], Z_out.shape[1])
-        return self._output.loss_and_delta(Z_out, Y, dZ), self._output.correct(Z_out, Y)
+        output = self._output
+        return (
+            output.loss_and_delta(Z_out, Y, dZ),
+            output.correct(Z_out, Y),
+            output.tallies(Z_out, Y),
+        )
 
     def _chunk_gradient(
         self, theta: np.ndarray, batch: Batch, lo: int, hi: int, buffers: Buffers, grad: np.ndarray
@@ -232,14 +244,14 @@ class Network:
         started = time.perf_counter()
         *inputs, Z_out = self._forward(theta, batch.X1[:, lo:hi], buffers)
         forward_seconds = time.perf_counter() - started
-        loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], buffers)
+        loss, correct, tallies = self._loss(Z_out, batch.Y[:, lo:hi], buffers)
         self._backward(theta, inputs, buffers, grad)
-        return Sums(grad, loss, hi - lo, correct), forward_seconds
+        return Sums(grad, loss, hi - lo, correct, tallies=tallies), forward_seconds
 
     def _chunk_evaluate(
         self, theta: np.ndarray, batch: Batch, lo: int, hi: int, buffers: Buffers, empty: np.ndarray
     ) -> tuple[Sums, float]:
-        """Loss sum and correct count of columns [lo, hi); no gradient."""
+        """Loss sum, correct count and tallies of columns [lo, hi); no gradient."""
         *_, Z_out = self._forward(theta, batch.X1[:, lo:hi], buffers)
-        loss, correct = self._loss(Z_out, batch.Y[:, lo:hi], buffers)
-        return Sums(empty, loss, hi - lo, correct), 0.0
+        loss, correct, tallies = self._loss(Z_out, batch.Y[:, lo:hi], buffers)
+        return Sums(empty, loss, hi - lo, correct, tallies=tallies), 0.0

@@ -27,6 +27,10 @@ class Output(Protocol):
     def correct(self, Z: np.ndarray, Y: np.ndarray) -> int | None:
         """How many rows are classified right; None for regression."""
 
+    def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """The counts and sums the task's metrics are made of, SUMMED over the rows of Z
+        (n_L, m): a float64 vector whose length depends on the task and n_L alone."""
+
 
 class BinaryOutput:
     """Sigmoid + binary cross-entropy L = -[y log a + (1 - y) log(1 - a)]."""
@@ -47,6 +51,11 @@ class BinaryOutput:
 
     def correct(self, Z: np.ndarray, Y: np.ndarray) -> int:
         return int(np.count_nonzero((Z > 0) == (Y > 0.5)))
+
+    def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """[tn, fp, fn, tp]: predicted positive where z > 0, that is a > 1/2."""
+        cell = 2 * (Y[0] > 0.5) + (Z[0] > 0)  # true row, predicted column
+        return confusion(cell, 2)
 
 
 class MulticlassOutput:
@@ -71,6 +80,13 @@ class MulticlassOutput:
             return 0
         return int(np.count_nonzero(Z.argmax(axis=0) == Y.argmax(axis=0)))
 
+    def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """The K x K confusion matrix, rows the true class, flattened row-major."""
+        K = Z.shape[0]
+        if Z.shape[1] == 0:
+            return np.zeros(K * K)
+        return confusion(Y.argmax(axis=0) * K + Z.argmax(axis=0), K)
+
 
 class RegressionOutput:
     """Identity + half squared error L = 1/2 (a - y)^2."""
@@ -84,6 +100,26 @@ class RegressionOutput:
 
     def correct(self, Z: np.ndarray, Y: np.ndarray) -> None:
         return None
+
+    def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """[sum |a - y|, sum (a - y)^2, sum y, sum y^2] over every element, in float64:
+        MAE, RMSE and R^2 of any set of rows follow from these sums."""
+        error = (Z - Y).ravel()
+        y = Y.ravel()
+        return np.array(
+            [
+                np.abs(error).sum(dtype=np.float64),
+                np.einsum("i,i->", error, error, dtype=np.float64),
+                y.sum(dtype=np.float64),
+                np.einsum("i,i->", y, y, dtype=np.float64),
+            ]
+        )
+
+
+def confusion(cell: np.ndarray, K: int) -> np.ndarray:
+    """Counts of each cell index true * K + predicted of a K x K confusion matrix, as float64
+    (sums of whole numbers stay exact far beyond any row count)."""
+    return np.bincount(cell, minlength=K * K).astype(np.float64)
 
 
 OUTPUTS: dict[str, Output] = {

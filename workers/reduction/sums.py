@@ -20,16 +20,25 @@ class Sums:
     loss: float  # loss sum
     rows: int
     correct: int | None  # correctly classified rows; None for regression
+    # the task's metric tallies summed over the rows (losses.py); None: no rows. Keyword
+    # only, so the positional fields keep their places in ShardSums
+    tallies: np.ndarray | None = field(default=None, kw_only=True)
 
     def __add__(self, other: "Sums") -> "Sums":
         """New sums; the operands stay as they are (they may be read-only)."""
         correct = None if self.correct is None else self.correct + other.correct
-        return Sums(self.grad + other.grad, self.loss + other.loss, self.rows + other.rows, correct)
+        return Sums(
+            self.grad + other.grad,
+            self.loss + other.loss,
+            self.rows + other.rows,
+            correct,
+            tallies=add_tallies(self.tallies, other.tallies),
+        )
 
     def __deepcopy__(self, memo: dict) -> Self:
-        """The gradient copied, the numbers shared: all that reading sums out of a compiled
+        """The arrays copied, the numbers shared: all that reading sums out of a compiled
         graph's shared memory needs, at a fraction of a generic deep copy's cost."""
-        return replace(self, grad=self.grad.copy())
+        return replace(self, grad=self.grad.copy(), tallies=copy_tallies(self.tallies))
 
     def __iadd__(self, other: "Sums") -> "Sums":
         """Add `other` into these sums, the gradient in place."""
@@ -38,7 +47,21 @@ class Sums:
         self.rows += other.rows
         if self.correct is not None:
             self.correct += other.correct
+        self.tallies = add_tallies(self.tallies, other.tallies)
         return self
+
+
+def add_tallies(left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray | None:
+    """left + right as a new array (either may be a read-only view); None adds nothing."""
+    if left is None:
+        return right
+    if right is None:
+        return left
+    return left + right
+
+
+def copy_tallies(tallies: np.ndarray | None) -> np.ndarray | None:
+    return None if tallies is None else tallies.copy()
 
 
 @dataclass
@@ -76,7 +99,12 @@ class ShardSums(Timed, Sums):
 
     def copy(self) -> "ShardSums":
         """The same sums with a gradient of their own, to add others into."""
-        return replace(self, grad=self.grad.copy(), per_rank=self.timings())
+        return replace(
+            self,
+            grad=self.grad.copy(),
+            tallies=copy_tallies(self.tallies),
+            per_rank=self.timings(),
+        )
 
 
 @dataclass
@@ -109,7 +137,8 @@ class BlockSums(Timed):
             sums.loss,
             sums.rows,
             sums.correct,
-            self.seconds,
-            self.forward_seconds,
-            self.timings(),
+            tallies=sums.tallies,
+            seconds=self.seconds,
+            forward_seconds=self.forward_seconds,
+            per_rank=self.timings(),
         )
