@@ -1,8 +1,10 @@
-"""Training curves and where a step's time goes, as PNGs for the run's artifacts
-(plots/loss.png, plots/timing.png)."""
+"""Training curves, where a step's time goes and the confusion matrix, as files for the run's
+artifacts (plots/loss.png, plots/timing.png, the confusion matrix's PNG and JSON)."""
 
+import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,63 @@ def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence, path: str | os.PathLike) -> Path:
+    """The confusion matrix as a heat map with each cell's count: true class on the y axis,
+    predicted class on the x axis."""
+    matrix = np.asarray(matrix)
+    K = len(classes)
+    labels = [str(c) for c in classes]
+    side = min(12.0, 2.5 + 0.45 * K)
+    figure = Figure(figsize=(side, side), layout="tight")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    image = ax.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    # dark text on light cells, light on dark
+    dark = matrix > (matrix.max() / 2 if matrix.size else 0)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(
+            j,
+            i,
+            f"{count:d}",
+            ha="center",
+            va="center",
+            color="white" if dark[i, j] else "black",
+            fontsize=8 if K > 10 else 10,
+        )
+    ax.set_xticks(range(K), labels, rotation=45 if K > 6 else 0, ha="right" if K > 6 else "center")
+    ax.set_yticks(range(K), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+def save_confusion_json(matrix: np.ndarray, classes: Sequence, path: str | os.PathLike) -> Path:
+    """{"classes": [...], "matrix": [[...]], "rows": "true", "columns": "predicted"}, with
+    classes kept as JSON numbers, strings or booleans where they are and written as strings
+    otherwise."""
+    document = {
+        "classes": [json_value(c) for c in classes],
+        "matrix": np.asarray(matrix).astype(np.int64).tolist(),
+        "rows": "true",
+        "columns": "predicted",
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path
+
+
+def json_value(value: object) -> str | int | float | bool:
+    """A class label as JSON holds it: numpy scalars as their Python value, anything else
+    that is not a number, string or boolean as its string."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str | bool | int) or (isinstance(value, float) and np.isfinite(value)):
+        return value
+    return str(value)
