@@ -19,10 +19,10 @@ def prepared_group(transport: str, *sets: str) -> tuple[RayGroup, np.ndarray]:
 
 def same_sums(a: list, b: list) -> bool:
     a, b = reduce_sums(a), reduce_sums(b)
-    return np.array_equal(a.grad, b.grad) and (a.loss, a.rows, a.correct) == (
-        b.loss,
-        b.rows,
-        b.correct,
+    return (
+        np.array_equal(a.grad, b.grad)
+        and np.array_equal(a.tallies, b.tallies)
+        and (a.loss, a.rows, a.correct) == (b.loss, b.rows, b.correct)
     )
 
 

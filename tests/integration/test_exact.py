@@ -60,6 +60,7 @@ def test_block_tree_gives_the_same_bits_for_any_split_and_arrival_order(problem,
             reference.rows,
             reference.correct,
         )
+        assert np.array_equal(total.tallies, reference.tallies)
 
 
 def test_blocks_run_in_chunks_give_the_same_bits_for_any_split(problem):
@@ -121,8 +122,12 @@ def test_a_deep_copy_owns_every_gradient_and_keeps_the_rest(problem):
         before = [part.grad.copy() for part in parts]
         for part in parts:
             part.grad[...] = np.nan  # the channel's memory, overwritten by the next step
-        after = [part.grad for part in getattr(copied, "nodes", {None: copied}).values()]
+        copies = list(getattr(copied, "nodes", {None: copied}).values())
+        after = [part.grad for part in copies]
         assert all(map(np.array_equal, after, before))
+        for part, copy_of_part in zip(parts, copies, strict=True):
+            assert np.array_equal(copy_of_part.tallies, part.tallies)
+            assert not np.shares_memory(copy_of_part.tallies, part.tallies)
         assert type(copied) is type(sums)
         assert (copied.seconds, copied.forward_seconds) == (0.25, 0.125)
         assert copied.timings() == sums.timings()

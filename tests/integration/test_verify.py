@@ -194,7 +194,7 @@ def subtrees_in_arrival_order(parts):
     total = nodes[0]
     for sums in nodes[1:]:
         total = total + sums
-    return ShardSums(total.grad, total.loss, total.rows, total.correct)
+    return ShardSums(total.grad, total.loss, total.rows, total.correct, tallies=total.tallies)
 
 
 @pytest.mark.slow

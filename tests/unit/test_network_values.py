@@ -51,6 +51,7 @@ def test_tiny_2_2_1_network_matches_hand_computed_answer():
     np.testing.assert_allclose(grads["b2"], [-0.09177931595520494], rtol=1e-13)
     assert sums.rows == 2
     assert sums.correct == 0  # both samples land on the wrong side
+    np.testing.assert_array_equal(sums.tallies, [0, 1, 1, 0])  # tn, fp, fn, tp
 
 
 def test_binary_loss_uses_the_minus_on_both_terms():
