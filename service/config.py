@@ -53,10 +53,17 @@ class DataConfig(Section):
     filesystem: FilesystemConfig = Field(default_factory=FilesystemConfig)
     synthetic: SyntheticConfig | None = None
     label: str = "y"
-    features: list[str] | None = None
+    features: list[str] | None = None  # null: every numeric and categorical column
+    categorical: list[str] = Field(default_factory=list)  # integer columns to one-hot too
+    max_categories: int = Field(100, ge=2)  # levels of one categorical column
+    categories_over_max: Literal["error", "other"] = "error"  # other: rare ones become one
+    # a null or NaN in a used column: stop the run, leave the row out, or fill it (numbers:
+    # the training mean; categories: a "missing" level)
+    missing: Literal["error", "drop", "impute"] = "error"
     task: Literal["binary", "multiclass", "regression", "auto"] = "auto"
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     standardize: bool = True
+    standardize_target: bool = True  # regression: train on (y - mean) / std
 
     @model_validator(mode="after")
     def one_source(self) -> "DataConfig":

@@ -19,6 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from shardprop.workers.data.columns import (
+    CATEGORICAL,
+    NUMERIC,
+    Column,
+    level_counts,
+    missing,
+    numbers,
+    one_hot,
+    plain,
+    width_of,
+)
 from shardprop.workers.data.source import Source
 from shardprop.workers.data.split import validation_mask
 from shardprop.workers.errors import DataError
@@ -31,33 +42,52 @@ MAX_LABEL_VALUES = 1000  # more distinct labels than this is not a classificatio
 
 @dataclass
 class ShardStats:
-    """What the coordinator needs to check the data and standardise it: reducible parts."""
+    """What the coordinator needs to check the data, encode it and standardise it: parts
+    that reduce across shards."""
 
     start: int  # global index of the shard's first row
-    rows: int  # training rows (the statistics below are theirs)
-    val_rows: int  # validation rows
-    mean: np.ndarray  # (n0,) per-feature mean of this shard
-    m2: np.ndarray  # (n0,) per-feature sum of squared deviations from that mean
-    nonfinite: np.ndarray  # (n0,) NaN, inf or null values per feature
+    rows: int  # training rows kept (the statistics below are theirs)
+    val_rows: int  # validation rows kept
+    dropped: int  # rows left out for a missing value (data.missing: drop)
+    # (count, mean, m2) per part over the training rows, missing values left out: per block
+    # in block order under the exact reduction (the same bits for any split of the blocks),
+    # else the shard's as one part. Entries: the numeric features in order, then the label
+    # when it holds numbers.
+    moments: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    missing: np.ndarray  # (features,) null or NaN values per feature column, every row
+    infinite: np.ndarray  # (features,) inf values per feature column
     label_nulls: int  # null or NaN labels
     label_kind: str  # "integer" | "float" | "bool" | "string"
     label_fractional: bool  # some float label has a fractional part: not a class label
     label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
+    # categorical column: level -> count over the training rows
+    levels: dict[str, dict] = field(default_factory=dict)
+    too_many_levels: list[str] = field(default_factory=list)  # over LEVELS_SENT distinct values
     read_seconds: float = 0.0  # reading and decoding the shard's rows
-    # (rows, mean, m2) of each block's training rows, in block order: the exact reduction's
-    # statistics, the same bits for any split of the blocks
-    blocks: list[tuple[int, np.ndarray, np.ndarray]] | None = None
-    # column: where its first NaN, inf or null value is, as the user finds it (row, file)
+    # column: where its first missing value is, as the user finds it (row, file)
     first_bad: dict[str, str] = field(default_factory=dict)
+    first_infinite: dict[str, str] = field(default_factory=dict)  # the same, for inf
 
 
-def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and sum of squared deviations of a block's columns."""
-    if not X.shape[1]:
-        return np.zeros(X.shape[0]), np.zeros(X.shape[0])
-    mean = X.mean(axis=1)
+def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of X (n, b): count of values that are not NaN, their mean, and their sum of
+    squared deviations from it, by numpy's own sums (never BLAS, whose threads change bits)."""
+    present = ~np.isnan(X)
+    count = present.sum(axis=1)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite data is refused after
-        return mean, np.square(X - mean[:, None]).sum(axis=1)
+        total = np.where(present, X, 0.0).sum(axis=1)
+        mean = np.divide(total, count, out=np.zeros(len(X)), where=count > 0)
+        m2 = np.square(np.where(present, X - mean[:, None], 0.0)).sum(axis=1)
+    return count, mean, m2
+
+
+def row_moments(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """block_moments of X's selected columns, one row at a time: a whole (n, m) temporary
+    would double the shard's memory."""
+    parts = [block_moments(x[rows][None, :]) for x in X]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    return tuple(np.concatenate(values) for values in zip(*parts, strict=True))
 
 
 def blas_build() -> str:
@@ -90,110 +120,151 @@ class ShardWorker:
         self,
         rank: int,
         source: Source,
-        features: tuple[str, ...],
+        columns: tuple[Column, ...],
         label: str,
         start: int,
         stop: int,
         threads: int | None = None,
         grid: BlockGrid | None = None,
     ):
-        """`grid`: the exact reduction's blocks, of which rows [start, stop) are whole ones."""
+        """`columns`: the features; `grid`: the exact reduction's blocks, of which rows
+        [start, stop) are whole ones."""
         if threads is not None:
             threadpool_limits(limits=threads)  # this process's BLAS: one pool per CPU granted
         self.rank, self.start, self.stop, self.threads = rank, start, stop, threads
         self.grid = grid
-        self._source, self._features, self._label = source, features, label
+        self._source, self._columns, self._label = source, columns, label
         self.batch: Batch | None = None
         self.network: Network | None = None
         self.val_batch: Batch | None = None
         self.val_network: Network | None = None
 
-    def load(self, validation_fraction: float = 0.0, seed: int = 0) -> ShardStats:
-        """Read this shard's rows (once), set its validation rows aside, describe them."""
+    def load(
+        self, validation_fraction: float = 0.0, seed: int = 0, missing: str = "error"
+    ) -> ShardStats:
+        """Read this shard's rows (once), set its validation rows aside, describe them.
+        `missing`: data.missing; under "drop", rows with a missing value are left out."""
         started = time.perf_counter()
-        features, label = self._features, self._label
+        names = [column.name for column in self._columns]
+        table = self._source.read([*names, self._label], self.start, self.stop)
+        numeric = [column.name for column in self._columns if column.kind == NUMERIC]
+        self._X = np.empty((len(numeric), table.num_rows), dtype=np.float64)  # (numeric, m)
+        for i, name in enumerate(numeric):
+            self._X[i] = numbers(table.column(name))  # nulls become NaN
+        self._categories = {
+            column.name: plain(table.column(column.name))
+            for column in self._columns
+            if column.kind == CATEGORICAL
+        }
+        self._labels = table.column(self._label)
+        del table
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
         self._validating = validation_fraction > 0
-        if self.grid:  # each block's columns among the training rows and the validation rows
-            bounds = self.grid.bounds(self.start, self.stop)
-            before = np.concatenate([[0], np.cumsum(self._val)])[bounds]
-            self._val_bounds = before.tolist()
-            self._train_bounds = (np.asarray(bounds) - before).tolist()
-            self._first_block = self.start // self.grid.block_rows
-        table = self._source.read([*features, label], self.start, self.stop)
-        m = table.num_rows
-        self._X = np.empty((len(features), m), dtype=np.float64)  # (n0, m)
-        for i, name in enumerate(features):
-            # nulls become NaN: counted by stats() and refused before training
-            self._X[i] = pc.cast(table.column(name), pa.float64()).to_numpy()
-        self._labels = table.column(label)
-        stats = self._stats()
+        stats = self._stats(missing)
         stats.read_seconds = time.perf_counter() - started
         return stats
 
-    def _stats(self) -> ShardStats:
+    def _stats(self, mode: str) -> ShardStats:
         X, labels = self._X, self._labels
-        m = X.shape[1]
-        bad = ~np.isfinite(X)  # (n0, m): checked on every row, validation ones too
-        nonfinite = np.count_nonzero(bad, axis=1)
-        first = np.where(nonfinite > 0, bad.argmax(axis=1), -1) if m else np.full(len(X), -1)
-        train = X[:, ~self._val] if self._val.any() else X  # standardise by training rows only
-        mean = train.mean(axis=1) if train.shape[1] else np.zeros(X.shape[0])
-        # row by row: a whole (n0, m) temporary would double the shard's memory
-        with np.errstate(over="ignore", invalid="ignore"):  # non-finite data is refused after
-            m2 = np.array([np.dot(r - mu, r - mu) for r, mu in zip(train, mean, strict=True)])
-        blocks = None
-        if self.grid:  # numpy's own sums, never BLAS (whose threads change the bits)
-            blocks = [
-                (hi - lo, *block_moments(train[:, lo:hi]))
-                for lo, hi in pairwise(self._train_bounds)
-            ]
+        m = len(self._val)
+        # per feature column, in order: missing (null, NaN) and infinite values, every row
+        absent, infinite = [], []
+        numeric = iter(X)
+        for column in self._columns:
+            if column.kind == NUMERIC:
+                values = next(numeric)
+                absent.append(np.isnan(values))
+                infinite.append(np.isinf(values))
+            else:
+                absent.append(missing(self._categories[column.name]))
+                infinite.append(np.zeros(m, bool))
         kind = label_kind(labels)
-        if kind == "float":
-            values = pc.cast(labels, pa.float64()).to_numpy()  # nulls become NaN
-            bad_labels = ~np.isfinite(values)
-            values = values[~bad_labels]
-            fractional = bool(np.any(values != np.round(values)))
+        y = numbers(labels) if kind != "string" else None
+        bad_labels = ~np.isfinite(y) if y is not None else missing(labels)
+        self._keep = np.ones(m, bool)
+        if mode == "drop":
+            for rows in absent:
+                self._keep &= ~rows
+            self._keep &= ~bad_labels
+        train, val = self._keep & ~self._val, self._keep & self._val
+        if self.grid:  # each block's columns among the training rows and the validation rows
+            bounds = self.grid.bounds(self.start, self.stop)
+            self._train_bounds = np.concatenate([[0], np.cumsum(train)])[bounds].tolist()
+            self._val_bounds = np.concatenate([[0], np.cumsum(val)])[bounds].tolist()
+            self._first_block = self.start // self.grid.block_rows
+        moments = self._moments(X, train)
+        if y is not None:  # the label's, for standardising a regression target
+            label_moments = self._moments(y[None, :], train)
+            moments = [
+                tuple(np.concatenate(pair) for pair in zip(a, b, strict=True))
+                for a, b in zip(moments, label_moments, strict=True)
+            ]
+        if y is not None and kind == "float":
+            kept_labels = y[self._keep & ~bad_labels]
+            fractional = bool(np.any(kept_labels != np.round(kept_labels)))
         else:
-            bad_labels = labels.is_null().to_numpy()
-            values = pc.drop_null(labels).to_numpy(zero_copy_only=False)
+            kept_labels = pc.drop_null(labels.filter(pa.array(self._keep))).to_numpy(
+                zero_copy_only=False
+            )
             fractional = False
-        nulls = int(np.count_nonzero(bad_labels))
-        distinct = np.unique(values)[: MAX_LABEL_VALUES + 1].tolist()
-        bad_rows = dict(zip(self._features, first.tolist(), strict=True))
-        bad_rows[self._label] = int(bad_labels.argmax()) if nulls else -1
-        first_bad = {
-            column: self._source.locate(self.start + row)
-            for column, row in bad_rows.items()
-            if row >= 0
-        }
-        val_rows = int(np.count_nonzero(self._val))
+        levels, too_many = {}, []
+        for name, values in self._categories.items():
+            levels[name], over = level_counts(values, train)
+            if over:
+                too_many.append(name)
+        names = [column.name for column in self._columns]
         return ShardStats(
             self.start,
-            m - val_rows,
-            val_rows,
-            mean,
-            m2,
-            nonfinite,
-            nulls,
+            int(np.count_nonzero(train)),
+            int(np.count_nonzero(val)),
+            int(m - np.count_nonzero(self._keep)),
+            moments,
+            np.array([np.count_nonzero(rows) for rows in absent], np.int64),
+            np.array([np.count_nonzero(rows) for rows in infinite], np.int64),
+            int(np.count_nonzero(bad_labels)),
             kind,
             fractional,
-            distinct,
-            blocks=blocks,
-            first_bad=first_bad,
+            np.unique(kept_labels)[: MAX_LABEL_VALUES + 1].tolist(),
+            levels,
+            too_many,
+            first_bad=self._first_rows([*names, self._label], [*absent, bad_labels]),
+            first_infinite=self._first_rows(names, infinite),
         )
+
+    def _moments(
+        self, X: np.ndarray, train: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """block_moments of X's training rows: per block under the exact reduction, else
+        the shard's as one part."""
+        if not self.grid:
+            return [row_moments(X, train)]
+        kept = X[:, train]
+        return [block_moments(kept[:, lo:hi]) for lo, hi in pairwise(self._train_bounds)]
+
+    def _first_rows(self, names: list[str], masks: list[np.ndarray]) -> dict[str, str]:
+        """Column -> where its first flagged row is, as the user finds it."""
+        return {
+            name: self._source.locate(self.start + int(rows.argmax()))
+            for name, rows in zip(names, masks, strict=True)
+            if rows.any()
+        }
 
     def prepare(
         self,
         arch: Architecture,
         dtype: str,
+        columns: tuple[Column, ...],
         classes: list | None,
         mean: np.ndarray | None,
         std: np.ndarray | None,
+        target: tuple[float, float] | None = None,
     ) -> int:
-        """Standardise, encode the labels for the task, and keep the batches; returns the
-        training rows."""
-        X, Y, val = self._X, self._encode(arch, classes), self._val
+        """Encode the kept rows (`columns` with their levels and fills), standardise them,
+        encode the labels for the task (regression: `target` = (mean, std) standardises
+        them), and keep the batches; returns the training rows."""
+        keep = self._keep
+        X = self._inputs(columns, keep)
+        Y, val = self._encode(arch, classes, target), self._val[keep]
         if mean is not None and std is not None:
             X -= mean[:, None]
             X /= std[:, None]
@@ -204,16 +275,44 @@ class ShardWorker:
             X, Y = X[:, ~val], Y[:, ~val]
         self.batch = Batch(X, Y, dtype)
         self.network = Network(arch, dtype, threads=self.threads)
-        del self._X, self._labels
+        del self._X, self._labels, self._categories
         return self.batch.rows
 
-    def _encode(self, arch: Architecture, classes: list | None) -> np.ndarray:
-        """Targets Y (n_L, m): 0/1 for binary, one-hot for multiclass, values for regression."""
-        labels = self._labels
+    def _inputs(self, columns: tuple[Column, ...], keep: np.ndarray) -> np.ndarray:
+        """The input rows (n0, kept rows): numbers as read (missing ones filled where the
+        column has a fill), categories one-hot. Numbers alone are used in place."""
+        numeric = [column for column in columns if column.kind == NUMERIC]
+        for values, column in zip(self._X, numeric, strict=True):
+            if column.fill is not None:
+                values[np.isnan(values)] = column.fill
+        if len(numeric) == len(columns) and keep.all():
+            return self._X
+        X = np.empty((width_of(columns), int(np.count_nonzero(keep))), np.float64)
+        rows, row = iter(self._X), 0
+        kept = pa.array(keep)
+        for column in columns:
+            if column.kind == NUMERIC:
+                X[row] = next(rows)[keep]
+            else:
+                one_hot(
+                    column, self._categories[column.name].filter(kept), X[row : row + column.width]
+                )
+            row += column.width
+        return X
+
+    def _encode(
+        self, arch: Architecture, classes: list | None, target: tuple[float, float] | None
+    ) -> np.ndarray:
+        """Targets Y (n_L, m) of the kept rows: 0/1 for binary, one-hot for multiclass,
+        values for regression (standardised by `target`)."""
+        labels = self._labels.filter(pa.array(self._keep))
         if arch.task == "regression":
             if label_kind(labels) not in ("integer", "float", "bool"):
                 raise DataError(f"label column is {labels.type}; regression needs numbers")
-            return pc.cast(labels, pa.float64()).to_numpy().reshape(1, -1)
+            y = numbers(labels)
+            if target is not None:
+                y = (y - target[0]) / target[1]
+            return y.reshape(1, -1)
         if label_kind(labels) == "float":
             labels = pc.cast(labels, pa.float64())
         values = labels.to_numpy(zero_copy_only=False)

@@ -221,15 +221,20 @@ def plan(
         typer.Option(min=1, help="Output units to plan for when the labels decide (multiclass)."),
     ] = None,
 ) -> None:
-    """Dry run: rows per worker, memory, all-reduce bytes and FLOPs per step, from metadata."""
+    """Dry run: columns, rows per worker, memory, all-reduce bytes and FLOPs per step."""
+    from dataclasses import replace
+
     from shardprop.service.cluster.capacity import estimate_run
     from shardprop.service.data.estimate import output_units
+    from shardprop.service.data.prepare import scan_levels
     from shardprop.service.training.run import make_plan
     from shardprop.workers.data.synthetic import SyntheticSpec
 
     with errors_as_exit_codes():
         cfg = load_config(config, set_ or [], {"cluster.workers": workers})
-        data_plan = make_plan(cfg)  # footers only: no row is read, no worker started
+        data_plan = make_plan(cfg)  # footers only: no worker started
+        # the categorical columns alone are read, for their levels: the network's width
+        data_plan = replace(data_plan, columns=scan_levels(data_plan, cfg.data, cfg.train.seed))
         synthetic = cfg.data.synthetic
         spec = SyntheticSpec(**synthetic.model_dump()) if synthetic else None
         known = output_units(cfg.data.task, spec)

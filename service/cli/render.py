@@ -66,6 +66,7 @@ def render_plan(
     from rich.table import Table
 
     from shardprop.service.data.estimate import human_bytes
+    from shardprop.service.data.prepare import describe_columns
 
     console = stdout_console()
     source = data_plan.source
@@ -77,6 +78,7 @@ def render_plan(
         f"data: {what}, {data_plan.total_rows:,} rows, {len(data_plan.features)} features, "
         f"label {data_plan.label!r}"
     )
+    console.print(describe_columns(data_plan.columns, data_plan.left_out))
     if outputs is not None:
         units = f"{outputs} (--outputs)"
     elif known is not None:

@@ -119,7 +119,8 @@ def estimate_run(config: Config, plan: DataPlan, outputs: int | None = None) -> 
     workers = config.cluster.workers
     return estimate_plan(
         plan.shards,
-        len(plan.features),
+        # a categorical column whose levels are not read yet counts as one input
+        sum(column.width or 1 for column in plan.columns),
         config.model.hidden,
         outputs or output_units(config.data.task, spec) or 1,
         config.model.dtype,

@@ -67,7 +67,7 @@ class LocalGroup:
     def __init__(self, plan: DataPlan, worker_class: type[ShardWorker] = ShardWorker):
         self.workers = [
             worker_class(
-                0, plan.source, plan.features, plan.label, 0, plan.total_rows, grid=plan.grid
+                0, plan.source, plan.columns, plan.label, 0, plan.total_rows, grid=plan.grid
             )
         ]
         self.size = 1
@@ -126,7 +126,7 @@ class RayGroup:
         )
         self.request = {"CPU": float(cpus_per_worker), **(resources or {})}  # per worker
         self._spawn_args = [
-            (rank, plan.source, plan.features, plan.label, start, stop, cpus_per_worker, plan.grid)
+            (rank, plan.source, plan.columns, plan.label, start, stop, cpus_per_worker, plan.grid)
             for rank, (start, stop) in enumerate(plan.shards)
         ]
         self._shards = plan.shards

@@ -26,6 +26,7 @@ import pyarrow.feather as feather
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from shardprop.workers.data.columns import CATEGORICAL, NUMERIC, Column, is_categorical_type
 from shardprop.workers.data.source import FilesystemOptions, Source, one_line, open_filesystem
 from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.data.synthetic import SyntheticSpec
@@ -108,41 +109,83 @@ def schema_of(source: Source) -> pa.Schema:
 
 
 def resolve_columns(
-    schema: pa.Schema, label: str, features: Sequence[str] | None, where: str = "the data"
-) -> list[str]:
-    """The feature columns, checked: present, numeric, not the label. None: all numeric ones."""
+    schema: pa.Schema,
+    label: str,
+    features: Sequence[str] | None,
+    where: str = "the data",
+    categorical: Sequence[str] = (),
+) -> tuple[list[Column], list[tuple[str, str]]]:
+    """The feature columns, checked, each numeric or categorical, and the columns left out
+    with why. features None: every numeric and categorical column but the label.
+    `categorical`: integer columns to one-hot (text, dictionaries and booleans always are)."""
     names = schema.names
     if label not in names:
         raise DataError(f"data.label: no column {label!r} in {where}{_hint(label, names)}")
-    if features is None:
-        chosen = [
-            f.name
-            for f in schema
-            if f.name != label and _is_numeric(f.type) and not f.name.startswith(PANDAS_INDEX)
-        ]
-        if not chosen:
-            raise DataError(
-                f"data.features: {where} has no numeric column besides the label {label!r}; "
-                f"columns: {_listing(names)}"
-            )
-        return chosen
-    if not features:
-        raise DataError("data.features: empty list; list feature columns or use null for all")
-    for name in features:
+    for name in categorical:
         if name not in names:
-            raise DataError(f"data.features: no column {name!r} in {where}{_hint(name, names)}")
-        if name == label:
-            raise DataError(f"data.features: {name!r} is the label column (data.label)")
+            raise DataError(f"data.categorical: no column {name!r} in {where}{_hint(name, names)}")
         kind = schema.field(name).type
-        if not _is_numeric(kind):
+        if not (pa.types.is_integer(kind) or is_categorical_type(kind)):
             raise DataError(
-                f"data.features: column {name!r} in {where} has type {kind}; "
-                "features must be numeric (integer, float, boolean or decimal)"
+                f"data.categorical: column {name!r} in {where} has type {kind}; only integer, "
+                "text and boolean columns can be categorical"
             )
-    repeated = sorted({name for name in features if list(features).count(name) > 1})
-    if repeated:
-        raise DataError(f"data.features: column(s) {', '.join(map(repr, repeated))} listed twice")
-    return list(features)
+        if name == label:
+            raise DataError(f"data.categorical: {name!r} is the label column (data.label)")
+        if features is not None and name not in features:
+            raise DataError(f"data.categorical: {name!r} is not in data.features")
+    if features is not None:
+        if not features:
+            raise DataError("data.features: empty list; list feature columns or use null for all")
+        repeated = sorted({name for name in features if list(features).count(name) > 1})
+        if repeated:
+            raise DataError(
+                f"data.features: column(s) {', '.join(map(repr, repeated))} listed twice"
+            )
+        for name in features:
+            if name not in names:
+                raise DataError(f"data.features: no column {name!r} in {where}{_hint(name, names)}")
+            if name == label:
+                raise DataError(f"data.features: {name!r} is the label column (data.label)")
+            if _column_kind(schema.field(name).type, name in categorical) is None:
+                raise DataError(
+                    f"data.features: column {name!r} in {where} has type "
+                    f"{schema.field(name).type}; features must be numbers, text or booleans"
+                )
+    chosen, left_out = [], []
+    for field in schema:
+        kind = _column_kind(field.type, field.name in categorical)
+        if field.name == label:
+            continue
+        if features is not None:
+            if field.name in features:
+                continue  # added below, in the order listed
+            left_out.append((field.name, "not in data.features"))
+        elif field.name.startswith(PANDAS_INDEX):
+            left_out.append((field.name, "a saved pandas index"))
+        elif kind is None:
+            left_out.append((field.name, f"type {field.type} is neither a number nor a category"))
+        else:
+            chosen.append(Column(field.name, kind))
+    if features is not None:
+        chosen = [
+            Column(name, _column_kind(schema.field(name).type, name in categorical))
+            for name in features
+        ]
+    if not chosen:
+        raise DataError(
+            f"data.features: {where} has no numeric or categorical column besides the label "
+            f"{label!r}; columns: {_listing(names)}"
+        )
+    return chosen, left_out
+
+
+def _column_kind(kind: pa.DataType, listed_categorical: bool) -> str | None:
+    if is_categorical_type(kind) or (listed_categorical and pa.types.is_integer(kind)):
+        return CATEGORICAL
+    if _is_number(kind):
+        return NUMERIC
+    return None
 
 
 def split_rows(total_rows: int, workers: int) -> list[tuple[int, int]]:
@@ -164,14 +207,20 @@ class DataPlan:
     """What the coordinator hands the workers: the source, the columns and each rank's rows."""
 
     source: Source
-    features: tuple[str, ...]
+    columns: tuple[Column, ...]  # the features, each numeric or categorical (levels unset)
     label: str
     shards: tuple[tuple[int, int], ...]  # (start, stop) of global rows, one per rank
     grid: BlockGrid | None = None  # the row blocks of the exact reduction; None: rank order
+    left_out: tuple[tuple[str, str], ...] = ()  # (column, why) of the columns not used
 
     @property
     def total_rows(self) -> int:
         return self.source.total_rows
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The feature columns' names, as the table has them."""
+        return tuple(column.name for column in self.columns)
 
 
 def plan_data(
@@ -183,6 +232,7 @@ def plan_data(
     filesystem: Mapping[str, Any] | None = None,
     exact: bool = False,
     block_rows: int | None = None,
+    categorical: Sequence[str] = (),
 ) -> DataPlan:
     """Open the source, check the columns and split the rows; workers=0: one in-process shard.
     `exact`: the rows are cut into blocks (of `block_rows`, None: by the row count) and each
@@ -193,10 +243,12 @@ def plan_data(
     where = path if path is not None else "the synthetic dataset"
     if source.total_rows == 0:
         raise DataError(f"data.path: {path} has no rows")
-    columns = resolve_columns(schema_of(source), label, features, where=where)
+    columns, left_out = resolve_columns(
+        schema_of(source), label, features, where=where, categorical=categorical
+    )
     grid = BlockGrid.for_rows(source.total_rows, block_rows) if exact else None
     shards = grid.split(max(workers, 1)) if grid else split_rows(source.total_rows, max(workers, 1))
-    return DataPlan(source, tuple(columns), label, tuple(shards), grid)
+    return DataPlan(source, tuple(columns), label, tuple(shards), grid, tuple(left_out))
 
 
 def write_table(table: pa.Table, path: str | os.PathLike, row_group_rows: int = 65536) -> Path:
@@ -423,11 +475,6 @@ def _merge(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
 
 def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
-
-
-def _is_numeric(kind: pa.DataType) -> bool:
-    """What a feature may be: a number or a boolean (the caller converts it to float)."""
-    return _is_number(kind) or pa.types.is_boolean(kind)
 
 
 def _hint(name: str, names: list[str]) -> str:

@@ -8,6 +8,7 @@ into X, and the output rows into what a caller of `predict` expects.
 """
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -16,10 +17,15 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from shardprop.workers.data.columns import NUMERIC, Column, encode, width_of
+from shardprop.workers.data.source import one_line
 from shardprop.workers.errors import DataError, UserError
 from shardprop.workers.network.backprop import TASKS, Architecture, Network
 from shardprop.workers.network.params import Layout, load_weights
+
+log = logging.getLogger(__name__)
 
 META_KEYS = ("sizes", "activation", "task", "dtype", "features", "label", "mean", "std", "classes")
 
@@ -38,6 +44,8 @@ class Bundle:
     mean: np.ndarray | None  # (n0, 1)
     scale: np.ndarray | None  # (n0, 1), the std with zeros replaced by 1
     classes: tuple[Any, ...] | None
+    columns: tuple[Column, ...] = ()  # how each raw column becomes inputs
+    target: tuple[float, float] | None = None  # regression: (mean, std) the outputs are in
 
     @property
     def task(self) -> str:
@@ -77,10 +85,20 @@ def bundle_from_meta(
     sizes = tuple(int(n) for n in meta["sizes"])
     features = tuple(str(name) for name in meta["features"])
     n0, n_out = sizes[0], sizes[-1]
-    if len(features) != n0:
-        raise ModelMetaError(
-            f"{meta_path}: {len(features)} features for an input layer of {n0} units"
+    try:  # a model saved before categorical columns has numeric ones only
+        columns = tuple(Column.from_json(c) for c in meta.get("columns") or ()) or tuple(
+            Column(name) for name in features
         )
+    except DataError as error:
+        raise ModelMetaError(f"{meta_path}: {error}") from None
+    if width_of(columns) != n0:
+        raise ModelMetaError(
+            f"{meta_path}: {len(features)} features ({width_of(columns)} inputs) for an input "
+            f"layer of {n0} units"
+        )
+    target = meta.get("target")
+    if target is not None and (len(target) != 2 or not np.all(np.isfinite(target))):
+        raise ModelMetaError(f"{meta_path}: 'target' must be null or [mean, std]")
     if meta["task"] not in TASKS:
         raise ModelMetaError(
             f"{meta_path}: unknown task {meta['task']!r}; expected one of {', '.join(TASKS)}"
@@ -109,6 +127,8 @@ def bundle_from_meta(
         # a constant column has std 0; it is centred and left unscaled, as scikit-learn does
         scale=None if std is None else np.where(std == 0, 1.0, std),
         classes=classes,
+        columns=columns,
+        target=None if target is None else (float(target[0]), float(target[1])),
     )
 
 
@@ -118,18 +138,28 @@ def load_bundle(weights_path: str | os.PathLike, meta_path: str | os.PathLike) -
 
 
 def features_of(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
-    """The standardised features (n0, m) in float64, read by name from a table of raw columns."""
+    """The network's inputs (n0, m) in float64, read by name from a table of raw columns:
+    categories one-hot, missing values filled as in training, then standardised."""
     missing = [name for name in bundle.features if name not in frame.columns]
     if missing:
         raise DataError(
             f"input is missing feature column(s) {', '.join(map(repr, missing))}; "
             f"the model reads {', '.join(bundle.features)}"
         )
-    for name in bundle.features:
-        column = frame[name]
-        if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
-            raise DataError(f"feature column {name!r} has dtype {column.dtype}; expected numbers")
-    X = frame.loc[:, list(bundle.features)].to_numpy(dtype=np.float64, copy=True).T  # (n0, m)
+    for column in bundle.columns:
+        values = frame[column.name]
+        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+        if column.kind == NUMERIC and not numeric:
+            raise DataError(
+                f"feature column {column.name!r} has dtype {values.dtype}; expected numbers"
+            )
+    try:
+        table = pa.Table.from_pandas(frame.loc[:, list(bundle.features)], preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise DataError(f"input columns cannot be read as a table: {one_line(error)}") from None
+    X, unseen = encode(bundle.columns, table)
+    for name, count in unseen.items():
+        log.warning("column %r: %d value(s) not seen in training encode as all zeros", name, count)
     if bundle.mean is not None:
         X -= bundle.mean
     if bundle.scale is not None:
@@ -161,6 +191,8 @@ def predict_frame(
     if bundle.task == "multiclass":
         classes = bundle.classes if bundle.classes is not None else range(A.shape[0])
         return pd.DataFrame(A.T, columns=[str(c) for c in classes], index=frame.index)
+    if bundle.target is not None:  # trained on standardised targets: back to the label's units
+        A = A * bundle.target[1] + bundle.target[0]
     return A[0] if A.shape[0] == 1 else A.T
 
 

@@ -74,6 +74,11 @@ class Reporter:
             self._bar.stop()
             self._bar = None
 
+    def note(self, text: str) -> None:
+        """A line about the run's set-up (what was decided from the data), unless quiet."""
+        if self.mode != "quiet":
+            self.console.print(text, highlight=False, soft_wrap=True)
+
     def say(self, text: str) -> None:
         """A closing line (summary), shown unless quiet."""
         if self.mode != "quiet":

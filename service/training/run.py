@@ -97,6 +97,7 @@ def make_plan(config: Config) -> DataPlan:
         filesystem=data.filesystem.model_dump(),
         exact=config.train.reduction == "exact",
         block_rows=config.train.block_rows,
+        categorical=data.categorical,
     )
 
 
@@ -105,11 +106,21 @@ def set_up_workers(
 ) -> tuple[list[ShardStats], DataSetup, Architecture]:
     """Each worker reads its rows; the task, classes and standardisation are decided from
     all of them together; then each worker builds its network on its rows."""
-    loaded = group.call("load", config.data.validation_fraction, config.train.seed)
-    setup = decide(loaded, plan.features, config.data)
-    sizes = (len(plan.features), *config.model.hidden, setup.outputs)
+    data = config.data
+    loaded = group.call("load", data.validation_fraction, config.train.seed, data.missing)
+    setup = decide(loaded, plan.columns, data, plan.left_out)
+    sizes = (setup.width, *config.model.hidden, setup.outputs)
     arch = Architecture(sizes, config.model.activation, setup.task)
-    group.call("prepare", arch, config.model.dtype, setup.classes, setup.mean, setup.std)
+    group.call(
+        "prepare",
+        arch,
+        config.model.dtype,
+        setup.columns,
+        setup.classes,
+        setup.mean,
+        setup.std,
+        setup.target,
+    )
     return loaded, setup, arch
 
 
@@ -132,6 +143,9 @@ def model_meta(arch: Architecture, config: Config, plan: DataPlan, setup: DataSe
         "mean": None if setup.mean is None else setup.mean.tolist(),
         "std": None if setup.std is None else setup.std.tolist(),
         "classes": setup.classes,
+        "columns": [column.as_json() for column in setup.columns],
+        "missing": config.data.missing,
+        "target": None if setup.target is None else list(setup.target),
     }
 
 
@@ -514,6 +528,8 @@ def run(
 ) -> RunResult:
     """Set up the workers, train, and save the model: the run once its resources are held."""
     loaded, setup, arch = set_up_workers(group, plan, config)
+    for note in setup.notes:
+        reporter.note(note)
     start = None
     if resume_run:
         layout, dtype = arch.layout, config.model.dtype

@@ -133,7 +133,7 @@ def test_planning_reads_footers_not_rows(tmp_path, monkeypatch):
     plan = plan_data(str(tmp_path), None, "y", None, workers=3)
     assert time.perf_counter() - began < 5.0
     assert plan.total_rows == 8 * rows
-    assert plan.features == ("x0", "x1", "flag")
+    assert plan.features == ("x0", "x1", "flag", "name")
     assert plan.shards == ((0, 533_334), (533_334, 1_066_667), (1_066_667, 1_600_000))
 
 
@@ -280,14 +280,54 @@ def test_path_and_synthetic_are_exclusive(tmp_path):
 SCHEMA = make_table(1).schema
 
 
-def test_features_default_to_every_numeric_column_but_the_label():
-    assert resolve_columns(SCHEMA, "y", None) == ["x0", "x1", "flag"]
-    assert resolve_columns(SCHEMA, "x0", None) == ["x1", "flag", "y"]
+def names_and_kinds(columns_and_left_out: tuple) -> list[tuple[str, str]]:
+    return [(column.name, column.kind) for column in columns_and_left_out[0]]
 
 
-def test_a_saved_pandas_index_is_not_a_default_feature():
-    schema = SCHEMA.append(pa.field("__index_level_0__", pa.int64()))
-    assert resolve_columns(schema, "y", None) == ["x0", "x1", "flag"]
+def test_features_default_to_every_numeric_and_categorical_column_but_the_label():
+    assert names_and_kinds(resolve_columns(SCHEMA, "y", None)) == [
+        ("x0", "numeric"),
+        ("x1", "numeric"),
+        ("flag", "categorical"),
+        ("name", "categorical"),
+    ]
+    assert [name for name, _ in names_and_kinds(resolve_columns(SCHEMA, "x0", None))] == [
+        "x1",
+        "flag",
+        "name",
+        "y",
+    ]
+
+
+def test_integer_columns_are_categorical_when_listed():
+    columns = names_and_kinds(resolve_columns(SCHEMA, "x0", None, categorical=["y"]))
+    assert ("y", "categorical") in columns
+
+
+@pytest.mark.parametrize(
+    ("categorical", "message"),
+    [
+        (["x0"], r"column 'x0' .*has type double; only integer, text and boolean"),
+        (["nope"], r"no column 'nope'"),
+        (["y"], r"'y' is the label column"),
+    ],
+)
+def test_bad_categorical_lists(categorical, message):
+    with pytest.raises(DataError, match=r"data\.categorical: .*" + message):
+        resolve_columns(SCHEMA, "y", None, categorical=categorical)
+
+
+def test_columns_left_out_say_why():
+    schema = SCHEMA.append(pa.field("when", pa.timestamp("s")))
+    schema = schema.append(pa.field("__index_level_0__", pa.int64()))
+    columns, left_out = resolve_columns(schema, "y", None)
+    assert [column.name for column in columns] == ["x0", "x1", "flag", "name"]
+    assert left_out == [
+        ("when", "type timestamp[s] is neither a number nor a category"),
+        ("__index_level_0__", "a saved pandas index"),
+    ]
+    _, left_out = resolve_columns(schema, "y", ["x1"])
+    assert ("x0", "not in data.features") in left_out
 
 
 def test_missing_label_suggests_the_closest_column():
@@ -301,9 +341,10 @@ def test_missing_feature_suggests_the_closest_column():
         resolve_columns(SCHEMA, "y", ["x0", "x_1"])
 
 
-def test_non_numeric_feature_names_the_column_and_its_type():
-    with pytest.raises(DataError, match=r"data\.features: column 'name' .*has type string"):
-        resolve_columns(SCHEMA, "y", ["x0", "name"])
+def test_a_feature_of_another_type_names_the_column_and_its_type():
+    schema = SCHEMA.append(pa.field("when", pa.timestamp("s")))
+    with pytest.raises(DataError, match=r"data\.features: column 'when' .*has type timestamp"):
+        resolve_columns(schema, "y", ["x0", "when"])
 
 
 @pytest.mark.parametrize(
@@ -320,8 +361,8 @@ def test_bad_feature_lists(features, message):
 
 
 def test_no_numeric_feature_left():
-    schema = pa.schema([("name", pa.string()), ("y", pa.int64())])
-    with pytest.raises(DataError, match=r"data\.features: .*no numeric column besides"):
+    schema = pa.schema([("when", pa.timestamp("s")), ("y", pa.int64())])
+    with pytest.raises(DataError, match=r"data\.features: .*no numeric or categorical column"):
         resolve_columns(schema, "y", None)
 
 
