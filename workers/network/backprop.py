@@ -229,12 +229,9 @@ class Network:
         where `_backward` starts."""
         L = self.layout.depth
         dZ = buffers.delta_of(L, self.layout.sizes[L], Z_out.shape[1])
-        output = self._output
-        return (
-            output.loss_and_delta(Z_out, Y, dZ),
-            output.correct(Z_out, Y),
-            output.tallies(Z_out, Y),
-        )
+        loss = self._output.loss_and_delta(Z_out, Y, dZ)
+        tallies = self._output.tallies(Z_out, Y)
+        return loss, self._output.correct(tallies), tallies
 
     def _chunk_gradient(
         self, theta: np.ndarray, batch: Batch, lo: int, hi: int, buffers: Buffers, grad: np.ndarray

@@ -4,6 +4,7 @@ Each `loss_and_delta` returns the loss SUMMED over the shard's rows (not the mea
 differ in size, so only sums add up to the full-batch loss.
 """
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -24,12 +25,12 @@ class Output(Protocol):
     def predict(self, Z: np.ndarray) -> np.ndarray:
         """The output activation A[L] of logits Z (n_L, m), as a new array."""
 
-    def correct(self, Z: np.ndarray, Y: np.ndarray) -> int | None:
-        """How many rows are classified right; None for regression."""
-
     def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """The counts and sums the task's metrics are made of, SUMMED over the rows of Z
         (n_L, m): a float64 vector whose length depends on the task and n_L alone."""
+
+    def correct(self, tallies: np.ndarray) -> int | None:
+        """How many rows are classified right, read off their tallies; None for regression."""
 
 
 class BinaryOutput:
@@ -49,13 +50,13 @@ class BinaryOutput:
         sigmoid(A)
         return A
 
-    def correct(self, Z: np.ndarray, Y: np.ndarray) -> int:
-        return int(np.count_nonzero((Z > 0) == (Y > 0.5)))
-
     def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """[tn, fp, fn, tp]: predicted positive where z > 0, that is a > 1/2."""
         cell = 2 * (Y[0] > 0.5) + (Z[0] > 0)  # true row, predicted column
         return confusion(cell, 2)
+
+    def correct(self, tallies: np.ndarray) -> int:
+        return int(tallies[0] + tallies[3])
 
 
 class MulticlassOutput:
@@ -75,17 +76,16 @@ class MulticlassOutput:
         A /= A.sum(axis=0)
         return A
 
-    def correct(self, Z: np.ndarray, Y: np.ndarray) -> int:
-        if Z.shape[1] == 0:
-            return 0
-        return int(np.count_nonzero(Z.argmax(axis=0) == Y.argmax(axis=0)))
-
     def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """The K x K confusion matrix, rows the true class, flattened row-major."""
         K = Z.shape[0]
         if Z.shape[1] == 0:
             return np.zeros(K * K)
         return confusion(Y.argmax(axis=0) * K + Z.argmax(axis=0), K)
+
+    def correct(self, tallies: np.ndarray) -> int:
+        K = math.isqrt(tallies.size)
+        return int(tallies[:: K + 1].sum())  # the diagonal
 
 
 class RegressionOutput:
@@ -97,9 +97,6 @@ class RegressionOutput:
 
     def predict(self, Z: np.ndarray) -> np.ndarray:
         return Z.copy()
-
-    def correct(self, Z: np.ndarray, Y: np.ndarray) -> None:
-        return None
 
     def tallies(self, Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """[sum |a - y|, sum (a - y)^2, sum y, sum y^2] over every element, in float64:
@@ -114,6 +111,9 @@ class RegressionOutput:
                 np.einsum("i,i->", y, y, dtype=np.float64),
             ]
         )
+
+    def correct(self, tallies: np.ndarray) -> None:
+        return None
 
 
 def confusion(cell: np.ndarray, K: int) -> np.ndarray:
