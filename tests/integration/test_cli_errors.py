@@ -77,9 +77,23 @@ def test_missing_feature_column(config):
     assert_one_line_error(code, output, "'x9'")
 
 
-def test_non_numeric_feature(config):
-    code, output = invoke(config, "--set", "data.features=[x0, city]", "--workers", 0)
-    assert_one_line_error(code, output, "'city'", "string")
+def test_a_categorical_column_over_the_cap_names_it_and_its_count(tmp_path, config, table):
+    cities = pa.array([f"city-{i % 7}" for i in range(table.num_rows)])
+    write_table(table.set_column(2, "city", cities), tmp_path / "train.parquet")
+    code, output = invoke(config, "--set", "data.features=null", "--set", "data.max_categories=5")
+    assert_one_line_error(code, output, "'city'", "7 categories", "data.max_categories 5")
+
+
+def test_an_unknown_missing_value_mode_names_the_key(config):
+    code, output = invoke(config, "--set", "data.missing=fill", "--workers", 0)
+    assert_one_line_error(code, output, "data.missing", "drop")
+
+
+def test_a_label_with_nulls_names_the_column_and_the_fix(tmp_path, config, table):
+    y = pa.array([None if i == 4 else v for i, v in enumerate(table["y"].to_pylist())])
+    write_table(table.set_column(3, "y", y), tmp_path / "train.parquet")
+    code, output = invoke(config, "--set", "data.missing=impute", "--workers", 0)
+    assert_one_line_error(code, output, "label column 'y'", "1 null", "row 4", "data.missing: drop")
 
 
 def test_nan_in_data_names_column_and_count(tmp_path, config, table):
@@ -87,15 +101,15 @@ def test_nan_in_data_names_column_and_count(tmp_path, config, table):
     x1[[3, 7, 11]] = np.nan
     write_table(table.set_column(1, "x1", pa.array(x1)), tmp_path / "train.parquet")
     code, output = invoke(config, "--workers", 0)
-    assert_one_line_error(code, output, "'x1'", "3 NaN", "row 3")
+    assert_one_line_error(code, output, "'x1'", "3 missing values", "row 3")
 
 
-def test_nan_found_by_a_ray_worker_is_reported_the_same_way(ray_session, tmp_path, config, table):
+def test_inf_found_by_a_ray_worker_is_reported_the_same_way(ray_session, tmp_path, config, table):
     x0 = table["x0"].to_numpy().copy()
     x0[40] = np.inf
     write_table(table.set_column(0, "x0", pa.array(x0)), tmp_path / "train.parquet")
     code, output = invoke(config, "--workers", 2)
-    assert_one_line_error(code, output, "'x0'", "1 NaN", "row 40")
+    assert_one_line_error(code, output, "'x0'", "1 infinite", "row 40")
 
 
 def test_more_workers_than_rows(config):
@@ -135,7 +149,7 @@ def test_a_file_whose_schema_differs_is_named_with_its_column(tmp_path, table):
 def test_nulls_in_a_feature_are_counted(tmp_path, config, table):
     x0 = pa.array([None if i in (5, 6) else v for i, v in enumerate(table["x0"].to_pylist())])
     write_table(table.set_column(0, "x0", x0), tmp_path / "train.parquet")
-    assert_one_line_error(*invoke(config, "--workers", 0), "'x0'", "2 NaN, inf or null", "row 5")
+    assert_one_line_error(*invoke(config, "--workers", 0), "'x0'", "2 missing values", "row 5")
 
 
 def test_labels_that_do_not_fit_the_task(tmp_path, config, table):
