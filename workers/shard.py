@@ -348,6 +348,18 @@ class ShardWorker:
             return self.val_network.evaluate(theta, self.val_batch)
         return self.network.evaluate(theta, self.batch)
 
+    def scores(self, theta: np.ndarray, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Every row's predicted P(positive) and its 0/1 label, in row order (binary): what a
+        ROC AUC over all rows needs."""
+        network, batch = (
+            (self.val_network, self.val_batch)
+            if split == "validation"
+            else (self.network, self.batch)
+        )
+        if batch is None:
+            return np.empty(0), np.empty(0)
+        return network.predict_batch(theta, batch)[0], batch.Y[0].copy()
+
     def where(self) -> dict:
         """Which node and process hold this shard, for the run's records."""
         record = {

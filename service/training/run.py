@@ -25,7 +25,12 @@ from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
 from shardprop.service.errors import ConfigError, DivergenceError, TrainingError
-from shardprop.service.tracking.plots import plot_history, plot_timing
+from shardprop.service.tracking.plots import (
+    plot_confusion,
+    plot_history,
+    plot_timing,
+    save_confusion_json,
+)
 from shardprop.service.tracking.store import StoreError, check_store, check_writable
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import (
@@ -36,6 +41,7 @@ from shardprop.service.training.checkpoint import (
 )
 from shardprop.service.training.early_stop import EarlyStopping
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
+from shardprop.service.training.metrics import confusion_matrix, roc_auc, task_metrics
 from shardprop.service.training.optim import make_optimizer
 from shardprop.service.training.output import OutputFolder
 from shardprop.service.training.progress import Reporter
@@ -183,12 +189,38 @@ def records_from_arrays(arrays: dict[str, np.ndarray]) -> list[tuple[int, dict[s
     ]
 
 
-def validate(group: WorkerGroup, theta: np.ndarray) -> dict[str, float]:
-    """val_loss (data term only) and val_accuracy, reduced over the workers' validation rows."""
-    mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
-    metrics = {"val_loss": mean.loss}
+def split_metrics(
+    mean: BatchMean, loss: float, setup: DataSetup | None, prefix: str = ""
+) -> dict[str, float]:
+    """The metrics people read of one split. With the run's `setup`: in the label's units (a
+    regression trained on standardised targets reports its loss times their variance) and
+    the task's own metrics; without: as the network computes them (verify's finite
+    differences)."""
+    std = setup.target[1] if setup and setup.target else 1.0
+    metrics = {f"{prefix}loss": loss * std**2}
     if mean.accuracy is not None:
-        metrics["val_accuracy"] = mean.accuracy
+        metrics[f"{prefix}accuracy"] = mean.accuracy
+    if setup:
+        metrics |= task_metrics(setup.task, mean.tallies, mean.rows, std, prefix)
+    return metrics
+
+
+def auc(group: WorkerGroup, theta: np.ndarray, split: str) -> float:
+    """ROC AUC over every row of a split: the workers' scores joined in rank order are the
+    same array, row for row, for any worker count."""
+    parts = group.call("scores", theta, split)
+    return roc_auc(np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]))
+
+
+def validate(
+    group: WorkerGroup, theta: np.ndarray, setup: DataSetup | None = None
+) -> dict[str, float]:
+    """val_loss (data term only), val_accuracy and the task's metrics, reduced over the
+    workers' validation rows."""
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta, "validation")))
+    metrics = split_metrics(mean, mean.loss, setup, "val_")
+    if setup and setup.task == "binary":
+        metrics["val_roc_auc"] = auc(group, theta, "validation")
     return metrics
 
 
@@ -198,13 +230,12 @@ def step_metrics(
     grad: np.ndarray,
     parts: list[ShardSums],
     timing: tuple[float, float, float, float],
+    setup: DataSetup | None = None,
 ) -> dict[str, float]:
     """The per-step metrics, from the step's reduce and its clock readings
     (started, gathered, reduced, updated)."""
     started, gathered, reduced, updated = timing
-    metrics = {"loss": loss}
-    if mean.accuracy is not None:
-        metrics["accuracy"] = mean.accuracy
+    metrics = split_metrics(mean, loss, setup)
     timings = [timing for part in parts for timing in part.timings()]  # per rank
     computes = [seconds for seconds, _ in timings]
     metrics |= {
@@ -239,10 +270,12 @@ def fit(
     checkpoints: Path,
     start: Checkpoint | None = None,
     stop: StopRequests | None = None,
+    setup: DataSetup | None = None,
 ) -> tuple[dict[str, list[float]], EarlyStopping | None]:
     """Full-batch gradient descent; theta is updated in place (to the best weights when early
     stopping is on). From `start`, it goes on exactly as the run that wrote it would have.
-    Returns the metric history and the early-stopping record."""
+    `setup`: the run's data, for the metrics in the label's units. Returns the metric
+    history and the early-stopping record."""
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
@@ -265,7 +298,7 @@ def fit(
             pending_logs.pop(0)()
 
     def report(step: int, metrics: dict[str, float], *measured: Any) -> None:
-        metrics |= step_metrics(*measured)
+        metrics |= step_metrics(*measured, setup=setup)
         record(step, metrics)
         reporter.update(step, metrics)
 
@@ -313,7 +346,7 @@ def fit(
                 group.inject(injected)
             if stopper and (step % train.eval_every == 0 or step == train.steps):
                 # measured at the parameters this step's gradient is taken at, as `loss` is
-                metrics = validate(group, theta)
+                metrics = validate(group, theta, setup)
                 with stop.deferred():
                     if stopper.update(step, metrics["val_loss"], theta):
                         log_pending()
@@ -397,18 +430,39 @@ def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: 
 
 
 def final_metrics(
-    group: WorkerGroup, theta: np.ndarray, layout: Layout, l2: float, stopper: EarlyStopping | None
+    group: WorkerGroup,
+    theta: np.ndarray,
+    layout: Layout,
+    l2: float,
+    stopper: EarlyStopping | None,
+    setup: DataSetup | None = None,
 ) -> dict:
-    """Loss (and accuracy) of the weights the run ends with, on both splits."""
+    """Loss, accuracy and the task's metrics of the weights the run ends with, on both
+    splits."""
     mean = batch_mean(reduce_sums(group.call("evaluate", theta)))
     loss = mean.loss + (l2_penalty(theta, layout.weight_mask, l2)[0] if l2 else 0.0)
-    metrics = {"loss": loss, "rows": mean.rows}
-    if mean.accuracy is not None:
-        metrics["accuracy"] = mean.accuracy
+    metrics = split_metrics(mean, loss, setup) | {"rows": mean.rows}
+    if setup and setup.task == "binary":
+        metrics["roc_auc"] = auc(group, theta, "train")
     if stopper is not None:
-        metrics |= validate(group, theta)
+        metrics |= validate(group, theta, setup)
         metrics["best_step"] = stopper.best_step
     return metrics
+
+
+def confusion(group: WorkerGroup, theta: np.ndarray, setup: DataSetup, folder: Path) -> list[Path]:
+    """The confusion matrix of the final weights, on the validation rows when there are
+    some: JSON and PNG in `folder`. Nothing for regression."""
+    if setup.classes is None:
+        return []
+    split = "validation" if setup.val_rows else "train"
+    mean = batch_mean(reduce_sums(group.call("evaluate", theta, split)))
+    matrix = confusion_matrix(mean.tallies, setup.classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        save_confusion_json(matrix, setup.classes, folder / f"confusion_{split}.json"),
+        plot_confusion(matrix, setup.classes, folder / f"confusion_{split}.png"),
+    ]
 
 
 def open_run(
@@ -567,13 +621,15 @@ def run(
             output / "checkpoints",
             start,
             stop,
+            setup,
         )
     finally:
         reporter.stop()
     loop_seconds = time.perf_counter() - loop_started
     meta = model_meta(arch, config, plan, setup)
     save_model_files(output, arch.layout, theta, meta)  # first: kept whatever fails next
-    final = final_metrics(group, theta, arch.layout, config.train.l2, stopper)
+    final = final_metrics(group, theta, arch.layout, config.train.l2, stopper, setup)
+    confusion_files = confusion(group, theta, setup, output / "confusion")
     steps_run = len(history["step_seconds"]) - (start.step if start else 0)
     fraction = compute_fraction(history, steps_run, loop_seconds)
     weights_sha256 = fingerprint(theta)
@@ -588,6 +644,8 @@ def run(
     logging_model = background.submit(tracker.log_final, output / "weights.npz", meta, example)
     group.close()  # Ray's shutdown overlaps MLflow's model logging
     logging_model.result()
+    for path in confusion_files:
+        tracker.log_artifact(path, "confusion")
     tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
     tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
     return RunResult(

@@ -167,11 +167,15 @@ class Network:
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         """Output activations (n_L, m) for features X (n0, m): probabilities or values."""
-        batch = Batch(X, np.empty((self.layout.sizes[-1], X.shape[1])), self.dtype)
+        Y = np.empty((self.layout.sizes[-1], X.shape[1]))
+        return self.predict_batch(theta, Batch(X, Y, self.dtype))
+
+    def predict_batch(self, theta: np.ndarray, batch: Batch) -> np.ndarray:
+        """Output activations (n_L, m) for a batch's rows, chunk by chunk, without copying it."""
         self._check(theta, batch)
         m, chunk = batch.rows, self.chunk
         A_out = np.empty((self.layout.sizes[-1], m), self.dtype)  # (n_L, m)
-        buffers = self.runner.scratch(1, min(chunk, m))[0]
+        buffers = self.runner.scratch(1, max(1, min(chunk, m)))[0]
         for lo in range(0, m, chunk):
             *_, Z_out = self._forward(theta, batch.X1[:, lo : lo + chunk], buffers)
             A_out[:, lo : lo + chunk] = self._output.predict(Z_out)
