@@ -78,7 +78,7 @@ def render_plan(
         f"data: {what}, {data_plan.total_rows:,} rows, {len(data_plan.features)} features, "
         f"label {data_plan.label!r}"
     )
-    console.print(describe_columns(data_plan.columns, data_plan.left_out))
+    console.print(describe_columns(data_plan.columns, data_plan.left_out), markup=False)
     if outputs is not None:
         units = f"{outputs} (--outputs)"
     elif known is not None:

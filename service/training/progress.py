@@ -77,7 +77,7 @@ class Reporter:
     def note(self, text: str) -> None:
         """A line about the run's set-up (what was decided from the data), unless quiet."""
         if self.mode != "quiet":
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
     def say(self, text: str) -> None:
         """A closing line (summary), shown unless quiet."""

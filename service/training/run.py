@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from shardprop.service.cluster.capacity import estimate_run, fit_problem, nodes_before_ray
 from shardprop.service.cluster.group import WorkerGroup, start_group
@@ -47,6 +48,7 @@ from shardprop.service.training.output import OutputFolder
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
 from shardprop.workers.chaos import InjectedFailure
+from shardprop.workers.data.columns import plain
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.losses import l2_penalty, sum_of_squares
@@ -601,6 +603,8 @@ def run(
                 "n_params": arch.layout.size,
                 "n_rows": setup.rows,
                 "n_val_rows": setup.val_rows,
+                "n_dropped_rows": setup.dropped,
+                "n_inputs": setup.width,
                 "workers": config.cluster.workers,
                 "task": setup.task,
             }
@@ -641,6 +645,8 @@ def run(
     (output / "metrics.json").write_text(json.dumps(outcome, indent=2))
     tracker.set_tags({"weights_sha256": weights_sha256})
     example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
+    # dictionary columns as their values: MLflow's signature has no categorical type
+    example = pa.table({name: plain(example.column(name)) for name in example.column_names})
     logging_model = background.submit(tracker.log_final, output / "weights.npz", meta, example)
     group.close()  # Ray's shutdown overlaps MLflow's model logging
     logging_model.result()
