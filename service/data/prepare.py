@@ -42,6 +42,7 @@ class DataSetup:
     rows: int  # training rows
     val_rows: int
     dropped: int = 0  # rows left out for a missing value
+    incomplete: frozenset[str] = frozenset()  # feature columns with a missing value somewhere
     notes: list[str] = field(default_factory=list)  # what was decided, said once at the start
 
     @property
@@ -253,8 +254,20 @@ def decide(
     target = None
     if task == "regression" and config.standardize_target:
         target = (float(mean[-1]), scale_of(var[-1:], mean[-1:], rows, config.label)[0])
+    missing_counts = sum(part.missing for part in parts)
+    incomplete = frozenset(c.name for c, n in zip(columns, missing_counts, strict=True) if n)
     setup = DataSetup(
-        task, classes, tuple(columns), None, None, target, rows, val_rows, dropped, notes
+        task,
+        classes,
+        tuple(columns),
+        None,
+        None,
+        target,
+        rows,
+        val_rows,
+        dropped,
+        notes,
+        incomplete,
     )
     if not config.standardize:
         return setup

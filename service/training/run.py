@@ -48,7 +48,7 @@ from shardprop.service.training.output import OutputFolder
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
 from shardprop.workers.chaos import InjectedFailure
-from shardprop.workers.data.columns import plain
+from shardprop.workers.data.columns import NUMERIC, numbers, plain
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.losses import l2_penalty, sum_of_squares
@@ -644,9 +644,7 @@ def run(
     }
     (output / "metrics.json").write_text(json.dumps(outcome, indent=2))
     tracker.set_tags({"weights_sha256": weights_sha256})
-    example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
-    # dictionary columns as their values: MLflow's signature has no categorical type
-    example = pa.table({name: plain(example.column(name)) for name in example.column_names})
+    example = input_example(plan, setup)
     logging_model = background.submit(tracker.log_final, output / "weights.npz", meta, example)
     group.close()  # Ray's shutdown overlaps MLflow's model logging
     logging_model.result()
@@ -665,6 +663,22 @@ def run(
         history,
         weights_sha256,
         fraction,
+    )
+
+
+def input_example(plan: DataPlan, setup: DataSetup) -> pa.Table:
+    """The first rows as the model's signature should see them: a number column with a
+    missing value somewhere as float64 (as pandas reads it: an integer column with nulls
+    becomes float64, and MLflow refuses to convert between the two); dictionary columns as
+    their values, as MLflow's signature has no categorical type."""
+    example = plan.source.read(plan.features, 0, min(5, plan.total_rows))
+    return pa.table(
+        {
+            column.name: numbers(example.column(column.name))
+            if column.kind == NUMERIC and column.name in setup.incomplete
+            else plain(example.column(column.name))
+            for column in setup.columns
+        }
     )
 
 

@@ -218,7 +218,7 @@ print(workers.__file__)
 def test_meta_that_does_not_fit_is_refused(tmp_path):
     weights, meta, _ = write_model(tmp_path, "multiclass")
     cases = {
-        "n0": (meta | {"features": FEATURES[:3]}, r"3 features \(3 inputs\) for an input layer of 4"),
+        "n0": (meta | {"features": FEATURES[:3]}, r"3 features \(3 inputs\) for an input layer"),
         "classes": (meta | {"classes": [1, 2]}, "2 classes for a multiclass model"),
         "std": (meta | {"std": [1.0, 2.0]}, "'std' must be null or 4 finite numbers"),
         "keys": ({k: v for k, v in meta.items() if k != "mean"}, r"missing key.*mean"),
