@@ -265,9 +265,9 @@ def decide(
         target,
         rows,
         val_rows,
-        dropped,
-        notes,
-        incomplete,
+        dropped=dropped,
+        incomplete=incomplete,
+        notes=notes,
     )
     if not config.standardize:
         return setup
