@@ -57,6 +57,7 @@ class ShardStats:
     missing: np.ndarray  # (features,) null or NaN values per feature column, every row
     infinite: np.ndarray  # (features,) inf values per feature column
     label_nulls: int  # null or NaN labels
+    label_infinite: int  # inf labels
     label_kind: str  # "integer" | "float" | "bool" | "string"
     label_fractional: bool  # some float label has a fractional part: not a class label
     label_values: list  # distinct labels, sorted, at most MAX_LABEL_VALUES + 1
@@ -180,7 +181,8 @@ class ShardWorker:
                 infinite.append(np.zeros(m, bool))
         kind = label_kind(labels)
         y = numbers(labels) if kind != "string" else None
-        bad_labels = ~np.isfinite(y) if y is not None else missing(labels)
+        bad_labels = np.isnan(y) if y is not None else missing(labels)
+        infinite_labels = np.isinf(y) if y is not None else np.zeros(m, bool)
         self._keep = np.ones(m, bool)
         if mode == "drop":
             for rows in absent:
@@ -200,7 +202,7 @@ class ShardWorker:
                 for a, b in zip(moments, label_moments, strict=True)
             ]
         if y is not None and kind == "float":
-            kept_labels = y[self._keep & ~bad_labels]
+            kept_labels = y[self._keep & ~bad_labels & ~infinite_labels]
             fractional = bool(np.any(kept_labels != np.round(kept_labels)))
         else:
             kept_labels = pc.drop_null(labels.filter(pa.array(self._keep))).to_numpy(
@@ -222,13 +224,14 @@ class ShardWorker:
             np.array([np.count_nonzero(rows) for rows in absent], np.int64),
             np.array([np.count_nonzero(rows) for rows in infinite], np.int64),
             int(np.count_nonzero(bad_labels)),
+            int(np.count_nonzero(infinite_labels)),
             kind,
             fractional,
             np.unique(kept_labels)[: MAX_LABEL_VALUES + 1].tolist(),
             levels,
             too_many,
             first_bad=self._first_rows([*names, self._label], [*absent, bad_labels]),
-            first_infinite=self._first_rows(names, infinite),
+            first_infinite=self._first_rows([*names, self._label], [*infinite, infinite_labels]),
         )
 
     def _moments(

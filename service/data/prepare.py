@@ -97,6 +97,13 @@ def check_values(
             "missing values (null or NaN)",
             "set data.missing: drop or impute, or clean them",
         )
+    label_infinite = sum(part.label_infinite for part in parts)
+    if label_infinite:
+        first = next(part.first_infinite[config.label] for part in parts if part.label_infinite)
+        raise DataError(
+            f"label column {config.label!r} has {label_infinite} infinite values (first at "
+            f"{first}); clean them before training"
+        )
     label_nulls = sum(part.label_nulls for part in parts)
     if label_nulls and config.missing != "drop":
         first = next(part.first_bad[config.label] for part in parts if part.label_nulls)
@@ -196,20 +203,27 @@ def scan_levels(
     plan: DataPlan, config: DataConfig, seed: int, rows_at_once: int = SCAN_ROWS
 ) -> tuple[Column, ...]:
     """The plan's columns with the levels a run would find, for `shardprop plan`: only the
-    categorical columns are read, a slice of rows at a time, here."""
+    categorical columns are read (every used one under data.missing: drop, which leaves out
+    rows), a slice of rows at a time, here."""
     categorical = [column.name for column in plan.columns if column.kind == CATEGORICAL]
+    read = categorical
+    if config.missing == "drop":
+        read = [*plan.features, plan.label]
     counts = {name: Counter() for name in categorical}
     has_missing = dict.fromkeys(categorical, False)
     for lo in range(0, plan.total_rows if categorical else 0, rows_at_once):
         hi = min(lo + rows_at_once, plan.total_rows)
-        table = plan.source.read(categorical, lo, hi)
+        table = plan.source.read(read, lo, hi)
+        absent = {name: missing(table.column(name)) for name in read}
         train = ~validation_mask(lo, hi, config.validation_fraction, seed)
+        if config.missing == "drop":
+            train &= ~np.logical_or.reduce(list(absent.values()))
         for name in categorical:
             found, over = level_counts(table.column(name), train)
             if over:
                 raise too_many_values(name)
             counts[name].update(found)
-            has_missing[name] |= bool(missing(table.column(name)).any())
+            has_missing[name] |= bool(absent[name].any())
     return tuple(
         with_levels(c, counts[c.name], has_missing[c.name], config) if c.kind == CATEGORICAL else c
         for c in plan.columns

@@ -340,10 +340,6 @@ def test_a_null_label_is_dropped_under_drop(tmp_path):
     assert setup.target == pytest.approx((2.0, np.sqrt(1.25)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an inf label is counted as a null label: called 'null or NaN', dropped under drop",
-)
 @pytest.mark.parametrize("missing_mode", ["error", "drop", "impute"])
 def test_an_infinite_label_is_refused_as_infinite_whatever_data_missing_says(
     tmp_path, missing_mode
@@ -548,10 +544,6 @@ def test_scan_levels_finds_the_levels_the_workers_find(tmp_path, options):
         assert "rome" in city.levels
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scan_levels counts levels on rows that data.missing: drop leaves out",
-)
 def test_scan_levels_under_drop_leaves_out_the_dropped_rows_levels(tmp_path):
     table = pa.table(
         {
