@@ -8,6 +8,7 @@ reads when the data needs a decision.
 import json
 import logging
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from shardprop.service.cli.app import app
 from shardprop.service.config import load_config
+from shardprop.service.data.datasets import make_dataset
 from shardprop.service.data.plan import write_table
 from shardprop.service.tracking.serving import load_bundle, predict_frame
 from shardprop.service.training.run import train
@@ -310,3 +312,33 @@ def test_auto_with_hundreds_of_whole_number_classes_asks_for_the_task(tmp_path):
     assert code == 2, output
     assert "Traceback" not in output
     assert "258 classes" in output and "data.task: regression" in output
+
+
+# the two example tables and their configs ---------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def example(name: str, folder: Path, *sets: str):
+    """configs/NAME.yaml on `data make NAME`'s file, in-process and untracked."""
+    data = folder / f"{name}.parquet"
+    make_dataset(name, data)
+    flags = {"cluster.workers": 0, "tracking.enabled": False}
+    return load_config(CONFIGS / f"{name}.yaml", [f"data.path={data}", *sets], flags)
+
+
+def test_the_penguins_example_learns_from_text_columns_and_missing_values(tmp_path):
+    result = train(example("penguins", tmp_path), output=tmp_path / "species")
+    assert result.setup.task == "multiclass" and result.final["val_accuracy"] >= 0.95
+    # body mass from the same table: its text columns (species, island, sex) add what they know
+    mass = ("data.label=body_mass_g", "data.task=regression", "data.missing=drop")
+    numbers = "data.features=[bill_length_mm, bill_depth_mm, flipper_length_mm]"
+    with_text = train(example("penguins", tmp_path, *mass), output=tmp_path / "all")
+    numbers_only = train(example("penguins", tmp_path, *mass, numbers), output=tmp_path / "num")
+    assert with_text.final["val_r2"] > numbers_only.final["val_r2"] + 0.02
+
+
+def test_the_diabetes_example_trains_a_regression_in_the_targets_units(tmp_path):
+    result = train(example("diabetes", tmp_path), output=tmp_path / "out")
+    assert result.final["val_r2"] > 0.3
+    assert 30 < result.final["val_rmse"] < 80  # disease progression units, not standardised
