@@ -42,10 +42,7 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> Pa
         ax.set_ylabel(names[0])
         ax.grid(alpha=0.3)
         ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path
+    return save_png(figure, path)
 
 
 WORKER_METRIC = re.compile(r"worker_(\d+)\.(forward|backward|wait)_seconds")
@@ -94,10 +91,7 @@ def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Pat
     left.set_ylabel("ms")
     right.set_xlabel("worker")
     right.set_ylabel("mean ms per step")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path
+    return save_png(figure, path)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence, path: str | os.PathLike) -> Path:
@@ -128,10 +122,7 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence, path: str | os.PathLik
     ax.set_yticks(range(K), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path
+    return save_png(figure, path)
 
 
 def save_confusion_json(matrix: np.ndarray, classes: Sequence, path: str | os.PathLike) -> Path:
@@ -158,3 +149,10 @@ def json_value(value: object) -> str | int | float | bool:
     if isinstance(value, str | bool | int) or (isinstance(value, float) and np.isfinite(value)):
         return value
     return str(value)
+
+
+def save_png(figure: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
