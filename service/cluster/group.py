@@ -125,8 +125,11 @@ class RayGroup:
             scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
         )
         self.request = {"CPU": float(cpus_per_worker), **(resources or {})}  # per worker
+        # rows held in memory go to Ray's object store once, a piece per shard, and each
+        # worker (a replacement too) fetches its own
+        source = plan.source.stored(ray.put) if plan.source.pieces else plan.source
         self._spawn_args = [
-            (rank, plan.source, plan.columns, plan.label, start, stop, cpus_per_worker, plan.grid)
+            (rank, source, plan.columns, plan.label, start, stop, cpus_per_worker, plan.grid)
             for rank, (start, stop) in enumerate(plan.shards)
         ]
         self._shards = plan.shards

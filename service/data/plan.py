@@ -27,7 +27,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shardprop.workers.data.columns import CATEGORICAL, NUMERIC, Column, is_categorical_type
-from shardprop.workers.data.source import FilesystemOptions, Source, one_line, open_filesystem
+from shardprop.workers.data.source import (
+    FilesystemOptions,
+    Source,
+    one_line,
+    open_filesystem,
+    table_source,
+)
 from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.data.synthetic import schema as synthetic_schema
@@ -233,21 +239,30 @@ def plan_data(
     exact: bool = False,
     block_rows: int | None = None,
     categorical: Sequence[str] = (),
+    table: pa.Table | None = None,
 ) -> DataPlan:
     """Open the source, check the columns and split the rows; workers=0: one in-process shard.
     `exact`: the rows are cut into blocks (of `block_rows`, None: by the row count) and each
-    rank gets whole blocks, for the exact reduction."""
+    rank gets whole blocks, for the exact reduction. `table`: rows in memory instead of a
+    path, cut into one piece per shard."""
     if workers < 0:
         raise DataError(f"cluster.workers: must be >= 0 (0 runs in-process), got {workers}")
-    source = open_source(path, synthetic, filesystem)
-    where = path if path is not None else "the synthetic dataset"
-    if source.total_rows == 0:
-        raise DataError(f"data.path: {path} has no rows")
+    if table is not None:
+        if path is not None or synthetic is not None:
+            raise DataError("data: give a table or data.path / data.synthetic, not both")
+        rows, where = table.num_rows, "the table"
+    else:
+        source = open_source(path, synthetic, filesystem)
+        rows, where = source.total_rows, path if path is not None else "the synthetic dataset"
+    if rows == 0:
+        raise DataError(f"data.path: {path or where} has no rows")
+    grid = BlockGrid.for_rows(rows, block_rows) if exact else None
+    shards = grid.split(max(workers, 1)) if grid else split_rows(rows, max(workers, 1))
+    if table is not None:  # in memory: one piece per shard, for Ray's object store
+        source = table_source(table, shards)
     columns, left_out = resolve_columns(
         schema_of(source), label, features, where=where, categorical=categorical
     )
-    grid = BlockGrid.for_rows(source.total_rows, block_rows) if exact else None
-    shards = grid.split(max(workers, 1)) if grid else split_rows(source.total_rows, max(workers, 1))
     return DataPlan(source, tuple(columns), label, tuple(shards), grid, tuple(left_out))
 
 

@@ -93,12 +93,13 @@ def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
     )
 
 
-def make_plan(config: Config) -> DataPlan:
+def make_plan(config: Config, table: pa.Table | None = None) -> DataPlan:
+    """The data plan of `config`; `table`: rows in memory, in place of a synthetic set."""
     data = config.data
     synthetic = SyntheticSpec(**data.synthetic.model_dump()) if data.synthetic else None
     return plan_data(
         data.path,
-        synthetic,
+        None if table is not None else synthetic,
         data.label,
         data.features,
         config.cluster.workers,
@@ -106,6 +107,7 @@ def make_plan(config: Config) -> DataPlan:
         exact=config.train.reduction == "exact",
         block_rows=config.train.block_rows,
         categorical=data.categorical,
+        table=table,
     )
 
 
@@ -503,9 +505,11 @@ def train(
     output: Path | None = None,
     reporter: Reporter | None = None,
     resume_run: str | None = None,
+    table: pa.Table | None = None,
 ) -> RunResult:
     """One training run; with `resume_run`, that run goes on from its last checkpoint in
     `output` (the same MLflow run, the same config, the same result as if never stopped).
+    `table`: the rows in memory, in place of data.path or data.synthetic.
 
     Everything that can be checked is checked before Ray starts (exit 2). A run that fails
     or is stopped later says where its last weights are and how to go on (exit 1, 130, 143).
@@ -513,7 +517,7 @@ def train(
     reporter = reporter or Reporter("quiet")
     # from the first moment: a signal during start-up stops the run as cleanly as later
     with stop_requests() as stop, ExitStack() as held:
-        plan = make_plan(config)  # metadata only: fails on a bad path or column before any work
+        plan = make_plan(config, table)  # metadata: a bad path or column fails before any work
         estimate = estimate_run(config, plan)
         nodes = nodes_before_ray(config.cluster, estimate.coordinator)  # None: a joined cluster
         if nodes is not None and (problem := fit_problem(estimate, config.cluster, nodes)):

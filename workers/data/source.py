@@ -11,8 +11,9 @@ and FilesystemOptions (never shipped as an object: a client holds sockets and cr
 
 import datetime
 import itertools
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from shardprop.workers.errors import DataError
 
-FORMATS = ("parquet", "csv", "feather", "synthetic")
+FORMATS = ("parquet", "csv", "feather", "synthetic", "table")
 ERROR_CHARS = 300  # pyarrow's messages can list dozens of paths tried (libjvm): keep the gist
 GCS_RETRY_SECONDS = 30.0  # GCS's own default retries for 15 minutes before it reports anything
 
@@ -152,6 +153,9 @@ class Source:
     schema: pa.Schema | None = None
     filesystem_uri: str | None = None
     filesystem_options: FilesystemOptions = field(default_factory=FilesystemOptions)
+    # format "table": the rows held in memory, one Arrow table per entry of `files` (which
+    # names them), or a Ray object reference to it once the table is in Ray's object store
+    pieces: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -160,6 +164,9 @@ class Source:
             raise ValueError("a synthetic source needs a spec, and only a synthetic source")
         if len(self.files) != len(self.file_rows):
             raise ValueError(f"{len(self.files)} files but {len(self.file_rows)} row counts")
+        pieces = len(self.files) if self.format == "table" else 0
+        if len(self.pieces) != pieces:
+            raise ValueError("a table source needs one piece per part, and only a table source")
 
     @property
     def total_rows(self) -> int:
@@ -175,12 +182,22 @@ class Source:
         if self.synthetic is not None:
             return generate(self.synthetic, start, stop).select(columns)
         target = self._target_schema(columns)
-        filesystem = self.filesystem()
         pieces = [target.empty_table()]
+        if self.format == "table":
+            for file, lo, hi in self.spans(start, stop):
+                piece = fetch(self.pieces[self.files.index(file)])
+                pieces.append(piece.slice(lo, hi - lo).select(columns).cast(target))
+            return pa.concat_tables(pieces)
+        filesystem = self.filesystem()
         for file, lo, hi in self.spans(start, stop):
             pieces.append(self._read_file(filesystem, file, columns, lo, hi, target))
         # chunks stay as read: combining them would copy the whole shard once more
         return pa.concat_tables(pieces)
+
+    def stored(self, put: Callable[[pa.Table], Any]) -> "Source":
+        """This source with its in-memory pieces handed to `put` (ray.put: Ray's object
+        store), so that each worker fetches only the pieces that hold its rows."""
+        return replace(self, pieces=tuple(put(piece) for piece in self.pieces))
 
     def locate(self, row: int) -> str:
         """Global row `row` as a user finds it: its index (from 0, as pandas numbers a table's
@@ -235,6 +252,28 @@ class Source:
         if missing:
             raise ValueError(f"no column(s) {missing} in the source; it has {self.schema.names}")
         return pa.schema([self.schema.field(name) for name in columns])
+
+
+def table_source(table: pa.Table, bounds: Sequence[tuple[int, int]]) -> Source:
+    """An in-memory table as a source, cut into one piece per (start, stop) of `bounds` (the
+    shards), each piece its own copy: a slice would carry its whole table's buffers along."""
+    pieces = tuple(table.slice(lo, hi - lo).combine_chunks() for lo, hi in bounds)
+    return Source(
+        "table",
+        files=tuple(f"rows {lo}..{hi} of the table" for lo, hi in bounds),
+        file_rows=tuple(hi - lo for lo, hi in bounds),
+        schema=table.schema,
+        pieces=pieces,
+    )
+
+
+def fetch(piece: Any) -> pa.Table:
+    """A piece of an in-memory table, from Ray's object store where it was put there."""
+    if isinstance(piece, pa.Table):
+        return piece
+    import ray  # only a Ray worker holds references to objects in the store
+
+    return ray.get(piece)
 
 
 def _read_parquet(
