@@ -26,6 +26,7 @@ from shardprop.service.cli.options import (
     quiet_mlflow,
     tracking_flags,
 )
+from shardprop.service.cli.predict import predict
 from shardprop.service.cli.render import render_plan, render_verify, summarise, write_json
 from shardprop.service.config import config_from, load_config
 from shardprop.service.errors import ConfigError
@@ -242,5 +243,6 @@ def plan(
     render_plan(cfg, data_plan, estimate, known, outputs)
 
 
+app.command()(predict)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")

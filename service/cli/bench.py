@@ -162,3 +162,31 @@ def bench_startup(
     for line in suite.render(result):
         typer.echo(line)
     write_json(json_out, result)
+
+
+@bench_app.command("predict")
+def bench_predict(
+    rows: Annotated[int, typer.Option(help="Rows of the Parquet table scored.")] = 1_000_000,
+    features: FeaturesOption = 64,
+    hidden: HiddenOption = "256,256",
+    workers: Annotated[int, typer.Option(help="Ray workers (and Ray Data actors).")] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps of the model scored.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure.")] = 3,
+    folder: Annotated[
+        Path | None, typer.Option(help="Keep the table and model here between runs.")
+    ] = None,
+    ray_data: Annotated[bool, typer.Option(help="Also time Ray Data's map_batches.")] = True,
+    json_out: JsonOption = None,
+) -> None:
+    """Rows/s of `shardprop predict` (Ray workers, in-process, the command) against Ray Data
+    and mlflow.pyfunc's predict on the same rows."""
+    from shardprop.service.bench import predict as suite
+
+    quiet_mlflow()
+    with errors_as_exit_codes():
+        result = suite.bench_predict(
+            rows, features, int_list(hidden), workers, steps, repeats, folder, ray_data
+        )
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [
     "service.cli",
     "service.bench",
-    "service.training",
+    "service.training service.scoring",  # side by side: training, and predicting after it
     "service.cluster service.tracking",  # side by side: neither imports the other
     "service.data",
     "service.config",
