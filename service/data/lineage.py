@@ -36,7 +36,7 @@ def input_record(plan: DataPlan, path: str | None) -> InputRecord:
         identity = {"synthetic": spec}
         name = f"synthetic-{source.synthetic.name}"
     else:
-        uri = path or source.files[0]
+        uri = path or ("memory:table" if source.format == "table" else source.files[0])
         identity = {
             "format": source.format,
             "files": list(zip(source.files, source.file_rows, strict=True)),
