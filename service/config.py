@@ -178,6 +178,25 @@ class TrackingConfig(Section):
     experiment: str = "shardprop"
     run_name: str | None = None
     flush_seconds: float = Field(FLUSH_SECONDS, gt=0)  # and everything left at the run's end
+    # the run's model becomes a new version of this registered model
+    register_model: str | None = None
+
+    @field_validator("register_model")
+    @classmethod
+    def registrable(cls, name: str | None) -> str | None:
+        # the registry's own rule, checked before the run rather than after it
+        if name is not None and (not name.strip() or any(c in name for c in "/:")):
+            raise ValueError(f"tracking.register_model: {name!r} is empty or holds '/' or ':'")
+        return name
+
+    @model_validator(mode="after")
+    def registry_needs_tracking(self) -> "TrackingConfig":
+        if self.register_model and not self.enabled:
+            raise ValueError(
+                "tracking.register_model: the registry is MLflow's; drop --no-tracking "
+                "(tracking.enabled: false) or the model name"
+            )
+        return self
 
 
 class Config(Section):

@@ -65,6 +65,12 @@ def train(
         str | None,
         typer.Option(help="Go on with this MLflow run from its last checkpoint (its own config)."),
     ] = None,
+    register_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the run's model as a new version of this MLflow registered model."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the network of CONFIG on its data, sharded across workers."""
@@ -86,6 +92,7 @@ def train(
                 "cluster.address": address,
                 **tracking_flags(tracking_uri, experiment, run_name, no_tracking),
                 "cluster.inject_failure": inject_failure,
+                "tracking.register_model": register_model,
             },
         )
         reporter = Reporter("quiet" if quiet else "auto")

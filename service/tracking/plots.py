@@ -11,41 +11,71 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from shardprop.service.tracking.page import ALLREDUCE_SECONDS, STEP_SECONDS, WORKER_PHASES
+
 # each panel: a training curve and its validation twin
 PANELS = (("loss", "val_loss"), ("accuracy", "val_accuracy"))
 LOG_SCALE_LIMIT = 1e200
+Curve = tuple[list[int], list[float]]  # (steps, values)
 
 
-def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
-    """Loss, and accuracy when there is one, against step, validation curves beside them.
+def history_curves(
+    history: dict[str, list[float]], steps: dict[str, list[int]] | None = None
+) -> list[dict[str, Curve]]:
+    """The curves of loss.png, panel by panel: each metric's values at their steps (the
+    validation metrics at every eval_every-th step). Without `steps`, a metric's values
+    are taken to be at steps 1, 2, 3, ..."""
+    panels = []
+    for names in PANELS:
+        curves = {
+            name: (
+                list(steps[name]) if steps else list(range(1, len(history[name]) + 1)),
+                list(history[name]),
+            )
+            for name in names
+            if history.get(name)
+        }
+        if curves:
+            panels.append(curves)
+    return panels
+
+
+def plot_history(
+    history: dict[str, list[float]],
+    path: str | os.PathLike,
+    steps: dict[str, list[int]] | None = None,
+) -> Path:
+    """Loss, and accuracy when there is one, against step, validation curves beside them
+    (see history_curves).
 
     Draws on an Agg canvas of its own, not through pyplot: no display is needed on a cluster
     node, and the caller's matplotlib backend and open figures are left alone.
     """
-    panels = [names for names in PANELS if any(history.get(name) for name in names)]
+    panels = history_curves(history, steps)
     if not panels:
         raise ValueError(f"no loss or accuracy in the history (keys: {', '.join(history)})")
     figure = Figure(figsize=(5 * len(panels), 3.5), layout="tight")
     FigureCanvasAgg(figure)
-    for i, names in enumerate(panels, 1):
+    for i, curves in enumerate(panels, 1):
         ax = figure.add_subplot(1, len(panels), i)
-        curves = {name: history[name] for name in names if history.get(name)}
-        for name, values in curves.items():
-            ax.plot(range(1, len(values) + 1), values, label=name)
+        for name, (at, values) in curves.items():
+            # a curve of one point (a validation at the last step only) still shows
+            ax.plot(at, values, label=name, marker="o" if len(values) == 1 else None)
+        headline = next(iter(curves)).removeprefix("val_")
         # gradient descent's loss falls over decades; matplotlib's log ticks overflow on
         # values near the float range (a run about to diverge)
-        if names[0] == "loss" and all(
-            0 < v <= LOG_SCALE_LIMIT for values in curves.values() for v in values
+        if headline == "loss" and all(
+            0 < v <= LOG_SCALE_LIMIT for _, values in curves.values() for v in values
         ):
             ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel(names[0])
+        ax.set_ylabel(headline)
         ax.grid(alpha=0.3)
         ax.legend()
     return save_png(figure, path)
 
 
-WORKER_METRIC = re.compile(r"worker_(\d+)\.(forward|backward|wait)_seconds")
+WORKER_METRIC = re.compile(rf"worker_(\d+)/({'|'.join(WORKER_PHASES)})_seconds")
 
 
 def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
@@ -56,20 +86,20 @@ def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Pat
         if match := WORKER_METRIC.fullmatch(name):
             rank, phase = int(match[1]), match[2]
             parts.setdefault(rank, {})[phase] = float(np.mean(values))
-    step = np.asarray(history.get("step_seconds", []))
+    step = np.asarray(history.get(STEP_SECONDS, []))
     figure = Figure(figsize=(10, 3.5), layout="tight")
     FigureCanvasAgg(figure)
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     if len(step) and parts:
         compute = np.max(
             [
-                np.asarray(history[f"worker_{r}.forward_seconds"])
-                + np.asarray(history[f"worker_{r}.backward_seconds"])
+                np.asarray(history[f"worker_{r}/forward_seconds"])
+                + np.asarray(history[f"worker_{r}/backward_seconds"])
                 for r in parts
             ],
             axis=0,
         )
-        allreduce = np.asarray(history["allreduce_seconds"])
+        allreduce = np.asarray(history[ALLREDUCE_SECONDS])
         rest = np.clip(step - compute - allreduce, 0, None)
         steps = np.arange(1, len(step) + 1)
         left.stackplot(

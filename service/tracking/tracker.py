@@ -11,6 +11,8 @@ The same thread renews the run's lease (lease.py), so a run is held by one live 
 
 A store that fails (read-only, full, gone) raises StoreError from every call that writes:
 one line, and the caller still has its weights on local disk to point to.
+
+What the page shows (names, params in force, the description) is decided in page.py.
 """
 
 import json
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +38,6 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 from mlflow import MlflowClient
-from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import (
     Dataset,
     DatasetInput,
@@ -52,12 +52,13 @@ from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types import ColSpec, Schema
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
 from shardprop.service.config import FLUSH_SECONDS
 from shardprop.service.data.lineage import InputRecord
 from shardprop.service.shipped_code import stage
 from shardprop.service.tracking.lease import LEASE_TAG, RENEW_SECONDS, Lease
+from shardprop.service.tracking.page import code_tags, json_default, render
 from shardprop.service.tracking.serving import load_bundle, predict_frame
 from shardprop.service.tracking.store import (
     StoreError,
@@ -69,7 +70,10 @@ from shardprop.service.tracking.store import (
 from shardprop.workers.data.source import one_line
 from shardprop.workers.errors import UserError
 
-MODEL_NAME = "model"  # the model is at runs:/<run_id>/model
+MODEL_PATH = "model"  # the model is at runs:/<run_id>/model, whatever its name
+DEFAULT_MODEL_NAME = "shardprop-model"
+FINGERPRINTS = "checkpoints/fingerprints.json"  # {"step-NNNNNN": weights sha256}
+REGISTERED_DESCRIPTION = "Networks trained by shardprop; each version's description says how."
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 MODEL_REQUIREMENTS = ("mlflow", "numpy", "pandas", "threadpoolctl")
 INPUT_EXAMPLE_ROWS = 5
@@ -123,33 +127,6 @@ def store_reason(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return one_line(error)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    return str(value)
-
-
-def _render(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    # JSON is YAML's flow style: [32, 32], null, true, 0.5
-    return json.dumps(value, default=_json_default)
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"model": {"hidden": [32, 32]}} -> {"model.hidden": "[32, 32]"}: one MLflow param a leaf."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = _render(value)
-    return flat
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -250,6 +227,9 @@ class Tracker:
         self._wake = threading.Event()  # write now rather than at the next tick
         # checkpoint folders to upload, by the writer thread after the metrics before them
         self._artifacts: deque[tuple[Path, str]] = deque()  # (checkpoint folder, its sha256)
+        self._fingerprints: dict[str, str] = {}  # of the uploaded checkpoints, by folder
+        self._fingerprints_due = False  # uploaded since FINGERPRINTS was last written
+        self.model_id: str | None = None  # the logged model, once log_model is done
         self._flush_seconds = flush_seconds
         self._writer_error: Exception | None = None
         self._last_logged: tuple[int, int, dict[str, float]] | None = None  # the newest step
@@ -275,7 +255,8 @@ class Tracker:
         """Open a new run in `experiment` (created if missing) on the store at `uri`.
 
         Queued metrics are written every `flush_seconds` by a background thread. Runs of the
-        experiment whose process died while RUNNING are marked FAILED first.
+        experiment whose process died while RUNNING are marked FAILED first. The run is tagged
+        with the code that trains it (page.code_tags).
         """
         tracking_uri = resolve_tracking_uri(uri)
         client = _open_client(tracking_uri)
@@ -284,7 +265,9 @@ class Tracker:
         lease = Lease.ours()
         # user, source and git commit, as mlflow.start_run would record them
         run_tags = resolve_tags(
-            {key: str(value) for key, value in (tags or {}).items()} | {LEASE_TAG: lease.tag()}
+            code_tags()
+            | {key: str(value) for key, value in (tags or {}).items()}
+            | {LEASE_TAG: lease.tag()}
         )
         run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         return cls(client, run.info.run_id, experiment_id, tracking_uri, flush_seconds, lease)
@@ -310,9 +293,12 @@ class Tracker:
         client.update_run(run_id, status="RUNNING")
         if "error" in run.data.tags:  # why it stopped last time: no longer true of it
             client.delete_tag(run_id, "error")
+        for key, value in code_tags().items():  # the code that goes on with it
+            client.set_tag(run_id, key, value)
         logged = client.get_metric_history(run_id, "loss")
         tracker = cls(client, run_id, run.info.experiment_id, tracking_uri, flush_seconds, lease)
         tracker._logged_through = max((point.step for point in logged), default=-1)
+        tracker._fingerprints = tracker._uploaded_fingerprints()
         return tracker
 
     # --- params and tags -------------------------------------------------------------------
@@ -321,8 +307,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Values are stringified and cut to PARAM_VALUE_LIMIT characters."""
         items = [
-            Param(key, _truncate(_render(value), PARAM_VALUE_LIMIT))
-            for key, value in params.items()
+            Param(key, _truncate(render(value), PARAM_VALUE_LIMIT)) for key, value in params.items()
         ]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=list(chunk))
@@ -330,32 +315,37 @@ class Tracker:
     @_store_call
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [
-            RunTag(key, _truncate(_render(value), TAG_VALUE_LIMIT)) for key, value in tags.items()
+            RunTag(key, _truncate(render(value), TAG_VALUE_LIMIT)) for key, value in tags.items()
         ]
         for chunk in _chunks(items, PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=list(chunk))
 
     @_store_call
-    def log_config(self, resolved: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-        """The resolved config as flattened params (plus `extra`) and as config.yaml."""
-        self.log_params(flatten(resolved) | dict(extra))
+    def log_config(self, resolved: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+        """The resolved config as config.yaml (every key: what a resume reads), and `params`
+        (page.in_force: the settings that act on the run, flattened, and the run's sizes)."""
+        self.log_params(params)
         self.log_dict(resolved, "config.yaml")
+
+    @_store_call
+    def set_note(self, text: str) -> None:
+        """The run's description, shown at the top of its page (Markdown)."""
+        self.set_tags({MLFLOW_RUN_NOTE: text})
 
     @_store_call
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
         """The input dataset as the run's input (what mlflow.log_input records, logged
         through our client) and the shard plan as shards.json."""
-        if record.uri.startswith("synthetic:"):
-            source = CodeDatasetSource({"generator": record.uri})
-        else:
-            try:
-                source = resolve_dataset_source(record.uri)
-            except mlflow.MlflowException:  # a scheme MLflow has no source type for
-                source = CodeDatasetSource({"uri": record.uri})
+        source_type, source = dataset_source(record.uri)
         schema = Schema([ColSpec(_mlflow_type(kind), name) for name, kind in record.columns])
-        dataset = MetaDataset(source, name=record.name, digest=record.digest, schema=schema)
+        entity = Dataset(
+            name=record.name,
+            digest=record.digest,
+            source_type=source_type,
+            source=json.dumps(source),
+            schema=json.dumps({"mlflow_colspec": schema.to_dict()}),  # as MLflow's datasets do
+        )
         context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-        entity = Dataset(**dataset.to_dict())  # name, digest, source, source_type, schema
         self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[context])])
         self.log_dict({"shards": shards}, "shards.json")
 
@@ -385,17 +375,31 @@ class Tracker:
             return destination / "checkpoints"  # none uploaded: an empty place to look
 
     def log_checkpoint(self, folder: Path, weights_sha256: str) -> None:
-        """Upload a checkpoint folder under checkpoints/ and tag the run with its weights'
-        fingerprint (`weights_sha256.step-NNNNNN`), from the writer thread at its next tick
-        (the folder is on local disk already: the upload is for a resume elsewhere)."""
+        """Upload a checkpoint folder under checkpoints/ and add its weights' fingerprint to
+        checkpoints/fingerprints.json, from the writer thread at its next tick (the folder is
+        on local disk already: the upload is for a resume elsewhere)."""
         self._artifacts.append((folder, weights_sha256))
 
     def _upload_checkpoints(self) -> None:
         while self._artifacts:
             folder, weights_sha256 = self._artifacts[0]
             self.client.log_artifact(self.run_id, os.fspath(folder), "checkpoints")
-            self.set_tags({f"weights_sha256.{folder.name}": weights_sha256})
+            self._fingerprints[folder.name] = weights_sha256
+            self._fingerprints_due = True
             self._artifacts.popleft()
+        if self._fingerprints_due:  # one file, rewritten: the checkpoints uploaded so far
+            text = json.dumps(dict(sorted(self._fingerprints.items())), indent=1)
+            self.client.log_text(self.run_id, text + "\n", FINGERPRINTS)
+            self._fingerprints_due = False
+
+    def _uploaded_fingerprints(self) -> dict[str, str]:
+        """FINGERPRINTS as the run has it ({} before its first checkpoint upload)."""
+        with tempfile.TemporaryDirectory(prefix="shardprop-fingerprints-") as tmp:
+            try:
+                path = self.client.download_artifacts(self.run_id, FINGERPRINTS, tmp)
+            except (mlflow.MlflowException, OSError):
+                return {}
+            return json.loads(Path(path).read_text(encoding="utf-8"))
 
     def _write_loop(self) -> None:
         flush_at = time.monotonic() + self._flush_seconds
@@ -465,16 +469,21 @@ class Tracker:
         if Path(artifact_file).suffix in (".yaml", ".yml"):
             text = yaml.safe_dump(dict(d), sort_keys=False, default_flow_style=None)
         else:
-            text = json.dumps(d, indent=2, default=_json_default)
+            text = json.dumps(d, indent=2, default=json_default)
         self.log_text(text, artifact_file)
 
     # --- the model -------------------------------------------------------------------------
 
     @_store_call
     def log_model(
-        self, weights_path: str | os.PathLike, meta: Mapping[str, Any], input_example: pd.DataFrame
+        self,
+        weights_path: str | os.PathLike,
+        meta: Mapping[str, Any],
+        input_example: pd.DataFrame,
+        name: str = DEFAULT_MODEL_NAME,
     ) -> ModelInfo:
-        """Log the pyfunc model at runs:/<run_id>/model: weights + meta JSON, loaded from code.
+        """Log the pyfunc model named `name` (page.model_name): weights + meta JSON, loaded
+        from code; it loads as models:/<model_id> and as runs:/<run_id>/model.
 
         The signature and input example are built from the first rows of `input_example`
         (feature columns only, so the label is not asked for at predict time).
@@ -483,17 +492,18 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="shardprop-model-") as tmp:
             meta_path = Path(tmp) / "meta.json"
             meta_path.write_text(
-                json.dumps(dict(meta), indent=2, default=_json_default), encoding="utf-8"
+                json.dumps(dict(meta), indent=2, default=json_default), encoding="utf-8"
             )
             bundle = load_bundle(weights_path, meta_path)  # a bad meta fails here, clearly
             example = input_example.head(INPUT_EXAMPLE_ROWS)
             predicted = predict_frame(bundle, example)  # names a missing column before MLflow
             example = example.loc[:, list(bundle.features)]
-            signature = infer_signature(example, predicted, params={"output": "probabilities"})
+            outputs = infer_signature(None, predicted, params={"output": "probabilities"})
+            signature = ModelSignature(input_schema(example), outputs.outputs, outputs.params)
             # mlflow.pyfunc.log_model taking a run_id and tracking_uri would replace what follows
             model = self.client.create_logged_model(
                 self.experiment_id,
-                name=MODEL_NAME,
+                name=name,
                 source_run_id=self.run_id,
                 params=self.client.get_run(self.run_id).data.params,
             )
@@ -508,35 +518,69 @@ class Tracker:
                 artifacts = {"weights": weights_path, "meta": meta_path}
                 save_model(folder, config, artifacts, signature, example)
                 self.client.log_model_artifacts(model.model_id, os.fspath(folder))
+                # runs:/<run_id>/model finds a logged model only by the name "model": a copy
+                # in the run's artifacts keeps that URI for a model with a name of its own
+                self.client.log_artifacts(self.run_id, os.fspath(folder), MODEL_PATH)
                 self._link_model(model.model_id)
             except BaseException:
                 self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
                 raise
             model = self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            self.model_id = model.model_id
             return config.get_model_info(model)
 
     def _link_model(self, model_id: str) -> None:
-        """The model is the run's output at its last step, and owns that step's metrics (as
-        mlflow.pyfunc.log_model records them, so the UI shows them on the model's page)."""
+        """The model is the run's output at its last step, and owns that step's headline
+        metrics (as mlflow.pyfunc.log_model records them, so the UI shows them on the model's
+        page; the timing sections stay the run's)."""
         step, timestamp, values = self._last_logged or (0, 0, {})
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=step)])
-        if not values:
-            return
         metrics = [
             Metric(key, float(value), timestamp, step, model_id=model_id)
             for key, value in values.items()
+            if "/" not in key
         ]
+        if not metrics:
+            return
         self.client.log_batch(self.run_id, metrics=metrics)
 
     @_store_call
     def log_final(
-        self, weights_path: Path, meta: Mapping[str, Any], input_example: pa.Table
+        self,
+        weights_path: Path,
+        meta: Mapping[str, Any],
+        input_example: pa.Table,
+        model_name: str = DEFAULT_MODEL_NAME,
     ) -> None:
         """The end of a run: weights/final.npz and the model (the example: a few raw rows)."""
         with tempfile.TemporaryDirectory() as tmp:
             final = shutil.copy(weights_path, Path(tmp) / "final.npz")
             self.log_artifact(final, "weights")
-        self.log_model(weights_path, meta, input_example.to_pandas())
+        self.log_model(weights_path, meta, input_example.to_pandas(), model_name)
+
+    @_store_call
+    def register_model(self, name: str, tags: Mapping[str, str], description: str) -> str:
+        """The run's logged model as a new version of the registered model `name` (created
+        when missing), with `tags` and `description`; returns models:/<name>/<version>."""
+        if self.model_id is None:
+            raise RuntimeError(f"run {self.run_id} has logged no model to register")
+        try:
+            self.client.create_registered_model(name, description=REGISTERED_DESCRIPTION)
+        except mlflow.MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        # the model's own location, not models:/<model_id>: MLflow's database registry looks
+        # that up through the process's global tracking URI (upstream TODO in its store)
+        location = self.client.get_logged_model(self.model_id).artifact_location
+        registered = self.client.create_model_version(
+            name,
+            source=location,
+            run_id=self.run_id,
+            tags=dict(tags),
+            description=description,
+            model_id=self.model_id,
+        )
+        return f"models:/{name}/{registered.version}"
 
     # --- the end ---------------------------------------------------------------------------
 
@@ -593,6 +637,38 @@ class Tracker:
             log.warning(
                 "could not mark MLflow run %s as %s: %s", self.run_id, status, store_reason(error)
             )
+
+
+def dataset_source(uri: str) -> tuple[str, dict[str, Any]]:
+    """The input dataset's source type and source, named here: MLflow's resolver finds two
+    source types for a local path and warns that it picked one."""
+    if uri.startswith("synthetic:"):
+        return "code", {"tags": {"generator": uri}}
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("", "file") or len(scheme) == 1:  # a path, file://, a Windows drive
+        return "local", {"uri": uri}
+    if scheme in ("http", "https"):
+        return "http", {"url": uri}
+    if scheme == "memory":  # rows handed over in memory (the Python API)
+        return "code", {"tags": {"uri": uri}}
+    return scheme, {"uri": uri}  # s3, gs, hdfs, abfss...: as MLflow names their sources
+
+
+def input_schema(example: pd.DataFrame) -> Schema:
+    """The model's input columns from the example's types. Integer columns are `long`, as
+    MLflow would infer them; floats are `double`, which takes float32 and float64 alike.
+    Built here because MLflow's inference warns about integer columns and missing values,
+    which input_example (training/run.py) has already typed as float64 where they occur."""
+    arrow = pa.Schema.from_pandas(example, preserve_index=False)
+    return Schema([ColSpec(_signature_type(str(field.type)), field.name) for field in arrow])
+
+
+def _signature_type(arrow_type: str) -> str:
+    if arrow_type.startswith(("int", "uint")):
+        return "long"
+    if arrow_type in ("float", "halffloat") or arrow_type.startswith(("double", "decimal")):
+        return "double"
+    return {"bool": "boolean"}.get(arrow_type, "string")
 
 
 def _mlflow_type(arrow_type: str) -> str:

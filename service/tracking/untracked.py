@@ -18,11 +18,13 @@ class Recorder(Protocol):
     run_id: str
     tracking_uri: str | None
 
-    def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None: ...
+    def log_config(self, resolved: dict[str, Any], params: dict[str, Any]) -> None: ...
 
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None: ...
 
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    def set_note(self, text: str) -> None: ...
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -32,7 +34,11 @@ class Recorder(Protocol):
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None: ...
 
-    def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None: ...
+    def log_final(
+        self, weights_path: Path, meta: dict, input_example: pa.Table, model_name: str
+    ) -> None: ...
+
+    def register_model(self, name: str, tags: dict[str, str], description: str) -> str | None: ...
 
     def __enter__(self) -> Self: ...
 
@@ -46,13 +52,16 @@ class Untracked:
         self.run_id = uuid.uuid4().hex
         self.tracking_uri = None
 
-    def log_config(self, resolved: dict[str, Any], extra: dict[str, Any]) -> None:
+    def log_config(self, resolved: dict[str, Any], params: dict[str, Any]) -> None:
         pass
 
     def log_lineage(self, record: InputRecord, shards: list[dict]) -> None:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def set_note(self, text: str) -> None:
         pass
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -67,8 +76,13 @@ class Untracked:
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_final(self, weights_path: Path, meta: dict, input_example: pa.Table) -> None:
+    def log_final(
+        self, weights_path: Path, meta: dict, input_example: pa.Table, model_name: str
+    ) -> None:
         pass
+
+    def register_model(self, name: str, tags: dict[str, str], description: str) -> str | None:
+        return None  # tracking.register_model needs tracking (config.py refuses it without)
 
     def __enter__(self) -> Self:
         return self

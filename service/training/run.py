@@ -26,6 +26,22 @@ from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
 from shardprop.service.errors import ConfigError, DivergenceError, TrainingError
+from shardprop.service.tracking.page import (
+    ALLREDUCE_SECONDS,
+    GRAD_NORM,
+    READ_SECONDS,
+    SAMPLES_PER_SECOND,
+    STEP_SECONDS,
+    STRAGGLER_RATIO,
+    blas_tag,
+    flatten,
+    in_force,
+    model_name,
+    result_words,
+    run_description,
+    version_tags,
+    worker_metric,
+)
 from shardprop.service.tracking.plots import (
     plot_confusion,
     plot_history,
@@ -77,6 +93,8 @@ class RunResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     weights_sha256: str = ""  # of theta
     compute_fraction: float = 0.0  # of the loop's wall time: see compute_fraction()
+    steps: dict[str, list[int]] = field(default_factory=dict)  # the step of each history value
+    registered: str | None = None  # models:/<name>/<version> with tracking.register_model
 
 
 def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
@@ -243,24 +261,24 @@ def step_metrics(
     timings = [timing for part in parts for timing in part.timings()]  # per rank
     computes = [seconds for seconds, _ in timings]
     metrics |= {
-        "grad_norm": sqrt(sum_of_squares(grad)),
-        "step_seconds": updated - started,
+        GRAD_NORM: sqrt(sum_of_squares(grad)),
+        STEP_SECONDS: updated - started,
         # beyond the slowest worker's compute: broadcast, gather and sum
-        "allreduce_seconds": (gathered - started) - max(computes) + (reduced - gathered),
-        "samples_per_second": mean.rows / (updated - started),
-        "straggler_ratio": max(computes) / max(float(np.median(computes)), 1e-12),
+        ALLREDUCE_SECONDS: (gathered - started) - max(computes) + (reduced - gathered),
+        SAMPLES_PER_SECOND: mean.rows / (updated - started),
+        STRAGGLER_RATIO: max(computes) / max(float(np.median(computes)), 1e-12),
     }
     return metrics | worker_timings(timings, gathered - started)
 
 
 def worker_timings(timings: list[tuple[float, float]], gather_seconds: float) -> dict[str, float]:
     """Where each worker's step went: forward, backward, and waiting for the slowest one
-    (with the transfers): `worker_R.forward_seconds`, `.backward_seconds`, `.wait_seconds`."""
+    (with the transfers): `worker_R/forward_seconds`, `/backward_seconds`, `/wait_seconds`."""
     out = {}
     for rank, (seconds, forward) in enumerate(timings):
-        out[f"worker_{rank}.forward_seconds"] = forward
-        out[f"worker_{rank}.backward_seconds"] = seconds - forward
-        out[f"worker_{rank}.wait_seconds"] = max(0.0, gather_seconds - seconds)
+        out[worker_metric(rank, "forward_seconds")] = forward
+        out[worker_metric(rank, "backward_seconds")] = seconds - forward
+        out[worker_metric(rank, "wait_seconds")] = max(0.0, gather_seconds - seconds)
     return out
 
 
@@ -275,22 +293,25 @@ def fit(
     start: Checkpoint | None = None,
     stop: StopRequests | None = None,
     setup: DataSetup | None = None,
-) -> tuple[dict[str, list[float]], EarlyStopping | None]:
+) -> tuple[dict[str, list[float]], dict[str, list[int]], EarlyStopping | None]:
     """Full-batch gradient descent; theta is updated in place (to the best weights when early
     stopping is on). From `start`, it goes on exactly as the run that wrote it would have.
     `setup`: the run's data, for the metrics in the label's units. Returns the metric
-    history and the early-stopping record."""
+    history, the step of each of its values (validation metrics come every eval_every
+    steps) and the early-stopping record."""
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
     records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
     history: dict[str, list[float]] = {}
+    steps: dict[str, list[int]] = {}
 
     def record(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(step, metrics)  # a resumed run's tracker skips what it has
         records.append((step, metrics))
         for name, value in metrics.items():
             history.setdefault(name, []).append(value)
+            steps.setdefault(name, []).append(step)
 
     # a step's metrics are worked out, recorded and shown while the workers compute the
     # next one; logged before anything reads the records, and when the loop ends however
@@ -304,7 +325,8 @@ def fit(
     def report(step: int, metrics: dict[str, float], *measured: Any) -> None:
         metrics |= step_metrics(*measured, setup=setup)
         record(step, metrics)
-        reporter.update(step, metrics)
+        # the bar's samples/s, under the name progress.describe reads
+        reporter.update(step, metrics | {"samples_per_second": metrics[SAMPLES_PER_SECOND]})
 
     first_step, last_checkpoint = 1, None
     if start is not None:
@@ -387,7 +409,7 @@ def fit(
         log_pending()
     if stopper and train.patience and stopper.best_theta is not None:
         theta[...] = stopper.best_theta  # early stopping keeps the best weights
-    return history, stopper
+    return history, steps, stopper
 
 
 class DivergenceWatch:
@@ -421,12 +443,12 @@ def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: 
     """The share of the loop's wall time that went to the slowest worker's gradient, step by
     step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
     Over the last `steps` steps (a resumed run's earlier ones ran in another process)."""
-    ranks = {name.split(".")[0] for name in history if name.endswith(".forward_seconds")}
+    ranks = {name.split("/")[0] for name in history if name.endswith("/forward_seconds")}
     if not steps or not ranks:
         return 0.0
     computes = np.array(
         [
-            np.add(history[f"{rank}.forward_seconds"], history[f"{rank}.backward_seconds"])
+            np.add(history[f"{rank}/forward_seconds"], history[f"{rank}/backward_seconds"])
             for rank in sorted(ranks)
         ]
     )
@@ -598,28 +620,30 @@ def run(
             fetched = tracker.download_checkpoints(output / "fetched")
             start = latest_checkpoint(fetched, layout, dtype)
     theta = initial_parameters(arch.layout, config, init_weights)
+    record = input_record(plan, config.data.path)
+    description = run_description(
+        record,
+        setup,
+        plan.label,
+        arch.sizes,
+        arch.layout.size,
+        config.resolved(),
+        config.cluster.workers,
+    )
     if not resume_run:
         placements = group.call("where")
-        tracker.set_tags({"shardprop.output": str(output.resolve())})
-        tracker.log_config(
-            config.resolved(),
-            {
-                "n_params": arch.layout.size,
-                "n_rows": setup.rows,
-                "n_val_rows": setup.val_rows,
-                "n_dropped_rows": setup.dropped,
-                "n_inputs": setup.width,
-                "workers": config.cluster.workers,
-                "task": setup.task,
-            }
-            | {f"worker_{r}.read_seconds": part.read_seconds for r, part in enumerate(loaded)}
-            | {f"worker_{r}.blas": where["blas"] for r, where in enumerate(placements)},
+        tracker.set_tags(
+            {"shardprop.output": str(output.resolve()), "shardprop.blas": blas_tag(placements)}
         )
-        tracker.log_lineage(input_record(plan, config.data.path), shard_records(plan, placements))
+        tracker.set_note(description)
+        tracker.log_config(config.resolved(), run_params(config, plan, setup, arch))
+        reads = {worker_metric(r, READ_SECONDS): part.read_seconds for r, part in enumerate(loaded)}
+        tracker.log_metrics(0, reads)  # once, before the first step
+        tracker.log_lineage(record, shard_records(plan, placements))
     reporter.start(config.train.steps, f"training on {group.size} worker(s)")
     loop_started = time.perf_counter()
     try:
-        history, stopper = fit(
+        history, steps, stopper = fit(
             group,
             theta,
             arch.layout,
@@ -638,7 +662,7 @@ def run(
     save_model_files(output, arch.layout, theta, meta)  # first: kept whatever fails next
     final = final_metrics(group, theta, arch.layout, config.train.l2, stopper, setup)
     confusion_files = confusion(group, theta, setup, output / "confusion")
-    steps_run = len(history["step_seconds"]) - (start.step if start else 0)
+    steps_run = len(history[STEP_SECONDS]) - (start.step if start else 0)
     fraction = compute_fraction(history, steps_run, loop_seconds)
     weights_sha256 = fingerprint(theta)
     outcome = final | {
@@ -649,12 +673,22 @@ def run(
     (output / "metrics.json").write_text(json.dumps(outcome, indent=2))
     tracker.set_tags({"weights_sha256": weights_sha256})
     example = input_example(plan, setup)
-    logging_model = background.submit(tracker.log_final, output / "weights.npz", meta, example)
+    name = model_name(record, plan.label, setup.task)
+    logging_model = background.submit(
+        tracker.log_final, output / "weights.npz", meta, example, name
+    )
     group.close()  # Ray's shutdown overlaps MLflow's model logging
     logging_model.result()
+    description = f"{description}\n\n{result_words(final)}"
+    tracker.set_note(description)
+    registered = None
+    if config.tracking.register_model:
+        registered = tracker.register_model(
+            config.tracking.register_model, version_tags(final), description
+        )
     for path in confusion_files:
         tracker.log_artifact(path, "confusion")
-    tracker.log_artifact(plot_history(history, output / "loss.png"), "plots")
+    tracker.log_artifact(plot_history(history, output / "loss.png", steps), "plots")
     tracker.log_artifact(plot_timing(history, output / "timing.png"), "plots")
     return RunResult(
         tracker.run_id,
@@ -667,7 +701,31 @@ def run(
         history,
         weights_sha256,
         fraction,
+        steps,
+        registered,
     )
+
+
+def run_params(
+    config: Config, plan: DataPlan, setup: DataSetup, arch: Architecture
+) -> dict[str, str | int]:
+    """The run's MLflow params: the settings in force (page.in_force), flattened, and the
+    sizes the data decided."""
+    resolved = config.resolved()
+    if plan.source.synthetic is None:  # rows from a path, or handed over in memory
+        resolved["data"].pop("synthetic", None)
+    sizes: dict[str, str | int] = {
+        "n_params": arch.layout.size,
+        "n_rows": setup.rows,
+        "n_inputs": setup.width,
+        "workers": config.cluster.workers,
+        "task": setup.task,
+    }
+    if setup.val_rows:
+        sizes["n_val_rows"] = setup.val_rows
+    if config.data.missing == "drop":
+        sizes["n_dropped_rows"] = setup.dropped
+    return flatten(in_force(resolved, setup.task)) | sizes
 
 
 def input_example(plan: DataPlan, setup: DataSetup) -> pa.Table:

@@ -44,25 +44,35 @@ def check_run(uri, run_id, steps, workers, rows):
     names = {
         "loss",
         "accuracy",
-        "grad_norm",
-        "step_seconds",
-        "allreduce_seconds",
-        "samples_per_second",
-        "straggler_ratio",
+        "train/grad_norm",
+        "timing/step_seconds",
+        "timing/allreduce_seconds",
+        "timing/samples_per_second",
+        "timing/straggler_ratio",
     }
     names |= {
-        f"worker_{rank}.{phase}_seconds"
+        f"worker_{rank}/{phase}_seconds"
         for rank in range(max(workers, 1))
         for phase in ("forward", "backward", "wait")
     }
     assert names <= set(run.data.metrics)
-    assert run.data.metrics["straggler_ratio"] >= 1.0
-    assert all(float(params[f"worker_{r}.read_seconds"]) > 0 for r in range(max(workers, 1)))
+    assert run.data.metrics["timing/straggler_ratio"] >= 1.0
+    for rank in range(max(workers, 1)):
+        (read,) = client.get_metric_history(run_id, f"worker_{rank}/read_seconds")
+        assert read.step == 0 and read.value > 0
+    assert not any("read_seconds" in name for name in params)
     for name in names:
         history = client.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == list(range(1, steps + 1)), name
     files = artifacts(client, run_id)
-    assert {"config.yaml", "weights/final.npz", "plots/loss.png", "plots/timing.png"} <= set(files)
+    assert {
+        "config.yaml",
+        "weights/final.npz",
+        "plots/loss.png",
+        "plots/timing.png",
+        "checkpoints/fingerprints.json",
+        "model/MLmodel",
+    } <= set(files)
     return files
 
 

@@ -8,6 +8,7 @@ import copy
 import itertools
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,7 +219,8 @@ def test_exact_weights_survive_a_worker_killed_mid_run(ray_session, transport):
 def test_runs_with_the_same_weights_carry_the_same_fingerprint_in_mlflow(
     ray_session, tracking_uri, tmp_path
 ):
-    """`weights_sha256` at the end and per checkpoint, and each worker's BLAS, in the run."""
+    """`weights_sha256` at the end and per checkpoint (checkpoints/fingerprints.json), and
+    the workers' BLAS, in the run."""
     from mlflow import MlflowClient
 
     from shardprop.workers.network.params import fingerprint, load_weights
@@ -231,11 +233,16 @@ def test_runs_with_the_same_weights_carry_the_same_fingerprint_in_mlflow(
     assert tags[0]["weights_sha256"] == tags[1]["weights_sha256"]
     _, theta = load_weights(runs[1].output / "weights.npz")
     assert tags[1]["weights_sha256"] == fingerprint(theta)
-    for step in (10, 20, 30):
-        name = f"weights_sha256.step-{step:06d}"
-        assert tags[0][name] == tags[1][name]
-    assert tags[0]["weights_sha256.step-000030"] == tags[0]["weights_sha256"]
-    params = client.get_run(runs[1].run_id).data.params
-    assert all("1 thread(s)" in params[f"worker_{rank}.blas"] for rank in (0, 1))
+    prints = []
+    for result in runs:
+        into = tmp_path / result.run_id
+        into.mkdir()
+        path = client.download_artifacts(result.run_id, "checkpoints/fingerprints.json", into)
+        prints.append(json.loads(Path(path).read_text()))
+    assert list(prints[0]) == ["step-000010", "step-000020", "step-000030"]
+    assert prints[0] == prints[1]
+    assert prints[0]["step-000030"] == tags[0]["weights_sha256"]
+    assert not any(name.startswith("weights_sha256.") for name in tags[0])
+    assert "1 thread(s)" in tags[1]["shardprop.blas"]
     metrics = json.loads((runs[1].output / "metrics.json").read_text())
     assert metrics["weights_sha256"] == tags[1]["weights_sha256"]

@@ -1,5 +1,6 @@
 """Stopped runs go on to the same weights: a killed coordinator, Ctrl-C, a corrupt checkpoint."""
 
+import json
 import os
 import shutil
 import signal
@@ -32,15 +33,20 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
         time.sleep(0.02)
 
 
-def wait_for_tag(uri: str, prefix: str, process: subprocess.Popen, seconds: float = 60) -> None:
+def wait_for_upload(uri: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    """Until checkpoints/fingerprints.json is in the run: written after a checkpoint's upload."""
     client = MlflowClient(uri)
     deadline = time.monotonic() + seconds
     while True:
-        runs = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
-        if runs and any(key.startswith(prefix) for key in runs[0].data.tags):
+        experiment = client.get_experiment_by_name("shardprop")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and any(
+            item.path == "checkpoints/fingerprints.json"
+            for item in client.list_artifacts(runs[0].info.run_id, "checkpoints")
+        ):
             return
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"no tag {prefix}* appeared"
+        assert time.monotonic() < deadline, "no checkpoint was uploaded"
         time.sleep(0.05)
 
 
@@ -69,8 +75,8 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     out = tmp_path / "out"
     victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
     wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
-    if from_mlflow:  # and for the writer to have uploaded one (tagged after its upload)
-        wait_for_tag(uri, "weights_sha256.step-", victim)
+    if from_mlflow:  # and for the writer to have uploaded one
+        wait_for_upload(uri, victim)
     victim.send_signal(signal.SIGKILL)  # as an operator's kill -9, or a lost node
     victim.wait(timeout=60)
     client, run = only_run(uri)
@@ -90,6 +96,10 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     assert run.info.status == "FINISHED"
     steps = [point.step for point in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 121))  # every step once, none twice
+    if from_mlflow:  # the fingerprints of the killed process's uploads, then the resume's
+        path = client.download_artifacts(run.info.run_id, "checkpoints/fingerprints.json", tmp_path)
+        fingerprints = json.loads(Path(path).read_text())
+        assert list(fingerprints) == [f"step-{step:06d}" for step in range(10, 121, 10)]
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from shardprop.service.tracking.page import flatten
 from shardprop.service.tracking.plots import plot_history
 from shardprop.service.tracking.store import resolve_tracking_uri, ui_command
-from shardprop.service.tracking.tracker import PARAM_VALUE_LIMIT, Tracker, TrackingError, flatten
+from shardprop.service.tracking.tracker import PARAM_VALUE_LIMIT, Tracker, TrackingError
 from shardprop.workers.network.params import Layout, init_params, save_weights
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +87,7 @@ def test_params_are_flattened_and_logged_past_the_batch_limit(store, client):
 
 
 def test_metrics_stay_in_memory_until_flushed_then_one_point_per_step(store, client):
-    steps, names = 1000, ("loss", "accuracy", "grad_norm", "step_seconds", "a", "b")
+    steps, names = 1000, ("loss", "accuracy", "train/grad_norm", "timing/step_seconds", "a", "b")
     tracker = start(store, flush_seconds=3600)  # no timed write during the test
     started = time.perf_counter()
     for step in range(1, steps + 1):
@@ -253,7 +254,7 @@ def test_plot_is_a_png_with_a_panel_per_curve_family(tmp_path):
         "val_loss": [1.1, 0.6, 0.3],
         "accuracy": [0.5, 0.7, 0.9],
         "val_accuracy": [0.4, 0.6, 0.8],
-        "grad_norm": [3.0, 2.0, 1.0],
+        "train/grad_norm": [3.0, 2.0, 1.0],
     }
     path = plot_history(history, tmp_path / "plots" / "loss.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
@@ -261,7 +262,7 @@ def test_plot_is_a_png_with_a_panel_per_curve_family(tmp_path):
     only_loss = matplotlib.image.imread(plot_history({"loss": [2.0, 1.0]}, tmp_path / "l.png"))
     assert wide.shape[1] == 2 * only_loss.shape[1]  # loss and accuracy side by side
     with pytest.raises(ValueError, match="no loss or accuracy"):
-        plot_history({"grad_norm": [1.0]}, tmp_path / "none.png")
+        plot_history({"train/grad_norm": [1.0]}, tmp_path / "none.png")
     # a loss near the float range (a run about to diverge) still plots, on a linear scale
     huge = plot_history({"loss": [2.4e93, 1.2e280]}, tmp_path / "huge.png")
     assert huge.read_bytes().startswith(PNG_SIGNATURE)

@@ -113,12 +113,12 @@ def test_multiclass_string_labels_train_distributed(ray_session, tmp_path, track
 
 def test_compute_fraction_sums_the_slowest_worker_of_each_step_over_this_process_steps():
     history = {
-        "step_seconds": [9.0, 1.0, 1.0],
-        "worker_0.forward_seconds": [9.0, 0.25, 0.5],
-        "worker_0.backward_seconds": [9.0, 0.5, 0.25],
-        "worker_1.forward_seconds": [9.0, 0.5, 0.125],
-        "worker_1.backward_seconds": [9.0, 0.5, 0.125],
+        "timing/step_seconds": [9.0, 1.0, 1.0],
+        "worker_0/forward_seconds": [9.0, 0.25, 0.5],
+        "worker_0/backward_seconds": [9.0, 0.5, 0.25],
+        "worker_1/forward_seconds": [9.0, 0.5, 0.125],
+        "worker_1/backward_seconds": [9.0, 0.5, 0.125],
     }
     # the first step was replayed from a checkpoint: only the last two ran in this process
     assert compute_fraction(history, 2, 2.0) == pytest.approx((1.0 + 0.75) / 2.0)
-    assert compute_fraction({"step_seconds": []}, 0, 1.0) == 0.0
+    assert compute_fraction({"timing/step_seconds": []}, 0, 1.0) == 0.0
