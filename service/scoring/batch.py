@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SLICE_ROWS = 65_536  # rows a worker reads and scores at a time: its input memory is one slice
 AHEAD = 2  # slice calls queued per worker: one scoring, one waiting, so no worker idles
-MAX_RESTARTS = 2  # a worker whose process dies is restarted and its slice scored again
+MAX_REPLACEMENTS = 3  # lost workers replaced in one call before it fails
 TIMEOUT = ClusterConfig().start_timeout  # seconds to place a worker, or to score a slice
 NOTICE_SECONDS = 10.0  # a wait for workers longer than this says what it waits for
 
@@ -278,11 +278,9 @@ class Tally:
             self.progress.start(self.total_rows, title)
 
     def add(self, rows: int, unseen: dict[str, int]) -> None:
-        """`rows` more written; `unseen`: a slice's count of values not seen in training."""
+        """A slice of `rows` written; `unseen`: its count of values not seen in training."""
         for name, count in unseen.items():
             self.unseen[name] = self.unseen.get(name, 0) + count
-        if not rows:
-            return
         self.done += rows
         if self.progress is not None:
             elapsed = time.perf_counter() - self.began
@@ -321,34 +319,65 @@ def score_on_ray(
     started = connect_ray(address, workers, code_to_ship(cluster))
     import ray
 
-    actors: list[Any] = []
+    scorers = None
     try:
-        actor = ray.remote(ScoringWorker).options(
-            num_cpus=1,
-            scheduling_strategy="SPREAD",
-            # scoring a slice again gives the same rows: a lost process costs a restart
-            max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS,
-        )
-        source, keep, rows = plan.source, plan.keep, plan.slice_rows
-        actors = [
-            actor.remote(rank, source, model, kind, keep, start, stop, rows, 1)
-            for rank, (start, stop) in enumerate(plan.shards)
-        ]
-        await_placed(ray, actors, timeout)
+        scorers = RayScorers(ray, plan, model, kind, timeout)
         tally.start(f"scoring {plan.total_rows:,} rows on {workers} worker(s)")
-        stream_slices(ray, actors, plan, output, tally, timeout)
+        stream_slices(ray, scorers, plan, output, tally, timeout)
     finally:
-        for handle in actors:
-            ray.kill(handle)
+        if scorers is not None:
+            scorers.close()
         if started:
             ray.shutdown()
 
 
-def await_placed(ray: Any, actors: list[Any], timeout: float) -> None:
-    """Every worker placed and answering within `timeout` seconds, saying once what it waits
-    for when that takes long; TrainingError naming the workers that could not be placed."""
-    pending = {handle.where.remote(): rank for rank, handle in enumerate(actors)}
+class RayScorers:
+    """One ScoringWorker actor per range of rows. A worker whose process dies is replaced by
+    a new actor for the same rows (at most MAX_REPLACEMENTS in a call): scoring a slice again
+    gives the same predictions."""
+
+    def __init__(self, ray: Any, plan: ScoringPlan, model: ScoringModel, kind: str, timeout: float):
+        self.ray, self.plan, self.kind, self.timeout = ray, plan, kind, timeout
+        self.actor = ray.remote(ScoringWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
+        # one object-store copy of the weights and of the source, shared by every worker
+        self.source, self.model = ray.put(plan.source), ray.put(model)
+        self.replaced = 0
+        self.actors = [self.spawn(rank) for rank in range(len(plan.shards))]
+        await_placed(ray, dict(enumerate(self.actors)), timeout)
+
+    def spawn(self, rank: int) -> Any:
+        start, stop = self.plan.shards[rank]
+        return self.actor.remote(
+            rank, self.source, self.model, self.kind, self.plan.keep, start, stop,
+            self.plan.slice_rows, 1,
+        )  # fmt: skip
+
+    def replace(self, rank: int, error: Exception) -> None:
+        reason = " ".join(str(error).split())[:200]
+        self.replaced += 1
+        start, stop = self.plan.shards[rank]
+        if self.replaced > MAX_REPLACEMENTS:
+            raise TrainingError(
+                f"scoring worker {rank} (rows {start}..{stop}) was lost ({reason}); "
+                f"{self.replaced} workers lost in all, more than {MAX_REPLACEMENTS}"
+            )
+        log.warning(
+            "scoring worker %d (rows %d..%d) lost (%s): replacing it", rank, start, stop, reason
+        )
+        self.ray.kill(self.actors[rank])
+        self.actors[rank] = self.spawn(rank)
+        await_placed(self.ray, {rank: self.actors[rank]}, self.timeout)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors.clear()
+
+
+def await_placed(ray: Any, actors: dict[int, Any], timeout: float) -> None:
+    """These workers (rank: actor) placed and answering within `timeout` seconds, saying once
+    what it waits for when that takes long; TrainingError naming the workers not placed."""
+    pending = {handle.where.remote(): rank for rank, handle in actors.items()}
     deadline = time.monotonic() + timeout
     told = False
     while pending:
@@ -358,8 +387,11 @@ def await_placed(ray: Any, actors: list[Any], timeout: float) -> None:
         wait = min(left, NOTICE_SECONDS)
         ready, _ = interruptible(ray.wait, list(pending), num_returns=len(pending), timeout=wait)
         for ref in ready:
-            pending.pop(ref)
-            get(ray, ref, "start")
+            rank = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                raise TrainingError(f"scoring worker {rank} could not start: {error}") from None
         if pending and not told:
             told = True
             log.warning("%s; waiting up to %.0f s more", unplaced(ray, pending), left - wait)
@@ -374,60 +406,63 @@ def unplaced(ray: Any, pending: dict[Any, int]) -> str:
     )
 
 
-def get(ray: Any, ref: Any, what: str) -> Any:
-    """A worker's result; the user's mistake it found as itself, a lost worker as a
-    TrainingError (exit 1)."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as error:
-        raise_user_error(error)
-    except ray.exceptions.RayActorError as error:
-        raise TrainingError(
-            f"a scoring worker was lost during {what} and could not be restarted: "
-            f"{' '.join(str(error).split())[:200]}"
-        ) from None
-
-
 def stream_slices(
     ray: Any,
-    actors: list[Any],
+    scorers: RayScorers,
     plan: ScoringPlan,
     output: OrderedOutput,
     tally: Tally,
     timeout: float,
 ) -> None:
-    """Keep AHEAD slice calls queued on every worker; write each rank's results in order."""
-    slices = [plan.slices(rank) for rank in range(len(actors))]
-    asked = [0] * len(actors)  # slices asked of each rank so far
-    written = [0] * len(actors)  # slices written of each rank so far
-    arrived: list[dict[int, pa.Table]] = [{} for _ in actors]  # out of order, held
+    """Keep AHEAD slice calls queued on every worker; write each rank's results in order. A
+    lost worker's replacement is asked again for every slice of its not yet written."""
+    ranks = range(len(plan.shards))
+    slices = [plan.slices(rank) for rank in ranks]
+    asked = [0] * len(ranks)  # slices asked of each rank so far
+    written = [0] * len(ranks)  # slices written of each rank so far
+    # results that came before an earlier slice of their rank's: held until it comes
+    arrived: list[dict[int, tuple[pa.Table, dict[str, int]]]] = [{} for _ in ranks]
     pending: dict[Any, tuple[int, int]] = {}  # ref: (rank, slice index)
 
     def ask(rank: int) -> None:
-        if asked[rank] < len(slices[rank]):
+        flying = sum(1 for owner, _ in pending.values() if owner == rank)
+        for _ in range(AHEAD - flying):
+            if asked[rank] == len(slices[rank]):
+                return
             lo, hi = slices[rank][asked[rank]]
-            pending[actors[rank].score.remote(lo, hi)] = (rank, asked[rank])
+            pending[scorers.actors[rank].score.remote(lo, hi)] = (rank, asked[rank])
             asked[rank] += 1
 
-    for rank in range(len(actors)):
-        for _ in range(AHEAD):
-            ask(rank)
+    for rank in ranks:
+        ask(rank)
     while pending:
         ready, _ = interruptible(ray.wait, list(pending), num_returns=1, timeout=timeout)
         if not ready:
-            ranks = sorted({rank for rank, _ in pending.values()})
+            late = sorted({rank for rank, _ in pending.values()})
             raise TrainingError(
-                f"scoring worker(s) {', '.join(map(str, ranks))} scored no slice of "
+                f"scoring worker(s) {', '.join(map(str, late))} scored no slice of "
                 f"{plan.slice_rows:,} rows within {timeout:.0f} s"
             )
         for ref in ready:
+            if ref not in pending:  # asked of a worker since replaced
+                continue
             rank, index = pending.pop(ref)
-            table, unseen = get(ray, ref, f"the scoring of rows {slices[rank][index]}")
-            arrived[rank][index] = table
-            tally.add(0, unseen)
+            try:
+                table, unseen = ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                raise_user_error(error)
+            except ray.exceptions.RayActorError as error:
+                scorers.replace(rank, error)
+                for other in [r for r, (owner, _) in pending.items() if owner == rank]:
+                    del pending[other]
+                arrived[rank].clear()
+                asked[rank] = written[rank]
+                ask(rank)
+                continue
+            arrived[rank][index] = (table, unseen)
             while written[rank] in arrived[rank]:
-                table = arrived[rank].pop(written[rank])
+                table, unseen = arrived[rank].pop(written[rank])
                 output.write(rank, table)
-                tally.add(table.num_rows, {})
+                tally.add(table.num_rows, unseen)
                 written[rank] += 1
             ask(rank)
