@@ -68,7 +68,10 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def one_source(self) -> "DataConfig":
         if self.path is not None and self.synthetic is not None:
-            raise ValueError("give either data.path or data.synthetic, not both")
+            raise ValueError(
+                "data.path and data.synthetic are both set: keep one (a --set data.path=... "
+                "replaces the config's data.synthetic, and the other way round)"
+            )
         if self.path is None and self.synthetic is None:
             self.synthetic = SyntheticConfig()
         return self
@@ -283,6 +286,21 @@ def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+# the two data sources, each with the other's key
+DATA_SOURCES = {"data.path": "synthetic", "data.synthetic": "path"}
+
+
+def set_source(raw: dict[str, Any], key: str, value: Any) -> None:
+    """set_key; a data source set after the config's other one replaces it, so that
+    `--set data.path=x.csv` trains on the file whatever set the config used."""
+    for source, other in DATA_SOURCES.items():
+        if value is not None and (key == source or key.startswith(f"{source}.")):
+            data = raw.get("data")
+            if isinstance(data, dict):
+                data.pop(other, None)
+    set_key(raw, key, value)
+
+
 def load_config(
     path: Path | None, overrides: Sequence[str] = (), flags: dict[str, Any] | None = None
 ) -> Config:
@@ -302,10 +320,10 @@ def config_from(
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text  # not YAML: take the text itself
-        set_key(raw, key.strip(), value)
+        set_source(raw, key.strip(), value)
     for key, value in (flags or {}).items():
         if value is not None:
-            set_key(raw, key, value)
+            set_source(raw, key, value)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

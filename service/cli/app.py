@@ -23,6 +23,7 @@ from shardprop.service.cli.options import (
     TrackingUriOption,
     WorkersOption,
     int_list,
+    only_errors,
     quiet_mlflow,
     tracking_flags,
 )
@@ -81,10 +82,8 @@ def train(
     from shardprop.service.training.run import train as run_training
 
     quiet_mlflow()
-    with errors_as_exit_codes():
-        if config is None:
-            raise ConfigError("train needs a CONFIG file (or --resume RUN_ID)")
-        cfg = load_config(
+    with errors_as_exit_codes(), only_errors(quiet):
+        cfg = load_config(  # no CONFIG: every key's default
             config,
             set_ or [],
             {
@@ -118,7 +117,7 @@ def resume_run(
     from shardprop.service.training.run import train as run_training
 
     quiet_mlflow()
-    with errors_as_exit_codes():
+    with errors_as_exit_codes(), only_errors(quiet):
         recalled = recall_run(tracking_uri, run_id)  # before Ray: a held run is refused
         if recalled.status == "FINISHED":
             typer.echo(f"run {run_id} is FINISHED: nothing to resume", err=True)
@@ -162,7 +161,7 @@ def verify(
     from shardprop.service.training import verify as checks
 
     quiet_mlflow()
-    with errors_as_exit_codes():
+    with errors_as_exit_codes(), only_errors(quiet):
         if config is None:
             raise ConfigError("verify needs a CONFIG file")
         cfg = load_config(

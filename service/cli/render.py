@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from shardprop.service.config import Config
 from shardprop.service.tracking.store import ui_command
@@ -31,15 +32,44 @@ def stdout_console() -> "Console":
     return Console(width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=True)
 
 
+# the final metrics a closing line shows, those of the task that has them
+HEADLINE = ("loss", "accuracy", "f1", "roc_auc", "rmse", "r2")
+
+
+def headline(final: dict[str, float]) -> str:
+    """The final loss and accuracy, then the validation rows' metrics when there are some
+    (else the training rows' task metrics), named as MLflow logs them."""
+    if any(f"val_{name}" in final for name in HEADLINE):
+        names = [name for name in HEADLINE[:2] if name in final]
+        names += [f"val_{name}" for name in HEADLINE if f"val_{name}" in final]
+    else:
+        names = [name for name in HEADLINE if name in final]
+    return ", ".join(f"{name} {final[name]:.{6 if 'loss' in name else 4}f}" for name in names)
+
+
+def run_link(tracking_uri: str, run_id: str) -> str:
+    """Where to see the run: its page on a tracking server, else the command that opens the
+    MLflow UI on the store."""
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return ui_command(tracking_uri)
+    import mlflow
+
+    try:  # the page's address holds the experiment id
+        experiment_id = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except mlflow.MlflowException:
+        return ui_command(tracking_uri)
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def summarise(result: "RunResult", reporter: "Reporter") -> None:
-    """The closing lines: run id, final loss, where the weights are, how to see the run."""
-    final = result.final
-    accuracy = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
-    reporter.say(f"run {result.run_id}: loss {final['loss']:.6f}{accuracy}")
+    """The closing lines: run id, final metrics, where the weights are, how to see the run."""
+    if reporter.mode == "quiet":
+        return
+    reporter.say(f"run {result.run_id}: {headline(result.final)}")
     weights = result.output / "weights.npz"
     reporter.say(f"weights: {weights} (sha256 {result.weights_sha256[:16]}...)")
     if result.tracking_uri:
-        reporter.say(f"see it in the MLflow UI: {ui_command(result.tracking_uri)}")
+        reporter.say(f"see it in the MLflow UI: {run_link(result.tracking_uri, result.run_id)}")
 
 
 def render_verify(report: "VerifyReport", quiet: bool) -> None:
@@ -52,7 +82,7 @@ def render_verify(report: "VerifyReport", quiet: bool) -> None:
     console.print(table(report))
     if report.run_id:
         console.print(f"logged as MLflow run {report.run_id} (verify.result={report.result})")
-        console.print(f"see it in the MLflow UI: {ui_command(report.tracking_uri)}")
+        console.print(f"see it in the MLflow UI: {run_link(report.tracking_uri, report.run_id)}")
 
 
 def render_plan(

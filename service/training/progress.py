@@ -2,17 +2,22 @@
 
 import sys
 import time
+from collections.abc import Iterable
 from typing import Literal
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 Mode = Literal["auto", "rich", "plain", "quiet"]
 PLAIN_LINE_SECONDS = 30  # a log shows a slow run is alive between its tenth-of-the-run lines
@@ -24,8 +29,40 @@ def describe(metrics: dict[str, float]) -> str:
         parts.append(f"acc {metrics['accuracy']:.3f}")
     if "val_loss" in metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    if "val_accuracy" in metrics:
+        parts.append(f"val_acc {metrics['val_accuracy']:.3f}")
     parts.append(f"{metrics['samples_per_second']:,.0f} samples/s")
     return "  ".join(parts)
+
+
+class TitleColumn(ProgressColumn):
+    """The task's description on one line, cut short with an ellipsis where space is short."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.description, style="bold", no_wrap=True, overflow="ellipsis")
+
+
+class StepBar(Progress):
+    """The bar with step/total, elapsed time and ETA on one line, the metrics on the next:
+    a narrow terminal shortens the title, the bar and the metrics, never the counts."""
+
+    def __init__(self, console: Console):
+        kept = Column(no_wrap=True)  # left whole; the other columns give way first
+        super().__init__(
+            TitleColumn(),
+            BarColumn(),
+            MofNCompleteColumn(table_column=kept),
+            TimeElapsedColumn(table_column=kept),
+            TextColumn("eta", table_column=kept),
+            TimeRemainingColumn(table_column=kept),
+            console=console,
+        )
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.fields.get("metrics"):
+                yield Text(f"  {task.fields['metrics']}", no_wrap=True, overflow="ellipsis")
 
 
 class Reporter:
@@ -43,16 +80,7 @@ class Reporter:
         self.total = total_steps
         self.every = max(1, total_steps // 10)
         if self.mode == "rich":
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[metrics]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
+            self._bar = StepBar(self.console)
             self._bar.start()
             self._task = self._bar.add_task(title, total=total_steps, metrics="")
         elif self.mode == "plain":

@@ -1,5 +1,7 @@
 """Bad input ends with exit code 2 and one line naming the problem, never a traceback."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -174,3 +176,38 @@ def test_labels_that_do_not_fit_the_task(tmp_path, config, table):
 def test_zero_rows(tmp_path, config, table):
     write_table(table.slice(0, 0), tmp_path / "train.parquet")
     assert_one_line_error(*invoke(config, "--workers", 0), "train.parquet", "has no rows")
+
+
+def test_train_without_a_config_trains_on_the_defaults(tmp_path):
+    code, output = invoke(
+        "--workers", 0, "--no-tracking", "--set", "train.steps=3", "--output", tmp_path / "out"
+    )
+    assert code == 0, output
+    assert "error" not in output
+    final = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert final["rows"] == 20_000  # the default set: two moons, 20,000 rows
+
+
+def test_a_data_path_given_later_replaces_the_configs_synthetic_set(tmp_path, table):
+    data = write_table(table, tmp_path / "train.parquet")
+    config = tmp_path / "synthetic.yaml"
+    config.write_text("data: {synthetic: {name: circles, rows: 300}, features: [x0, x1]}\n")
+
+    def rows_trained(out, *overrides):
+        options = ("--workers", 0, "--no-tracking", "--set", "train.steps=2", "--output", out)
+        code, output = invoke(config, *overrides, *options)
+        assert code == 0, output
+        return json.loads((out / "metrics.json").read_text())["rows"]
+
+    assert rows_trained(tmp_path / "a", "--set", f"data.path={data}") == 50  # the file's
+    # and a synthetic set given later replaces a path given earlier
+    later = ("--set", f"data.path={data}", "--set", "data.synthetic.rows=120")
+    assert rows_trained(tmp_path / "b", *later) == 120
+
+
+def test_a_path_and_a_synthetic_set_in_one_file_name_both_keys(tmp_path, table):
+    data = write_table(table, tmp_path / "train.parquet")
+    config = tmp_path / "both.yaml"
+    config.write_text(f"data: {{path: {data}, synthetic: {{rows: 300}}}}\n")
+    code, output = invoke(config, "--workers", 0, "--no-tracking")
+    assert_one_line_error(code, output, "data.path", "data.synthetic", "keep one")
