@@ -59,8 +59,9 @@ def plot_history(
     for i, curves in enumerate(panels, 1):
         ax = figure.add_subplot(1, len(panels), i)
         for name, (at, values) in curves.items():
-            # a curve of one point (a validation at the last step only) still shows
-            ax.plot(at, values, label=name, marker="o" if len(values) == 1 else None)
+            # validation points are every eval_every steps: marked where they were measured
+            sparse = name.startswith("val_") or len(values) == 1
+            ax.plot(at, values, label=name, marker="o" if sparse else None, markersize=3)
         headline = next(iter(curves)).removeprefix("val_")
         # gradient descent's loss falls over decades; matplotlib's log ticks overflow on
         # values near the float range (a run about to diverge)
