@@ -213,5 +213,10 @@ class ShardpropModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         output = (params or {}).get("output", "probabilities")
-        with self._lock:
-            return predict_frame(self._bundle, model_input, output)
+        try:
+            with self._lock:
+                return predict_frame(self._bundle, model_input, output)
+        except UserError as error:
+            # MLflow's scoring server answers an MlflowException with its code (400 here) and
+            # message; any other exception becomes a generic "unexpected error"
+            raise mlflow.MlflowException.invalid_parameter_value(str(error)) from None

@@ -1,6 +1,7 @@
 """The logged MLflow model: loaded from code, predicts what Network.predict does on raw columns."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -268,3 +269,65 @@ for name in ("service", "workers"):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "10"
+
+
+def run_python(script: str, cwd: Path) -> str:
+    """The script in a fresh interpreter (a fresh sys.path and import state); its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_installed_shardprop_still_trains_after_the_model_is_loaded(logged, tmp_path):
+    """The model ships part of shardprop; when it is the installed code, the installed package
+    is imported, so the parts the model does not ship still import in the same process."""
+    frame = raw_rows(10, seed=6)
+    script = f"""
+from pathlib import Path
+import mlflow, pandas as pd
+mlflow.set_tracking_uri({logged["uri"]!r})
+model = mlflow.pyfunc.load_model("runs:/{logged["runs"]["binary"]["run_id"]}/model")
+print(len(model.predict(pd.DataFrame({frame[FEATURES].to_dict("list")!r}))))
+from shardprop.service.config import config_from
+from shardprop.service.training.run import train
+import shardprop.service, shardprop.workers
+print(shardprop.service.__file__)
+print(shardprop.workers.__file__)
+config = config_from({{
+    "data": {{"synthetic": {{"rows": 200}}}},
+    "train": {{"steps": 3, "checkpoint_every": 0}},
+    "cluster": {{"workers": 0}},
+    "tracking": {{"enabled": False}},
+}})
+result = train(config, output=Path({str(tmp_path / "out")!r}))
+print(int(result.final["rows"]))
+"""
+    lines = run_python(script, tmp_path).strip().splitlines()
+    assert lines[0] == "10"
+    assert all("/code/shardprop/" not in line for line in lines[1:3]), lines
+    assert lines[-1] == "200"
+    assert (tmp_path / "out" / "weights.npz").is_file()
+
+
+def test_a_model_whose_code_differs_runs_its_own_copy(logged, tmp_path):
+    """Another version's model keeps its own code: the shipped copy is imported, and predicts."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir(logged, "binary"), folder)
+    marker = folder / "code" / "shardprop" / "workers" / "__init__.py"
+    marker.write_text(marker.read_text() + "\n# another version of shardprop\n")
+    frame = raw_rows(10, seed=7)
+    np.save(tmp_path / "rows.npy", frame[FEATURES].to_numpy())
+    script = f"""
+import mlflow, numpy as np, pandas as pd
+model = mlflow.pyfunc.load_model({str(folder)!r})
+frame = pd.DataFrame(np.load({str(tmp_path / "rows.npy")!r}), columns={FEATURES!r})
+np.save({str(tmp_path / "out.npy")!r}, model.predict(frame))
+import shardprop.workers
+print(shardprop.workers.__file__)
+"""
+    stdout = run_python(script, tmp_path)
+    assert stdout.strip() == str(marker)
+    want = expected("binary", logged["runs"]["binary"]["theta"], frame)[0]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=0, atol=1e-12)
