@@ -14,6 +14,8 @@ few steps on a smaller draw of the same distribution, with its MLflow model logg
 Every figure is a wall time over the same rows, runs taken in turns (timing.py).
 """
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -61,22 +63,37 @@ class RayDataScorer:
 
 
 def ray_data_predict(model: ScoringModel, data: Path, out: Path, workers: int) -> None:
-    """Score `data` into the folder `out` with Ray Data: `workers` actors of 1 CPU each."""
+    """Score `data` with Ray Data, `workers` actors of 1 CPU each, order preserved: into a
+    folder of Parquet files (Ray Data's write_parquet) when `out` has no suffix, else into
+    the one file `out`, written from the driver as its batches arrive, as ours is."""
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per stage otherwise
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # as our output: input order
     context.enable_progress_bars = False
-    dataset = ray.data.read_parquet(str(data), columns=list(model.features))
+    # a block per row group: one file is one read task otherwise, and one actor scores it all
+    groups = pq.ParquetFile(data).metadata.num_row_groups
+    dataset = ray.data.read_parquet(
+        str(data), columns=list(model.features), override_num_blocks=groups
+    )
     scored = dataset.map_batches(
         RayDataScorer,
         fn_constructor_args=(model, model.default_kind()),
         batch_format="pyarrow",
         batch_size=SLICE_ROWS,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,
     )
-    scored.write_parquet(str(out), mode="overwrite")
+    if not out.suffix:
+        scored.write_parquet(str(out), mode="overwrite")
+        return
+    writer = None
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer = writer or pq.ParquetWriter(out, batch.schema)
+        writer.write_table(batch)
+    if writer is not None:
+        writer.close()
 
 
 def command_seconds(model: Path, data: Path, out: Path, workers: int) -> Callable[[], None]:
@@ -118,11 +135,15 @@ def bench_predict(
         if not data.exists():
             make_dataset("blobs", data, rows, features, seed=1, classes=2)
         uri = f"sqlite:///{where / 'mlflow.db'}"
-        settings = workload.settings(0, steps)
-        settings["tracking"] = {"uri": uri, "experiment": EXPERIMENT}
-        settings["train"] |= {"checkpoint_every": 0, "learning_rate": LEARNING_RATE}
-        run = train(config_from(settings), output=where / "model")
-        return measure(where, data, run.run_id, uri, rows, workers, repeats, ray_data) | {
+        model = where / f"model-{features}-{'x'.join(map(str, hidden))}-{steps}"
+        if (model / "metrics.json").exists():  # trained by an earlier run into this folder
+            run_id = json.loads((model / "metrics.json").read_text())["run_id"]
+        else:
+            settings = workload.settings(0, steps)
+            settings["tracking"] = {"uri": uri, "experiment": EXPERIMENT}
+            settings["train"] |= {"checkpoint_every": 0, "learning_rate": LEARNING_RATE}
+            run_id = train(config_from(settings), output=model).run_id
+        return measure(where, data, model, run_id, uri, rows, workers, repeats, ray_data) | {
             "workload": {"rows": rows, "features": features, "hidden": list(hidden)},
             "workers": workers,
             "model": f"trained {steps} steps on {TRAIN_ROWS:,} rows of the same distribution",
@@ -132,6 +153,7 @@ def bench_predict(
 def measure(
     where: Path,
     data: Path,
+    model_dir: Path,
     run_id: str,
     uri: str,
     rows: int,
@@ -141,16 +163,19 @@ def measure(
 ) -> dict[str, Any]:
     import mlflow
 
-    model_dir = where / "model"
     out = where / "predictions.parquet"
     scorer = scoring_model(load_model(str(model_dir)).bundle)
     frame = pd.read_parquet(data, columns=list(scorer.features))
     saved_path = list(sys.path)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    began = time.perf_counter()
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=str(where / "pyfunc"))
-    pyfunc_load = time.perf_counter() - began
-    sys.path[:] = saved_path  # load_model puts the model's code first on the path
+    mlflow.set_tracking_uri(uri)  # load_model reads the process's tracking URI
+    try:
+        began = time.perf_counter()
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        pyfunc_load = time.perf_counter() - began
+    finally:
+        mlflow.set_tracking_uri(None)
+        sys.path[:] = saved_path  # load_model puts the model's code first on the path
 
     def pyfunc_in_memory() -> None:
         pyfunc.predict(frame)
@@ -169,7 +194,8 @@ def measure(
         return run
 
     ray_start = time.perf_counter()
-    started = connect_ray(None, workers)
+    # room for Ray Data's read tasks beside its actors (they would wait for a CPU otherwise)
+    started = connect_ray(None, 2 * workers)
     ray_start = time.perf_counter() - ray_start
     try:
         runs = {
@@ -182,8 +208,11 @@ def measure(
             "mlflow.pyfunc read + predict + write": pyfunc_file_to_file,
         }
         if ray_data:
-            runs[f"Ray Data, {workers} actors"] = lambda: ray_data_predict(
+            runs[f"Ray Data, {workers} actors, write_parquet (files)"] = lambda: ray_data_predict(
                 scorer, data, where / "ray-data", workers
+            )
+            runs[f"Ray Data, {workers} actors, one file from the driver"] = lambda: (
+                ray_data_predict(scorer, data, where / "ray-data.parquet", workers)
             )
         seconds = alternating_seconds(list(runs.values()), repeats)
     finally:

@@ -31,24 +31,25 @@ class RowsProgress:
         self.reporter = reporter
         self.bar: Progress | None = None
 
-    def start(self, total_rows: int, title: str) -> None:
+    def start(self, total_rows: int, workers: int) -> None:
         self.total, self.next_line = total_rows, 0
-        if self.reporter.mode == "rich":
-            kept = Column(no_wrap=True)  # the counts stay whole at 80 columns
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(table_column=kept),
-                TextColumn("{task.fields[rate]}", table_column=kept),
-                TimeElapsedColumn(table_column=kept),
-                TextColumn("eta", table_column=kept),
-                TimeRemainingColumn(table_column=kept),
-                console=self.reporter.console,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(title, total=total_rows, rate="")
-        else:
-            self.reporter.note(title)
+        where = f"{workers} workers" if workers else "in-process"
+        if self.reporter.mode != "rich":
+            self.reporter.note(f"scoring {total_rows:,} rows, {where}")
+            return
+        digits = len(str(total_rows))
+        self.bar = Progress(  # at 80 columns the title and the bar give way, never the counts
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(),
+            MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=2 * digits + 1)),
+            TextColumn("{task.fields[rate]}", table_column=Column(no_wrap=True, min_width=15)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+            TextColumn("eta"),
+            TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+            console=self.reporter.console,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(f"scoring, {where}", total=total_rows, rate="")
 
     def rows(self, done: int, rows_per_second: float) -> None:
         rate = f"{rows_per_second:,.0f} rows/s"

@@ -52,7 +52,8 @@ NOTICE_SECONDS = 10.0  # a wait for workers longer than this says what it waits 
 class Progress(Protocol):
     """What a person watching sees; the CLI hands in its Reporter's face for rows."""
 
-    def start(self, total_rows: int, title: str) -> None: ...
+    def start(self, total_rows: int, workers: int) -> None:
+        """Scoring starts on `workers` Ray workers (0: in this process)."""
 
     def rows(self, done: int, rows_per_second: float) -> None: ...
 
@@ -240,11 +241,10 @@ def predict(
     tally = Tally(plan.total_rows, progress)
     try:
         if workers == 0:
-            tally.start(f"scoring {plan.total_rows:,} rows in-process")
+            tally.start(0)
             score_here(plan, scorer, kind, output, tally)
         else:
             score_on_ray(plan, scorer, kind, output, tally, address, timeout)
-        output.finish()
     except BaseException:
         output.abort()
         raise
@@ -257,7 +257,7 @@ def predict(
         len(plan.shards) if workers else 0,
         loaded.source,
         time.perf_counter() - began,
-        time.perf_counter() - tally.began,
+        tally.ended - tally.began,
         dict(tally.unseen),
     )
 
@@ -270,12 +270,12 @@ class Tally:
         self.progress = progress
         self.done = 0
         self.unseen: dict[str, int] = {}
-        self.began = time.perf_counter()
+        self.began = self.ended = time.perf_counter()
 
-    def start(self, title: str) -> None:
+    def start(self, workers: int) -> None:
         self.began = time.perf_counter()
         if self.progress is not None:
-            self.progress.start(self.total_rows, title)
+            self.progress.start(self.total_rows, workers)
 
     def add(self, rows: int, unseen: dict[str, int]) -> None:
         """A slice of `rows` written; `unseen`: its count of values not seen in training."""
@@ -285,6 +285,11 @@ class Tally:
         if self.progress is not None:
             elapsed = time.perf_counter() - self.began
             self.progress.rows(self.done, self.done / elapsed if elapsed > 0 else 0.0)
+
+    def finish(self, output: OrderedOutput) -> None:
+        """The file in place: the end of the scoring (a Ray runtime's shutdown is not)."""
+        output.finish()
+        self.ended = time.perf_counter()
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -301,6 +306,7 @@ def score_here(
         table, unseen = worker.score(lo, hi)
         output.write(0, table)
         tally.add(table.num_rows, unseen)
+    tally.finish(output)
 
 
 def score_on_ray(
@@ -322,8 +328,9 @@ def score_on_ray(
     scorers = None
     try:
         scorers = RayScorers(ray, plan, model, kind, timeout)
-        tally.start(f"scoring {plan.total_rows:,} rows on {workers} worker(s)")
+        tally.start(workers)
         stream_slices(ray, scorers, plan, output, tally, timeout)
+        tally.finish(output)
     finally:
         if scorers is not None:
             scorers.close()

@@ -248,7 +248,7 @@ def test_quiet_prints_nothing_and_a_log_gets_lines(trained, tmp_path):
     assert result.exit_code == 0 and result.output == "", result.output
     code, output = cli(*args, "--workers", "0", "--batch-rows", "500")
     assert code == 0, output
-    assert f"scoring {ROWS:,} rows in-process" in output
+    assert f"scoring {ROWS:,} rows, in-process" in output
     assert f"{ROWS:,}/{ROWS:,} rows" in output
 
 
