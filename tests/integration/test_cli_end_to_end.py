@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from shardprop.service.data.plan import write_table
 from shardprop.service.tracking.serving import load_bundle, predict_frame
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
+from tests.processes import MlflowServer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,3 +201,77 @@ def test_multiclass_string_labels_through_the_cli(tmp_path):
     assert final["accuracy"] >= 0.95
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == ["alpha", "beta", "delta", "gamma"]
+
+
+def test_quiet_prints_nothing_at_all_on_a_run_with_ray_workers(tmp_path):
+    result = shardprop(
+        "train",
+        "--quiet",
+        "--workers",
+        2,
+        "--set",
+        "data.synthetic.rows=2000",
+        "--set",
+        "train.steps=20",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--output",
+        tmp_path / "out",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert (tmp_path / "out" / "weights.npz").is_file()
+
+
+def test_a_run_says_nothing_of_ray_token_authentication(tmp_path):
+    """Ray's notice that it turned token authentication on is about our own start of Ray."""
+    result = shardprop(
+        "train",
+        "--workers",
+        2,
+        "--set",
+        "data.synthetic.rows=2000",
+        "--set",
+        "train.steps=5",
+        "--no-tracking",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "token" not in (result.stdout + result.stderr).lower()
+    assert "WARNING" not in result.stderr
+
+
+def test_a_run_on_a_tracking_server_ends_with_its_page_and_its_validation_metrics(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        result = shardprop(
+            "train",
+            "--workers",
+            0,
+            "--set",
+            "data.synthetic.rows=1000",
+            "--set",
+            "data.validation_fraction=0.2",
+            "--set",
+            "train.steps=20",
+            "--tracking-uri",
+            server.uri,
+            "--experiment",
+            "pages",
+            "--output",
+            tmp_path / "out",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        run_id = json.loads((tmp_path / "out" / "metrics.json").read_text())["run_id"]
+        experiment_id = MlflowClient(server.uri).get_run(run_id).info.experiment_id
+    finally:
+        server.stop()
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"run {run_id}: loss ")
+    for name in ("accuracy", "val_loss", "val_accuracy", "val_f1", "val_roc_auc"):
+        assert f" {name} " in lines[0], lines[0]
+    page = f"{server.uri}/#/experiments/{experiment_id}/runs/{run_id}"
+    assert lines[-1] == f"see it in the MLflow UI: {page}"
