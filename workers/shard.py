@@ -241,7 +241,7 @@ class ShardWorker:
         the shard's as one part."""
         if not self.grid:
             return [row_moments(X, train)]
-        kept = X[:, train]
+        kept = X if train.all() else X[:, train]  # a copy only where rows are set aside
         return [block_moments(kept[:, lo:hi]) for lo, hi in pairwise(self._train_bounds)]
 
     def _first_rows(self, names: list[str], masks: list[np.ndarray]) -> dict[str, str]:

@@ -81,17 +81,16 @@ class ReadMemory:
 
 def read_memory(source: Source | None, start: int, stop: int, columns: int) -> ReadMemory:
     """A file read holds one file's raw column chunks beside the decoded table. Arrow's
-    allocator gives that memory back to the system at times of its own, after the table is
-    freed: a worker keeps from the table alone to the table and the chunks, so count the
-    table and half the chunks. The synthetic generator makes two float64 copies, in numpy
-    memory that goes back when freed. `columns`: features and label. No source: a shard read
-    from one file."""
+    allocator gives that memory back to the system at times of its own after the table is
+    freed, which a worker does as soon as it has decoded the columns: count half the chunks
+    as kept. The synthetic generator makes two float64 copies, in numpy memory that goes back
+    when freed. `columns`: features and label. No source: a shard read from one file."""
     table = RAW_BYTES * (stop - start) * columns
     if source is not None and source.synthetic is not None:
         return ReadMemory(buffers=2 * table, kept=0)
     spans = source.spans(start, stop) if source is not None else [("", start, stop)]
     buffers = RAW_BYTES * columns * max((hi - lo for _, lo, hi in spans), default=0)
-    return ReadMemory(buffers, kept=table + buffers // 2)
+    return ReadMemory(buffers, kept=buffers // 2)
 
 
 def worker_memory(
@@ -109,11 +108,11 @@ def worker_memory(
     process of `process` bytes.
 
     Loading is the largest of three moments (workers/shard.py): the read (the table and the
-    read's buffers); the statistics (the table, the float64 feature matrix, its two boolean
-    masks and, with validation rows, a copy of the training rows); the preparation (that
-    matrix, the label encoding, the batch in the training dtype and, with validation rows, a
-    copy of the training rows and targets). What the read's allocator keeps stays under all
-    of them and under training.
+    read's buffers); the statistics (the float64 feature matrix, its two boolean masks and,
+    with validation rows, a copy of the training rows; the table is let go by then); the
+    preparation (that matrix, the label encoding, the batch in the training dtype and, with
+    validation rows, a copy of the training rows and targets). What the read's allocator
+    keeps stays under all of them and under training.
     """
     n0, *hidden, n_out = sizes
     read = read or ReadMemory(0, 0)
@@ -129,7 +128,8 @@ def worker_memory(
     X = RAW_BYTES * m * n0
     train_rows = math.ceil(m * (1 - validation_fraction)) if validating else 0
     reading = table + read.buffers
-    stats = max(read.kept, table) + X + 2 * n0 * m + RAW_BYTES * n0 * train_rows
+    # the table is let go once its columns are decoded: what the allocator keeps of it stays
+    stats = read.kept + X + 2 * n0 * m + RAW_BYTES * n0 * train_rows
     labels = RAW_BYTES * m * (n_out + 2)  # the label values, their class index, the targets
     preparing = read.kept + X + labels + batch + RAW_BYTES * (n0 + n_out) * train_rows
     return WorkerMemory(
