@@ -372,6 +372,7 @@ def compare_all(outcomes: dict[int, Outcome], reference: Outcome, config: Config
 def track(report: Report, config: Config) -> tuple[str, str]:
     """The table as an MLflow run of its own: the config as params, one metric a value,
     the result as the tag `verify.result`, everything as verify.json."""
+    from shardprop.service.tracking.page import flatten, in_force
     from shardprop.service.tracking.tracker import (
         Tracker,  # MLflow takes a second to import: only when tracking
     )
@@ -385,7 +386,8 @@ def track(report: Report, config: Config) -> tuple[str, str]:
         "n_rows": report.n_rows,
     }
     with Tracker.start(track.uri, track.experiment, RUN_NAME) as tracker:
-        tracker.log_config(config.resolved(), extra)
+        resolved = config.resolved()
+        tracker.log_config(resolved, flatten(in_force(resolved, config.data.task)) | extra)
         # step 1: a Tracker takes steps from 1 and counts step 0 as logged already
         tracker.log_metrics(1, report.metrics())
         tracker.set_tags({"verify.result": report.result})

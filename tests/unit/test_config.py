@@ -73,7 +73,6 @@ def test_resolved_config_holds_every_key():
         ("model.activation=softmax", "model.activation: Input should be 'relu'"),
         ("model.hidden=[4, 0]", "model.hidden: layer widths must be >= 1"),
         ("cluster.workers=-1", "cluster.workers: Input should be greater than or equal to 0"),
-        ("data.path=x.parquet", "give either data.path or data.synthetic"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
