@@ -19,6 +19,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from shardprop.service.tracking.page import SAMPLES_PER_SECOND
+
 Mode = Literal["auto", "rich", "plain", "quiet"]
 PLAIN_LINE_SECONDS = 30  # a log shows a slow run is alive between its tenth-of-the-run lines
 
@@ -31,7 +33,7 @@ def describe(metrics: dict[str, float]) -> str:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
     if "val_accuracy" in metrics:
         parts.append(f"val_acc {metrics['val_accuracy']:.3f}")
-    parts.append(f"{metrics['samples_per_second']:,.0f} samples/s")
+    parts.append(f"{metrics[SAMPLES_PER_SECOND]:,.0f} samples/s")
     return "  ".join(parts)
 
 

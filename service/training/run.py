@@ -326,7 +326,7 @@ def fit(
         metrics |= step_metrics(*measured, setup=setup)
         record(step, metrics)
         # the bar's samples/s, under the name progress.describe reads
-        reporter.update(step, metrics | {"samples_per_second": metrics[SAMPLES_PER_SECOND]})
+        reporter.update(step, metrics)
 
     first_step, last_checkpoint = 1, None
     if start is not None:

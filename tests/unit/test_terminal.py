@@ -16,7 +16,7 @@ METRICS = {
     "accuracy": 0.9512,
     "val_loss": 0.2345,
     "val_accuracy": 0.9375,
-    "samples_per_second": 123456.0,
+    "timing/samples_per_second": 123456.0,
 }
 
 
