@@ -97,7 +97,7 @@ class Reporter:
             if step % self.every == 0 or step == self.total or quiet_for > PLAIN_LINE_SECONDS:
                 self._last_line = now
                 line = f"step {step}/{self.total}  {describe(metrics)}"
-                self.console.print(line, highlight=False)
+                self.console.print(line, highlight=False, soft_wrap=True)  # one line for grep
 
     def stop(self) -> None:
         if self._bar is not None:
