@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from shardprop.workers.data.columns import Column, encode
 from shardprop.workers.data.source import Source, one_line
+from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.errors import DataError
 from shardprop.workers.network.backprop import Architecture, Network
+from shardprop.workers.network.chunks import PART_MIN_ROWS, blas_threads
 
 KINDS = ("probabilities", "labels", "values")
 PREDICTION = "prediction"  # the output column of labels and of one regression value
@@ -246,6 +249,30 @@ def _csv_batches(
 BATCHES = {"parquet": _parquet_batches, "feather": _feather_batches, "csv": _csv_batches}
 
 
+class Forward:
+    """Network.predict over a slice's columns, cut into one contiguous part per thread, each
+    part on single-threaded BLAS, as training's chunks run: a chunk's products are too small
+    for several BLAS threads, which then cost more in waking up than they compute."""
+
+    def __init__(self, arch: Architecture, dtype: np.dtype, threads: int):
+        self.networks = [Network(arch, dtype, threads=1) for _ in range(threads)]
+        self.pool = ThreadPoolExecutor(threads, "scoring") if threads > 1 else None
+        self.blas = ThreadpoolController()
+
+    def __call__(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Output activations (n_L, m) of the inputs X (n0, m)."""
+        parts = min(len(self.networks), max(1, X.shape[1] // PART_MIN_ROWS))
+        with self.blas.limit(limits=1, user_api="blas"):  # the caller's limit comes back after
+            if self.pool is None or parts == 1:
+                return self.networks[0].predict(theta, X)
+            ranges = contiguous_ranges(X.shape[1], parts)
+            done = [
+                self.pool.submit(network.predict, theta, X[:, lo:hi])
+                for network, (lo, hi) in zip(self.networks, ranges, strict=False)
+            ]
+            return np.concatenate([part.result() for part in done], axis=1)
+
+
 class ScoringWorker:
     """Predictions for slices of rows [start, stop) of a source, with the columns to keep."""
 
@@ -261,11 +288,13 @@ class ScoringWorker:
         batch_rows: int,
         threads: int | None = None,
     ):
+        """`threads`: the CPUs a Ray actor is granted (its process's BLAS is limited to them);
+        None: in the caller's process, as many threads as its BLAS uses."""
         if threads is not None:
             threadpool_limits(limits=threads)  # this process's BLAS: one pool per CPU granted
         self.rank, self.start, self.stop = rank, start, stop
         self.model, self.kind, self.keep = model, kind, tuple(keep)
-        self.network = Network(model.arch, model.theta.dtype, threads)
+        self.forward = Forward(model.arch, model.theta.dtype, threads or blas_threads())
         read = list(dict.fromkeys([*model.features, *keep]))  # each column once
         self.stream = RowStream(source, read, batch_rows)
         kept = [source.schema.field(name) for name in keep]  # type: ignore[union-attr]
@@ -279,7 +308,7 @@ class ScoringWorker:
         table = self.stream.read(start, stop)
         model = self.model
         X, unseen = inputs(model.columns, model.mean, model.scale, table)  # (n0, m)
-        A = self.network.predict(model.theta, X)  # (n_L, m)
+        A = self.forward(model.theta, X)  # (n_L, m)
         predicted = prediction_columns(model, A, self.kind)
         kept = [table.column(name) for name in self.keep]
         return pa.Table.from_arrays([*predicted, *kept], schema=self.schema), unseen
