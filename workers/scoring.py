@@ -205,10 +205,12 @@ def _parquet_batches(
         )
         first = next((g for g, end in enumerate(ends) if end > lo), len(ends))
         skipped = ends[first - 1] if first else 0
-        groups = list(range(first, len(ends)))
-        if not groups:
-            return
-        batches = parquet.iter_batches(batch_rows, row_groups=groups, columns=columns)
+        # a row group at a time: asked for several, the reader buffers all of them at once
+        batches = (
+            batch
+            for group in range(first, len(ends))
+            for batch in parquet.iter_batches(batch_rows, row_groups=[group], columns=columns)
+        )
         yield from _skip(batches, lo - skipped)
 
 
