@@ -253,8 +253,9 @@ BATCHES = {"parquet": _parquet_batches, "feather": _feather_batches, "csv": _csv
 
 class Forward:
     """Network.predict over a slice's columns, cut into one contiguous part per thread, each
-    part on single-threaded BLAS, as training's chunks run: a chunk's products are too small
-    for several BLAS threads, which then cost more in waking up than they compute."""
+    part on single-threaded BLAS, as training's chunks run (workers/network/chunks.py): the
+    elementwise passes use every core too, and no BLAS thread spin-waits between a chunk's
+    small products, which costs most when the cores are shared."""
 
     def __init__(self, arch: Architecture, dtype: np.dtype, threads: int):
         self.networks = [Network(arch, dtype, threads=1) for _ in range(threads)]

@@ -42,7 +42,7 @@ from shardprop.workers.scoring import ScoringModel, ScoringWorker
 
 log = logging.getLogger(__name__)
 
-SLICE_ROWS = 65_536  # rows a worker reads and scores at a time: its input memory is one slice
+SLICE_ROWS = 65_536  # rows a worker reads and scores at a time: its memory is a slice's
 AHEAD = 2  # slice calls queued per worker: one scoring, one waiting, so no worker idles
 MAX_REPLACEMENTS = 3  # lost workers replaced in one call before it fails
 TIMEOUT = ClusterConfig().start_timeout  # seconds to place a worker, or to score a slice
@@ -50,14 +50,16 @@ NOTICE_SECONDS = 10.0  # a wait for workers longer than this says what it waits 
 
 
 class Progress(Protocol):
-    """What a person watching sees; the CLI hands in its Reporter's face for rows."""
+    """What a person watching sees: the CLI draws it where its Reporter draws a run's steps."""
 
     def start(self, total_rows: int, workers: int) -> None:
         """Scoring starts on `workers` Ray workers (0: in this process)."""
 
-    def rows(self, done: int, rows_per_second: float) -> None: ...
+    def rows(self, done: int, rows_per_second: float) -> None:
+        """`done` rows are written."""
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Scoring is over, or failed."""
 
 
 @dataclass(frozen=True)
