@@ -6,6 +6,9 @@ Real Ray (the session's local runtime), a real sqlite MLflow store with a regist
 real files; the reference is mlflow.pyfunc's predict on the same rows from a pandas frame.
 """
 
+import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -333,3 +336,54 @@ def test_a_worker_that_finds_bad_data_stops_the_run_in_one_line(ray_session, tra
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert errors == ["error: column 'flag' has type string; the model reads its levels as bool"]
     assert not out.exists() and not list(tmp_path.glob(".shardprop-predict-*"))
+
+
+class KillOneWorker:
+    """Progress that, once a quarter of the rows are written, kills a scoring worker's process
+    as `kill -9` would."""
+
+    def __init__(self, ray):
+        self.ray = ray
+        self.killed: list[int] = []
+
+    def start(self, total_rows: int, workers: int) -> None:
+        self.total = total_rows
+
+    def rows(self, done: int, rows_per_second: float) -> None:
+        from ray.util.state import list_actors
+
+        if self.killed or done < self.total // 4:
+            return
+        alive = list_actors(
+            address=self.ray.dashboard_address,
+            filters=[("class_name", "=", "ScoringWorker"), ("state", "=", "ALIVE")],
+        )
+        pid = min(actor.pid for actor in alive)
+        os.kill(pid, signal.SIGKILL)
+        self.killed.append(pid)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_file_is_the_same(
+    ray_session, trained, tmp_path, caplog
+):
+    out = tmp_path / "scored.parquet"
+    killer = KillOneWorker(ray_session)
+    with caplog.at_level(logging.WARNING):
+        scored = predict(
+            str(trained["output"]),
+            str(trained["data"]),
+            out,
+            keep=["id"],
+            workers=2,
+            progress=killer,
+            slice_rows=50,
+        )
+    assert killer.killed and "lost" in caplog.text and "replacing it" in caplog.text
+    assert scored.rows == ROWS
+    assert pq.read_table(out)["id"].equals(trained["table"]["id"])
+    np.testing.assert_allclose(
+        probabilities(out), trained["probabilities"].to_numpy(), rtol=0, atol=1e-12
+    )
