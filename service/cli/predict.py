@@ -16,7 +16,7 @@ from rich.progress import (
 from rich.table import Column
 
 from shardprop.service.cli.errors import errors_as_exit_codes
-from shardprop.service.cli.options import AddressOption, QuietOption, quiet_mlflow
+from shardprop.service.cli.options import AddressOption, QuietOption, only_errors, quiet_mlflow
 
 if TYPE_CHECKING:  # the training package loads only when the command runs
     from shardprop.service.training.progress import Reporter
@@ -113,7 +113,7 @@ def predict(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     reporter = Reporter("quiet" if quiet else "auto")
     columns = [name.strip() for name in (keep or "").split(",") if name.strip()]
-    with errors_as_exit_codes():
+    with errors_as_exit_codes(), only_errors(quiet):
         scored = score(
             model,
             data,
