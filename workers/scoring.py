@@ -4,7 +4,7 @@ The scoring worker is a plain class, as ShardWorker is: `shardprop predict` runs
 (`--workers 0`) or makes it a Ray actor. It owns a contiguous range of rows, the same split as
 training's, and is asked for that range slice after slice, in order: only one slice of input
 is ever in its memory, and a file is opened once and read on from where the last slice ended.
-The inputs are encoded exactly as the served model encodes them (columns.encode, then the
+The inputs are encoded exactly as the served model encodes them (columns.inputs: encoded, then the
 training mean and scale), and the forward pass is the network's own `predict`.
 """
 
@@ -24,7 +24,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from shardprop.workers.data.columns import Column, encode
+from shardprop.workers.data.columns import Column, inputs
 from shardprop.workers.data.source import Source, one_line
 from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.errors import DataError
@@ -82,20 +82,6 @@ class ScoringModel:
             shown = self.labels[1:] if self.arch.task == "binary" else self.labels
             names = [f"{PROBABILITY}{label}" for label in shown]
         return [pa.field(name, pa.float64()) for name in names]
-
-
-def inputs(
-    columns: Sequence[Column], mean: np.ndarray | None, scale: np.ndarray | None, table: pa.Table
-) -> tuple[np.ndarray, dict[str, int]]:
-    """The network's inputs (n0, m) from a table of raw columns, as the served model computes
-    them: categories one-hot, missing values filled as in training, then standardised; and the
-    count of values per column never seen in training."""
-    X, unseen = encode(columns, table)
-    if mean is not None:
-        X -= mean
-    if scale is not None:
-        X /= scale
-    return X, unseen
 
 
 def prediction_columns(model: ScoringModel, A: np.ndarray, kind: str) -> list[pa.Array]:

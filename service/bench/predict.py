@@ -39,8 +39,9 @@ from shardprop.service.data.datasets import make_dataset
 from shardprop.service.scoring.batch import SLICE_ROWS, predict, scoring_model
 from shardprop.service.scoring.models import load_model
 from shardprop.service.training.run import train
+from shardprop.workers.data.columns import inputs
 from shardprop.workers.network.backprop import Network
-from shardprop.workers.scoring import ScoringModel, inputs, prediction_columns
+from shardprop.workers.scoring import ScoringModel, prediction_columns
 
 TRAIN_ROWS = 20_000  # the model's quality is not what is timed: a small draw trains it
 EXPERIMENT = "bench-predict"

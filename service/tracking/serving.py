@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from shardprop.workers.data.columns import NUMERIC, Column, encode, width_of
+from shardprop.workers.data.columns import NUMERIC, Column, inputs, width_of
 from shardprop.workers.data.source import one_line
 from shardprop.workers.errors import DataError, UserError
 from shardprop.workers.network.backprop import TASKS, Architecture, Network
@@ -157,13 +157,9 @@ def features_of(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
         table = pa.Table.from_pandas(frame.loc[:, list(bundle.features)], preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise DataError(f"input columns cannot be read as a table: {one_line(error)}") from None
-    X, unseen = encode(bundle.columns, table)
+    X, unseen = inputs(bundle.columns, bundle.mean, bundle.scale, table)
     for name, count in unseen.items():
         log.warning("column %r: %d value(s) not seen in training encode as all zeros", name, count)
-    if bundle.mean is not None:
-        X -= bundle.mean
-    if bundle.scale is not None:
-        X /= bundle.scale
     return X
 
 

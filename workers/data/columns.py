@@ -211,3 +211,17 @@ def encode(columns: Sequence[Column], table: pa.Table) -> tuple[np.ndarray, dict
             unseen[column.name] = count
         row += column.width
     return X, unseen
+
+
+def inputs(
+    columns: Sequence[Column], mean: np.ndarray | None, scale: np.ndarray | None, table: pa.Table
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The network's inputs (n0, m) from a table of raw columns, as the served model computes
+    them: encoded, then standardised by `mean` and `scale` ((n0, 1) each; None: as they are);
+    and the count of values per column never seen in training."""
+    X, unseen = encode(columns, table)
+    if mean is not None:
+        X -= mean
+    if scale is not None:
+        X /= scale
+    return X, unseen
