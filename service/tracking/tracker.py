@@ -56,6 +56,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
 from shardprop.service.config import FLUSH_SECONDS
 from shardprop.service.data.lineage import InputRecord
+from shardprop.service.errors import ConfigError
 from shardprop.service.shipped_code import stage
 from shardprop.service.tracking.lease import LEASE_TAG, RENEW_SECONDS, Lease
 from shardprop.service.tracking.page import code_tags, json_default, render
@@ -758,6 +759,11 @@ def recall_run(uri: str | None, run_id: str) -> RecalledRun:
         if status != "FINISHED":
             raise TrackingError(f"run {run_id} has no config.yaml: it cannot be resumed") from None
         text = "{}"
+    if run.data.tags.get("shardprop.input") == "memory":
+        raise ConfigError(
+            f"run {run_id} trained on rows given in memory, which a resume cannot read again; "
+            "start a new run from its last weights (--init-weights, or init_weights= in Python)"
+        )
     output = run.data.tags.get("shardprop.output")
     lease = Lease.from_tags(run.data.tags)
     return RecalledRun(

@@ -78,7 +78,8 @@ from shardprop.workers.network.params import (
 from shardprop.workers.reduction.sums import ShardSums
 from shardprop.workers.shard import ShardStats
 
-RUNS_FOLDER = Path(".shardprop") / "runs"  # a run's outputs by default: RUNS_FOLDER/<run id>
+RUNS_FOLDER = Path(".shardprop") / "runs"
+INPUT_TAG = "shardprop.input"  # a run's outputs by default: RUNS_FOLDER/<run id>
 
 
 @dataclass
@@ -511,7 +512,9 @@ def open_run(
             tracker = opening.result()
             if isinstance(error, (TrainingError, Interrupted)):
                 during = " during start-up" if isinstance(error, Interrupted) else ""
-                error.args = (f"{error}{during}{how_to_go_on(error, tracker, None)}",)
+                resumable = plan.source.format != "table"
+                go_on = how_to_go_on(error, tracker, None, resumable)
+                error.args = (f"{error}{during}{go_on}",)
             tracker.__exit__(type(error), error, error.__traceback__)
         raise
     try:
@@ -576,19 +579,24 @@ def train(
                 except (TrainingError, Interrupted) as error:
                     if isinstance(error, StoreError):
                         error.args = (f"the tracking store {tracker.tracking_uri} failed: {error}",)
-                    error.args = (f"{error}{how_to_go_on(error, tracker, folder.path)}",)
+                    resumable = plan.source.format != "table"
+                    go_on = how_to_go_on(error, tracker, folder.path, resumable)
+                    error.args = (f"{error}{go_on}",)
                     raise
 
 
-def how_to_go_on(error: Exception, tracker: Recorder, output: Path | None) -> str:
-    """Where the last good weights are, and the command that goes on from them."""
+def how_to_go_on(
+    error: Exception, tracker: Recorder, output: Path | None, resumable: bool = True
+) -> str:
+    """Where the last good weights are, and the command that goes on from them. Not
+    `resumable`: rows given in memory, which a resume cannot read again."""
     kept = output / "weights.npz" if output else None  # the final weights, once the loop is done
     if kept is None or not kept.exists():
         newest = max(output.glob("checkpoints/step-*"), default=None) if output else None
         kept = newest / "weights.npz" if newest else None
     weights = f"; the last good weights: {kept}" if kept else ""
-    if isinstance(error, DivergenceError) or tracker.tracking_uri is None:
-        # a resume would diverge again, or has no run to go on with: the files are the way
+    if isinstance(error, DivergenceError) or tracker.tracking_uri is None or not resumable:
+        # a resume would diverge again, or has no run or rows to go on with: use the files
         return f"{weights} (start from them with --init-weights)" if kept else ""
     return (
         f"{weights}; go on with: shardprop resume {tracker.run_id} "
@@ -634,6 +642,8 @@ def run(
         placements = group.call("where")
         tracker.set_tags(
             {"shardprop.output": str(output.resolve()), "shardprop.blas": blas_tag(placements)}
+            # rows given in memory: `shardprop resume` must refuse, not train on other rows
+            | ({INPUT_TAG: "memory"} if plan.source.format == "table" else {})
         )
         tracker.set_note(description)
         tracker.log_config(config.resolved(), run_params(config, plan, setup, arch))
