@@ -159,6 +159,9 @@ class ShardWorker:
         }
         self._labels = table.column(self._label)
         del table
+        # the table's memory back to the system now, not at the allocator's own time: the
+        # worker's peak is then the same from run to run, and what the plan says
+        pa.default_memory_pool().release_unused()
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
         self._validating = validation_fraction > 0
         stats = self._stats(missing)

@@ -80,17 +80,17 @@ class ReadMemory:
 
 
 def read_memory(source: Source | None, start: int, stop: int, columns: int) -> ReadMemory:
-    """A file read holds one file's raw column chunks beside the decoded table. Arrow's
-    allocator gives that memory back to the system at times of its own after the table is
-    freed, which a worker does as soon as it has decoded the columns: count half the chunks
-    as kept. The synthetic generator makes two float64 copies, in numpy memory that goes back
-    when freed. `columns`: features and label. No source: a shard read from one file."""
+    """A file read holds one file's raw column chunks beside the decoded table. A worker lets
+    the table go as soon as it has decoded the columns and hands Arrow's unused memory back
+    to the system; what stays with the allocator is counted as one file's chunks. The
+    synthetic generator makes two float64 copies, in numpy memory that goes back when freed.
+    `columns`: features and label. No source: a shard read from one file."""
     table = RAW_BYTES * (stop - start) * columns
     if source is not None and source.synthetic is not None:
         return ReadMemory(buffers=2 * table, kept=0)
     spans = source.spans(start, stop) if source is not None else [("", start, stop)]
     buffers = RAW_BYTES * columns * max((hi - lo for _, lo, hi in spans), default=0)
-    return ReadMemory(buffers, kept=buffers // 2)
+    return ReadMemory(buffers, kept=buffers)
 
 
 def worker_memory(

@@ -323,9 +323,9 @@ def test_a_file_read_and_validation_rows_add_to_the_loading_peak_by_hand():
 def test_a_read_holds_the_largest_file_span_beside_the_table():
     files = Source("parquet", files=("a", "b"), file_rows=(3, 5))
     # rows 2..7: 1 row of a, 4 of b; 3 columns of 8 bytes
-    # half the raw chunks kept: the table itself is let go as soon as its columns are decoded
-    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * 2)
-    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=60)  # one file
+    # the raw chunks kept: the table itself is let go as soon as its columns are decoded
+    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * 4)
+    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=120)  # one file
     synthetic = Source("synthetic", synthetic=SyntheticSpec("moons", 10))
     assert read_memory(synthetic, 0, 5, 3) == ReadMemory(buffers=240, kept=0)  # numpy's
 
