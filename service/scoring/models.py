@@ -58,32 +58,37 @@ def load_model(model: str, tracking_uri: str | None = None) -> LoadedModel:
     try:
         with schema_lock(store):
             client = mlflow.MlflowClient(store)
-        look_up(client, uri)
+        files = look_up(client, uri)
         with tempfile.TemporaryDirectory(prefix="shardprop-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=store, registry_uri=store
+                artifact_uri=files, dst_path=tmp, tracking_uri=store, registry_uri=store
             )
             return LoadedModel(load_folder(Path(local), model), f"{uri} in {store}")
     except (mlflow.MlflowException, OSError) as error:
         raise ConfigError(f"MODEL {model}: {one_line(error)} (tracking store {store})") from None
 
 
-def look_up(client: mlflow.MlflowClient, uri: str) -> None:
-    """The run or model version a URI names exists, or one ConfigError line saying what is
-    missing (MLflow's own errors on a download name neither)."""
+def look_up(client: mlflow.MlflowClient, uri: str) -> str:
+    """Where the files of the run or model version a URI names are, or one ConfigError line
+    saying what is missing (MLflow's own errors on a download name neither)."""
     path = uri.split(":/", 1)[1].strip("/")
     try:
         if uri.startswith("runs:/"):
             client.get_run(path.split("/")[0])
-            return
+            return uri
         name, _, rest = path.partition("/")
         if "@" in name:
             name, alias = name.split("@", 1)
-            client.get_model_version_by_alias(name, alias)
+            version = client.get_model_version_by_alias(name, alias)
         elif rest:
-            client.get_model_version(name, rest.split("/")[0])
+            version = client.get_model_version(name, rest.split("/")[0])
         else:
             raise ConfigError(f"{uri}: name a version or an alias: models:/NAME/VERSION or @ALIAS")
+        source = version.source
+        if source.startswith("models:/"):  # a logged model: found in this store, by its id
+            # MLflow resolves models:/<id> through the process-wide tracking URI instead
+            source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+        return source
     except mlflow.MlflowException as error:
         raise ConfigError(f"MODEL {uri}: {one_line(error)}") from None
 
