@@ -26,7 +26,7 @@ from shardprop.service.tracking.plots import history_curves
 from shardprop.service.tracking.tracker import Tracker
 from shardprop.service.training.run import make_plan, train
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
-from shardprop.workers.network.params import Layout, init_params, save_weights
+from tests.models import TINY_META, tiny_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 MOONS = "{name: moons, rows: 600, noise: 0.2, seed: 1}"
@@ -272,19 +272,8 @@ def test_mlflow_has_nothing_to_warn_about_our_dataset_and_model(tmp_path):
         pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "counts.parquet"
     )
     plan = make_plan(config_from({"data": {"path": str(data)}, "cluster": {"workers": 0}}))
-    layout = Layout((2, 3, 1))
-    weights = save_weights(tmp_path / "w.npz", layout, init_params(layout, "he", 0, np.float64))
-    meta = {
-        "sizes": [2, 3, 1],
-        "activation": "relu",
-        "task": "binary",
-        "dtype": "float64",
-        "features": ["a", "b"],
-        "label": "y",
-        "mean": None,
-        "std": None,
-        "classes": None,
-    }
+    weights = tiny_weights(tmp_path / "w.npz")
+    meta = dict(TINY_META)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with (
         Tracker.start(uri, "quiet", None) as tracker,

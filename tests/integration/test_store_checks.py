@@ -15,20 +15,10 @@ import pytest
 from shardprop.service.errors import ConfigError
 from shardprop.service.tracking.store import StoreError, check_store
 from shardprop.service.tracking.tracker import Tracker, TrackingError, recall_run
-from shardprop.workers.network.params import Layout, init_params, save_weights
+from tests.models import TINY_META, tiny_weights
 from tests.processes import MlflowServer, free_port
 
-META = {
-    "sizes": [2, 3, 1],
-    "activation": "relu",
-    "task": "binary",
-    "dtype": "float64",
-    "features": ["a", "b"],
-    "label": "y",
-    "mean": None,
-    "std": None,
-    "classes": None,
-}
+META = TINY_META
 
 
 def fill(folder: Path) -> None:
@@ -98,8 +88,7 @@ def test_a_full_disk_at_the_end_of_a_run_fails_in_one_line_and_the_weights_stay(
 ):
     store = mount("store", "size=8m")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    layout = Layout((2, 3, 1))
-    weights = save_weights(tmp_path / "w.npz", layout, init_params(layout, "he", 0, np.float64))
+    weights = tiny_weights(tmp_path / "w.npz")
     example = pa.table({"a": [0.5, -1.0], "b": [2.0, 0.0], "y": [1, 0]})
     tracker = Tracker.start(uri, "full", None, flush_seconds=600)
     tracker.log_metrics(1, {"loss": 1.0})

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import matplotlib.image
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -17,7 +16,7 @@ from shardprop.service.tracking.page import flatten
 from shardprop.service.tracking.plots import plot_history
 from shardprop.service.tracking.store import resolve_tracking_uri, ui_command
 from shardprop.service.tracking.tracker import PARAM_VALUE_LIMIT, Tracker, TrackingError
-from shardprop.workers.network.params import Layout, init_params, save_weights
+from tests.models import TINY_META, tiny_weights
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -214,19 +213,8 @@ def test_tracker_does_not_touch_the_global_mlflow_state(store, tmp_path, monkeyp
     model included, and nothing of the run lands in the caller's store."""
     theirs = f"sqlite:///{tmp_path / 'theirs.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", theirs)
-    layout = Layout((2, 3, 1))
-    weights = save_weights(tmp_path / "w.npz", layout, init_params(layout, "he", 0, np.float64))
-    meta = {
-        "sizes": [2, 3, 1],
-        "activation": "relu",
-        "task": "binary",
-        "dtype": "float64",
-        "features": ["a", "b"],
-        "label": "y",
-        "mean": None,
-        "std": None,
-        "classes": None,
-    }
+    weights = tiny_weights(tmp_path / "w.npz")
+    meta = dict(TINY_META)
     example = pd.DataFrame({"a": [0.5, -1.0], "b": [2.0, 0.0], "y": [1, 0]})
     with mlflow.start_run() as their_run:
         before = (mlflow.get_tracking_uri(), os.environ["MLFLOW_TRACKING_URI"], list(sys.path))
