@@ -9,9 +9,6 @@ training mean and scale), and the forward pass is the network's own `predict`.
 """
 
 import itertools
-import os
-import socket
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from shardprop.workers.data.split import contiguous_ranges
 from shardprop.workers.errors import DataError
 from shardprop.workers.network.backprop import Architecture, Network
 from shardprop.workers.network.chunks import PART_MIN_ROWS, blas_threads
+from shardprop.workers.shard import placement
 
 KINDS = ("probabilities", "labels", "values")
 PREDICTION = "prediction"  # the output column of labels and of one regression value
@@ -304,14 +302,4 @@ class ScoringWorker:
 
     def where(self) -> dict:
         """Which node and process score these rows."""
-        record = {
-            "rank": self.rank,
-            "rows": [self.start, self.stop],
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "node_id": None,
-        }
-        ray = sys.modules.get("ray")  # loaded in a Ray worker; never imported by the math
-        if ray is not None and ray.is_initialized():
-            record["node_id"] = ray.get_runtime_context().get_node_id()
-        return record
+        return placement(self.rank, self.start, self.stop)

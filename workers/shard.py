@@ -103,6 +103,21 @@ def blas_build() -> str:
     )
 
 
+def placement(rank: int, start: int, stop: int) -> dict:
+    """Which node and process serve rows [start, stop) of rank `rank`."""
+    record = {
+        "rank": rank,
+        "rows": [start, stop],
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node_id": None,
+    }
+    ray = sys.modules.get("ray")  # loaded in a Ray worker; never imported by the math
+    if ray is not None and ray.is_initialized():
+        record["node_id"] = ray.get_runtime_context().get_node_id()
+    return record
+
+
 def label_kind(column: pa.ChunkedArray) -> str:
     kind = column.type
     if pa.types.is_boolean(kind):
@@ -368,18 +383,12 @@ class ShardWorker:
 
     def where(self) -> dict:
         """Which node and process hold this shard, for the run's records."""
-        record = {
-            "rank": self.rank,
-            "rows": [self.start, self.stop],
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "node_id": None,
+        record = placement(self.rank, self.start, self.stop) | {
             "node_ip": None,
             "code": os.path.dirname(os.path.dirname(__file__)),  # where workers/ came from
             "blas": blas_build(),
         }
         ray = sys.modules.get("ray")  # loaded in a Ray worker; never imported by the math
         if ray is not None and ray.is_initialized():
-            record["node_id"] = ray.get_runtime_context().get_node_id()
             record["node_ip"] = ray.util.get_node_ip_address()
         return record
