@@ -90,14 +90,33 @@ class ModelConfig(Section):
         return self
 
 
+LBFGS_TOLERANCE = 1e-4  # scikit-learn's tol
+
+
 class TrainConfig(Section):
     steps: int = Field(500, gt=0)
     learning_rate: float = Field(0.5, gt=0)
-    optimizer: Literal["gd", "momentum", "adam"] = "gd"
+    # lbfgs: quasi-Newton with a line search, no learning rate (docs/training.md)
+    optimizer: Literal["gd", "momentum", "adam", "lbfgs"] = "gd"
     momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     epsilon: float = Field(1e-8, gt=0)
+    history_size: int = Field(10, gt=0)  # lbfgs: the curvature pairs it remembers
+    # the learning rate over the steps of gd, momentum and adam: constant, cosine down to
+    # min_learning_rate, or times decay_factor every decay_every steps; warmup_steps ramp
+    # it up linearly first, with any schedule
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    decay_every: int | None = Field(None, gt=0)
+    decay_factor: float = Field(0.1, gt=0, le=1)
+    min_learning_rate: float = Field(0.0, ge=0)
+    # stop when the training loss has not gone down by `tolerance` for n_iter_no_change
+    # steps in a row, as scikit-learn does; null: run every step. auto: 1e-4 with lbfgs,
+    # null with the others, whose single full-batch step may gain less and still be going
+    tolerance: float | Literal["auto"] | None = Field("auto", ge=0)
+    n_iter_no_change: int = Field(10, gt=0)
+    target_loss: float | None = None  # stop once the training loss is at most this
     l2: float = Field(0.0, ge=0)
     seed: int = 0  # initial weights and the validation split
     checkpoint_every: int = Field(50, ge=0)
@@ -110,6 +129,19 @@ class TrainConfig(Section):
     # a loss this many times its best, and above where the run started, fails the run as a
     # non-finite one does; null: only non-finite losses do
     divergence_factor: float | None = Field(1e3, gt=1)
+
+    @model_validator(mode="after")
+    def settings_that_depend_on_others(self) -> "TrainConfig":
+        if self.tolerance == "auto":
+            self.tolerance = LBFGS_TOLERANCE if self.optimizer == "lbfgs" else None
+        if self.schedule == "step" and self.decay_every is None:
+            raise ValueError("train.schedule: step needs train.decay_every (steps between decays)")
+        if self.schedule == "cosine" and self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"train.min_learning_rate ({self.min_learning_rate:g}) is above "
+                f"train.learning_rate ({self.learning_rate:g})"
+            )
+        return self
 
 
 # old cluster keys -> what the warning says instead

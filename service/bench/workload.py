@@ -105,10 +105,10 @@ def our_losses(local: Prepared, steps: int) -> list[float]:
     the peers. The first checks a peer's forward pass; the later ones its gradient, and for
     DDP how the workers' gradients are averaged."""
     theta = local.theta.copy()
-    descent = GradientDescent(LEARNING_RATE)
+    descent = GradientDescent()
     losses = []
     for _ in range(steps):
         mean = batch_mean(reduce_sums(local.group.call("gradient", theta)))
         losses.append(mean.loss)
-        descent.step(theta, mean.grad)
+        descent.step(theta, mean.grad, LEARNING_RATE)
     return losses

@@ -130,6 +130,7 @@ def estimate_run(config: Config, plan: DataPlan, outputs: int | None = None) -> 
         config.cluster.cpus_per_worker if workers else blas_threads(),
         plan.source,
         config.data.validation_fraction,
+        config.train.history_size if config.train.optimizer == "lbfgs" else 0,
     )
 
 

@@ -31,6 +31,11 @@ COORDINATOR_PROCESS_BYTES = 375 * 2**20
 COORDINATOR_VECTORS = 7
 
 
+def lbfgs_vectors(history_size: int) -> int:
+    """lbfgs's float64 vectors beyond those: its pairs, the direction and the trial point."""
+    return 2 * history_size + 2 if history_size else 0
+
+
 def parameter_count(sizes: Sequence[int]) -> int:
     """P = sum over layers of n_l (n_{l-1} + 1): the flat vector [W_l | b_l], l = 1..L."""
     return Layout(tuple(sizes)).size
@@ -252,16 +257,19 @@ def estimate_plan(
     threads: int = 1,
     source: Source | None = None,
     validation_fraction: float = 0.0,
+    history_size: int = 0,
 ) -> PlanEstimate:
     """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic,
     and the one worker is the coordinator's process. `grid`: the exact reduction's blocks, run
     `threads` at a time in each worker. `source`: where the rows are read from (None: each
-    shard from one file)."""
+    shard from one file). `history_size`: the curvature pairs of lbfgs (0: another
+    optimizer), float64 vectors on the coordinator."""
     sizes = (n_features, *hidden, outputs)
     columns = buffer_columns(sizes, dtype, threads, grid)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
     vector = n_params * itemsize
+    held = COORDINATOR_VECTORS * vector + lbfgs_vectors(history_size) * n_params * 8
     gathered = grid and sum(subtree_count(grid, start, stop) for start, stop in shards)
     traffic = allreduce_bytes(n_params, workers, itemsize, gathered)
     per_shard = []
@@ -276,13 +284,13 @@ def estimate_plan(
             WORKER_PROCESS_BYTES if workers else IN_PROCESS_BYTES,
         )
         if not workers:  # the coordinator's vectors, theta among them, in the same process
-            extra = (COORDINATOR_VECTORS - 1) * vector
+            extra = held - vector
             memory = dataclasses.replace(memory, parameters=memory.parameters + extra)
         per_shard.append(ShardEstimate(rank, start, stop, memory, step_flops(sizes, stop - start)))
     coordinator = 0
     if workers:  # its vectors, and a gradient sum back from each worker (or each subtree)
         returned = gathered or workers
-        coordinator = COORDINATOR_PROCESS_BYTES + (COORDINATOR_VECTORS + returned) * vector
+        coordinator = COORDINATOR_PROCESS_BYTES + held + returned * vector
     total_rows = sum(shard.rows for shard in per_shard)
     return PlanEstimate(
         sizes,

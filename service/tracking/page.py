@@ -28,7 +28,13 @@ STEP_SECONDS = "timing/step_seconds"
 ALLREDUCE_SECONDS = "timing/allreduce_seconds"
 SAMPLES_PER_SECOND = "timing/samples_per_second"
 STRAGGLER_RATIO = "timing/straggler_ratio"
+# seconds from the training loop's start until the step's loss was known: time to a loss
+ELAPSED_SECONDS = "timing/elapsed_seconds"
 GRAD_NORM = "train/grad_norm"
+LEARNING_RATE = "train/learning_rate"  # gd, momentum, adam: the schedule's rate of the step
+FUNCTION_EVALS = "train/function_evals"  # lbfgs: the distributed evaluations the step took
+STEP_LENGTH = "train/step_length"  # lbfgs: where the line search stopped along its direction
+STOPPED_TAG = "shardprop.stopped"  # why a run ended before train.steps
 WORKER_PHASES = ("forward", "backward", "wait")  # worker_R/<phase>_seconds every step
 READ_SECONDS = "read_seconds"  # worker_R/read_seconds, once, at step 0
 
@@ -49,7 +55,19 @@ HEADLINE = (
     "mae",
     "r2",
 )
-OPTIMIZER_KEYS = {"gd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "epsilon")}
+SCHEDULE_KEYS = ("learning_rate", "schedule", "warmup_steps")
+OPTIMIZER_KEYS = {
+    "gd": SCHEDULE_KEYS,
+    "momentum": (*SCHEDULE_KEYS, "momentum"),
+    "adam": (*SCHEDULE_KEYS, "beta1", "beta2", "epsilon"),
+    "lbfgs": ("history_size",),
+}
+# the schedule's own settings, in force with that schedule only
+SCHEDULE_SETTINGS = {
+    "constant": (),
+    "cosine": ("min_learning_rate",),
+    "step": ("decay_every", "decay_factor"),
+}
 TASK_NAMES = {
     "binary": "binary classification",
     "multiclass": "multiclass classification",
@@ -88,16 +106,20 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def in_force(resolved: Mapping[str, Any], task: str) -> dict[str, Any]:
-    """The resolved config without what does not act on this run: another optimizer's
-    settings, the validation cadence without a validation split, the cluster's settings of
-    an in-process run, the target's scaling of a classifier, and every unset value (null,
-    empty list or mapping). config.yaml keeps every key."""
+    """The resolved config without what does not act on this run: another optimizer's or
+    schedule's settings, the validation cadence without a validation split, the cluster's
+    settings of an in-process run, the target's scaling of a classifier, and every unset
+    value (null, empty list or mapping). config.yaml keeps every key."""
     config = copy.deepcopy(dict(resolved))
     data, train = config.get("data", {}), config.get("train", {})
-    for optimizer, keys in OPTIMIZER_KEYS.items():
-        if optimizer != train.get("optimizer"):
-            for key in keys:
-                train.pop(key, None)
+    kept = set(OPTIMIZER_KEYS.get(train.get("optimizer"), ()))
+    if "schedule" in kept:
+        kept.update(SCHEDULE_SETTINGS.get(train.get("schedule"), ()))
+    for keys in (*OPTIMIZER_KEYS.values(), *SCHEDULE_SETTINGS.values()):
+        for key in set(keys) - kept:
+            train.pop(key, None)
+    if train.get("tolerance") is None:
+        train.pop("n_iter_no_change", None)
     if not data.get("validation_fraction"):
         train.pop("eval_every", None)
     if train.get("reduction") != "exact":
@@ -199,6 +221,10 @@ def run_description(
         rows += f" ({setup.dropped:,} left out for a missing value)"
     classes = f" ({len(setup.classes)} classes)" if setup.classes else ""
     optimizer = train["optimizer"]
+    if optimizer != "lbfgs":
+        optimizer += f", learning rate {train['learning_rate']:g}"
+        if train["schedule"] != "constant":
+            optimizer += f" ({train['schedule']} schedule)"
     ran = "in-process (0 workers)" if workers == 0 else f"{workers} Ray worker(s)"
     return "\n".join(
         [
@@ -208,9 +234,8 @@ def run_description(
             f"- data: {dataset_words(record)}, {rows}",
             f"- network: {' → '.join(str(n) for n in sizes)}, {model['activation']}, "
             f"{n_params:,} parameters ({model['dtype']})",
-            f"- training: {optimizer}, learning rate {train['learning_rate']:g}, "
-            f"{train['steps']:,} full-batch steps, {train['reduction'].replace('_', '-')} "
-            "reduction",
+            f"- training: {optimizer}, up to {train['steps']:,} full-batch steps, "
+            f"{train['reduction'].replace('_', '-')} reduction",
             f"- workers: {ran}",
         ]
     )

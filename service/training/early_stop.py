@@ -1,4 +1,5 @@
-"""Early stopping on the validation loss: a policy that decides, tested without any workers."""
+"""When to stop before the last step: on the validation loss (early stopping) or on the
+training loss (a plateau). Policies that decide, tested without any workers."""
 
 import math
 
@@ -41,3 +42,28 @@ class EarlyStopping:
         self.best_step = None if int(state["best_step"]) < 0 else int(state["best_step"])
         self.waited = int(state["waited"])
         self.best_theta = state["best_theta"].copy() if state["best_theta"].size else None
+
+
+class Plateau:
+    """scikit-learn's stopping rule on the training loss: stop once it has not gone below
+    its best minus `tolerance` for more than `patience` steps in a row. `tolerance=None`
+    never stops."""
+
+    def __init__(self, tolerance: float | None, patience: int):
+        self.tolerance, self.patience = tolerance, patience
+        self.best_loss = math.inf
+        self.waited = 0
+
+    def update(self, loss: float) -> bool:
+        """Record one step's loss; returns whether to stop now."""
+        if self.tolerance is None:
+            return False
+        self.waited = self.waited + 1 if loss > self.best_loss - self.tolerance else 0
+        self.best_loss = min(self.best_loss, loss)
+        return self.waited > self.patience
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"best_loss": np.array(self.best_loss), "waited": np.array(self.waited)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.best_loss, self.waited = float(state["best_loss"]), int(state["waited"])

@@ -28,10 +28,15 @@ from shardprop.service.data.prepare import DataSetup, decide
 from shardprop.service.errors import ConfigError, DivergenceError, TrainingError
 from shardprop.service.tracking.page import (
     ALLREDUCE_SECONDS,
+    ELAPSED_SECONDS,
+    FUNCTION_EVALS,
     GRAD_NORM,
+    LEARNING_RATE,
     READ_SECONDS,
     SAMPLES_PER_SECOND,
+    STEP_LENGTH,
     STEP_SECONDS,
+    STOPPED_TAG,
     STRAGGLER_RATIO,
     blas_tag,
     flatten,
@@ -56,13 +61,15 @@ from shardprop.service.training.checkpoint import (
     save_checkpoint,
     weights_fingerprint,
 )
-from shardprop.service.training.early_stop import EarlyStopping
+from shardprop.service.training.early_stop import EarlyStopping, Plateau
 from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
+from shardprop.service.training.lbfgs import LBFGS
 from shardprop.service.training.metrics import confusion_matrix, roc_auc, task_metrics
 from shardprop.service.training.optim import make_optimizer
 from shardprop.service.training.output import OutputFolder
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
+from shardprop.service.training.schedule import learning_rate
 from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.data.columns import NUMERIC, numbers, plain
 from shardprop.workers.data.synthetic import SyntheticSpec
@@ -181,12 +188,15 @@ def model_meta(arch: Architecture, config: Config, plan: DataPlan, setup: DataSe
 def objective(
     parts: list[ShardSums], theta: np.ndarray, layout: Layout, l2: float
 ) -> tuple[BatchMean, float, np.ndarray]:
-    """The reduced batch mean, and the loss and gradient with the L2 term added once."""
+    """The reduced batch mean, and the loss and gradient with the L2 term added once (the
+    gradient is empty for the sums of a forward-only evaluation)."""
     mean = batch_mean(reduce_sums(parts))
     if not l2:
         return mean, mean.loss, mean.grad
     # data-free, so added here after the reduce and never by a worker
     penalty, penalty_grad = l2_penalty(theta, layout.weight_mask, l2)
+    if not mean.grad.size:  # forward only: no gradient to add to
+        return mean, mean.loss + penalty, mean.grad
     return mean, mean.loss + penalty, mean.grad + penalty_grad
 
 
@@ -252,24 +262,24 @@ def step_metrics(
     loss: float,
     grad: np.ndarray,
     parts: list[ShardSums],
-    timing: tuple[float, float, float, float],
+    timing: tuple[float, float, float],
     setup: DataSetup | None = None,
 ) -> dict[str, float]:
-    """The per-step metrics, from the step's reduce and its clock readings
-    (started, gathered, reduced, updated)."""
-    started, gathered, reduced, updated = timing
+    """The per-step metrics, from the step's reduce and its clock readings: the step's
+    seconds, and of those the gathering of the workers' sums and their reduce."""
+    step_seconds, gather_seconds, reduce_seconds = timing
     metrics = split_metrics(mean, loss, setup)
     timings = [timing for part in parts for timing in part.timings()]  # per rank
     computes = [seconds for seconds, _ in timings]
     metrics |= {
         GRAD_NORM: sqrt(sum_of_squares(grad)),
-        STEP_SECONDS: updated - started,
+        STEP_SECONDS: step_seconds,
         # beyond the slowest worker's compute: broadcast, gather and sum
-        ALLREDUCE_SECONDS: (gathered - started) - max(computes) + (reduced - gathered),
-        SAMPLES_PER_SECOND: mean.rows / (updated - started),
+        ALLREDUCE_SECONDS: gather_seconds - max(computes) + reduce_seconds,
+        SAMPLES_PER_SECOND: mean.rows / step_seconds,
         STRAGGLER_RATIO: max(computes) / max(float(np.median(computes)), 1e-12),
     }
-    return metrics | worker_timings(timings, gathered - started)
+    return metrics | worker_timings(timings, gather_seconds)
 
 
 def worker_timings(timings: list[tuple[float, float]], gather_seconds: float) -> dict[str, float]:
@@ -295,7 +305,7 @@ def fit(
     stop: StopRequests | None = None,
     setup: DataSetup | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]], EarlyStopping | None]:
-    """Full-batch gradient descent; theta is updated in place (to the best weights when early
+    """Full-batch training; theta is updated in place (to the best weights when early
     stopping is on). From `start`, it goes on exactly as the run that wrote it would have.
     `setup`: the run's data, for the metrics in the label's units. Returns the metric
     history, the step of each of its values (validation metrics come every eval_every
@@ -303,9 +313,12 @@ def fit(
     train = config.train
     optimizer = make_optimizer(train, layout.size, theta.dtype)
     stopper = EarlyStopping(train.patience) if config.data.validation_fraction else None
+    plateau = Plateau(train.tolerance, train.n_iter_no_change)
     records: list[tuple[int, dict[str, float]]] = []  # (step, metrics) as logged
     history: dict[str, list[float]] = {}
     steps: dict[str, list[int]] = {}
+    # the training loss in the label's units, as logged and as train.target_loss reads it
+    label_units = setup.target[1] ** 2 if setup and setup.target else 1.0
 
     def record(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(step, metrics)  # a resumed run's tracker skips what it has
@@ -335,6 +348,8 @@ def fit(
         optimizer.load_state(start.part("optimizer"))
         if stopper:
             stopper.load_state(start.part("early_stopping"))
+        if saved := start.part("plateau"):
+            plateau.load_state(saved)
         for step, metrics in records_from_arrays(start.part("metrics")):
             record(step, metrics)
         first_step, last_checkpoint = start.step + 1, start.folder
@@ -346,8 +361,10 @@ def fit(
     done = first_step - 1  # steps applied to theta
 
     def write_checkpoint(step: int) -> Path:
-        state = prefixed("optimizer", optimizer.state()) | prefixed(
-            "metrics", records_to_arrays(records)
+        state = (
+            prefixed("optimizer", optimizer.state())
+            | prefixed("plateau", plateau.state())
+            | prefixed("metrics", records_to_arrays(records))
         )
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
@@ -366,6 +383,25 @@ def fit(
         with stop.deferred():  # a step's metrics are recorded whole
             log_pending()
 
+    # lbfgs: the gradient its line search took at the weights it settled on, which is the
+    # next step's gradient: (those weights, the workers' sums, the seconds they took)
+    searched: list[tuple[np.ndarray, list[ShardSums], float]] = []
+    evals = 0  # distributed evaluations in the current step
+
+    def evaluate(point: np.ndarray, with_gradient: bool) -> tuple[float, np.ndarray | None]:
+        """One pass over every shard at `point`, forward only or with the gradient."""
+        nonlocal evals
+        evals += 1
+        began = time.perf_counter()
+        method = "gradient" if with_gradient else "evaluate"
+        parts = group.call(method, point, while_waiting=logged_pending)
+        if with_gradient:
+            searched[:] = [(point, parts, time.perf_counter() - began)]
+        _, loss, grad = objective(parts, point, layout, train.l2)
+        return loss, grad if with_gradient else None
+
+    stopped = ""  # why the run ended before its last step
+    loop_started = time.perf_counter()
     try:
         for step in range(first_step, train.steps + 1):
             metrics: dict[str, float] = {}
@@ -380,24 +416,58 @@ def fit(
                         record(step, metrics)
                         break
             started = time.perf_counter()
-            # waits on the workers: a signal here ends the run at the last step taken
-            parts = group.call("gradient", theta, while_waiting=logged_pending)
-            gathered = time.perf_counter()
+            evals = 0
+            if searched and same_bits(searched[0][0], theta):
+                _, parts, gather_seconds = searched.pop()
+            else:
+                # waits on the workers: a signal here ends the run at the last step taken
+                parts = group.call("gradient", theta, while_waiting=logged_pending)
+                gather_seconds, evals = time.perf_counter() - started, 1
+            searched.clear()
+            metrics[ELAPSED_SECONDS] = time.perf_counter() - loop_started
+            reducing = time.perf_counter()
+            mean, loss, grad = objective(parts, theta, layout, train.l2)
+            reduce_seconds = time.perf_counter() - reducing
+            watch.check(step, loss, grad)
+            proposal, reached = None, train.target_loss is not None
+            reached = reached and loss * label_units <= train.target_loss
+            if isinstance(optimizer, LBFGS) and not reached:
+                # its evaluations wait on the workers too: stopped here, theta is unchanged
+                proposal = optimizer.propose(theta, loss, grad, evaluate)
             with stop.deferred():  # the update, its records and its checkpoint, whole
-                mean, loss, grad = objective(parts, theta, layout, train.l2)
-                reduced = time.perf_counter()
-                watch.check(step, loss, grad)
-                optimizer.step(theta, grad)
-                done = step
-                timing = (started, gathered, reduced, time.perf_counter())
+                if reached:
+                    stopped = f"the training loss reached train.target_loss at step {step}"
+                elif isinstance(optimizer, LBFGS):
+                    metrics[FUNCTION_EVALS] = evals
+                    if proposal is None:
+                        stopped = f"no lower loss along the search direction at step {step}"
+                    else:
+                        metrics[STEP_LENGTH] = proposal.step_length
+                        optimizer.take(theta, grad, proposal)
+                else:
+                    metrics[LEARNING_RATE] = rate = learning_rate(train, step)
+                    optimizer.step(theta, grad, rate)
+                if not stopped:
+                    done = step
+                    if plateau.update(loss):
+                        stopped = (
+                            f"the training loss went down by less than train.tolerance "
+                            f"({train.tolerance:g}) for {train.n_iter_no_change} steps "
+                            f"(train.n_iter_no_change) by step {step}"
+                        )
+                timing = (time.perf_counter() - started, gather_seconds, reduce_seconds)
                 if group.restarts != restarts:
                     restarts = metrics["worker_restarts"] = group.restarts
                 pending_logs.append(
                     functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
                 )
-                if train.checkpoint_every and step % train.checkpoint_every == 0:
+                if train.checkpoint_every and done == step and step % train.checkpoint_every == 0:
                     log_pending()
                     last_checkpoint = write_checkpoint(step)
+            if stopped:
+                reporter.note(f"stopped early: {stopped}")
+                tracker.set_tags({STOPPED_TAG: stopped})
+                break
     except Interrupted as error:
         log_pending()
         if done >= first_step and (
@@ -411,6 +481,10 @@ def fit(
     if stopper and train.patience and stopper.best_theta is not None:
         theta[...] = stopper.best_theta  # early stopping keeps the best weights
     return history, steps, stopper
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
 class DivergenceWatch:

@@ -63,6 +63,9 @@ def test_missing_config_file(tmp_path):
         ("train.learning_rate=0", ["train.learning_rate", "greater than 0"]),
         ("train.learning_rate=-0.5", ["train.learning_rate", "greater than 0"]),
         ("train.steps=0", ["train.steps", "greater than 0"]),
+        ("train.optimizer=bfgs", ["train.optimizer", "'lbfgs'"]),
+        ("train.schedule=step", ["train.decay_every"]),
+        ("train.schedule=linear", ["train.schedule", "'cosine'"]),
     ],
 )
 def test_bad_config_values(config, override, fragments):

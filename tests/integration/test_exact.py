@@ -183,6 +183,8 @@ CASES = {
         "train.optimizer=adam",
         "train.learning_rate=0.05",
     ),
+    "lbfgs": ("train.optimizer=lbfgs",),
+    "warm-up and cosine": ("train.warmup_steps=5", "train.schedule=cosine"),
 }
 
 

@@ -78,7 +78,9 @@ def test_headline_metrics_are_top_level_and_timing_and_workers_in_sections(page)
     headline |= {f"val_{name}" for name in headline} | {"val_roc_auc"}
     sections = {
         "train/grad_norm",
+        "train/learning_rate",
         "timing/step_seconds",
+        "timing/elapsed_seconds",
         "timing/allreduce_seconds",
         "timing/samples_per_second",
         "timing/straggler_ratio",
@@ -107,9 +109,10 @@ def test_params_are_the_settings_in_force_and_nothing_unset(page):
 @pytest.mark.parametrize(
     "optimizer, kept, dropped",
     [
-        ("gd", (), ("momentum", "beta1", "beta2", "epsilon")),
-        ("momentum", ("momentum",), ("beta1", "beta2", "epsilon")),
-        ("adam", ("beta1", "beta2", "epsilon"), ("momentum",)),
+        ("gd", ("learning_rate", "schedule"), ("momentum", "beta1", "history_size")),
+        ("momentum", ("momentum",), ("beta1", "beta2", "epsilon", "history_size")),
+        ("adam", ("beta1", "beta2", "epsilon"), ("momentum", "history_size")),
+        ("lbfgs", ("history_size",), ("learning_rate", "schedule", "momentum", "beta1")),
     ],
 )
 def test_only_the_chosen_optimizers_settings_are_params(optimizer, kept, dropped):
@@ -162,7 +165,7 @@ def test_the_description_says_data_network_workers_and_result(page):
     setup, final = result.setup, result.final
     assert note.startswith("**Binary classification** of `y` (2 classes) from 2 input(s).")
     assert f"synthetic moons, {setup.rows:,} rows to train, {setup.val_rows:,} to validate" in note
-    assert "2 → 8 → 1, relu" in note and "gd, learning rate 0.5, 30 full-batch steps" in note
+    assert "2 → 8 → 1, relu" in note and "gd, learning rate 0.5, up to 30 full-batch steps" in note
     assert "workers: in-process (0 workers)" in note
     outcome = note.split("**Result**")[1]
     assert f"train: loss {final['loss']:.4g}, accuracy {final['accuracy']:.4g}" in outcome
@@ -293,3 +296,19 @@ def test_mlflow_has_nothing_to_warn_about_our_dataset_and_model(tmp_path):
         ("a", "double"),
         ("b", "long"),
     ]
+
+
+@pytest.mark.parametrize(
+    "schedule, kept",
+    [
+        ("constant", ()),
+        ("cosine", ("min_learning_rate",)),
+        ("step", ("decay_every", "decay_factor")),
+    ],
+)
+def test_a_schedules_own_settings_are_params_with_that_schedule_only(schedule, kept):
+    train = {"schedule": schedule, "decay_every": 10}
+    params = flatten(in_force(config_from({"train": train}).resolved(), "binary"))
+    own = ("min_learning_rate", "decay_every", "decay_factor")
+    assert [key for key in own if f"train.{key}" in params] == list(kept)
+    assert params["train.schedule"] == schedule

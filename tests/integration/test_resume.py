@@ -50,10 +50,14 @@ def wait_for_upload(uri: str, process: subprocess.Popen, seconds: float = 60) ->
         time.sleep(0.05)
 
 
-@pytest.fixture
-def config(tmp_path):
+@pytest.fixture(params=["adam"])
+def config(tmp_path, request):
+    """The run's YAML; with `lbfgs`, the same run on L-BFGS (its history is resumed too)."""
     path = tmp_path / "run.yaml"
-    path.write_text(CONFIG)
+    text = CONFIG
+    if request.param == "lbfgs":
+        text = text.replace("optimizer: adam, learning_rate: 0.01", "optimizer: lbfgs")
+    path.write_text(text)
     return path
 
 
@@ -64,7 +68,12 @@ def only_run(uri):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("from_mlflow", [False, True], ids=["local", "from-mlflow"])
+@pytest.mark.parametrize(
+    "config, from_mlflow",
+    [("adam", False), ("adam", True), ("lbfgs", False)],
+    ids=["local", "from-mlflow", "lbfgs"],
+    indirect=["config"],
+)
 def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config, from_mlflow):
     reference = shardprop(
         "train", config, "--no-tracking", "--output", tmp_path / "ref", cwd=tmp_path
