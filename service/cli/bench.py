@@ -190,3 +190,39 @@ def bench_predict(
     for line in suite.render(result):
         typer.echo(line)
     write_json(json_out, result)
+
+
+@bench_app.command("convergence")
+def bench_convergence(
+    quick: Annotated[
+        bool, typer.Option(help="Small examples (a test's), not the standard.")
+    ] = False,
+    workers: Annotated[
+        str, typer.Option(help="Our runs' worker counts, comma-separated (0: in-process).")
+    ] = "2,0",
+    steps: Annotated[int, typer.Option(help="Cap of every lbfgs and adam run.")] = 1000,
+    gd_steps: Annotated[int, typer.Option(help="Cap of our gd runs.")] = 300,
+    dtype: DtypeOption = "float64",
+    threads: Annotated[int, typer.Option(help="BLAS threads of the peers.")] = 2,
+    peers: Annotated[
+        bool, typer.Option(help="Race scikit-learn's adam and PyTorch too, where installed.")
+    ] = True,
+    folder: Annotated[
+        Path | None,
+        typer.Option(help="Write the examples' Parquet tables here (default: a temp dir)."),
+    ] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Time from the first step to a target loss (scikit-learn's lbfgs's): our lbfgs, adam
+    and gd against scikit-learn's and PyTorch's, on the standard workload, the digits
+    example and a regression table."""
+    from shardprop.service.bench import convergence as suite
+
+    sizes = suite.Sizes.quick(dtype) if quick else suite.Sizes(dtype=dtype)
+    with errors_as_exit_codes():
+        result = suite.bench_convergence(
+            sizes, int_list(workers), steps, gd_steps, threads, peers, folder
+        )
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)

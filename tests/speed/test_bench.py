@@ -1,6 +1,7 @@
 """The benchmark commands run and report ratios (their figures: docs/performance.md)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,68 @@ def test_bench_startup_compares_the_command_with_ray_train(tmp_path):
             # our first step pays the compiled graph's PyTorch import in every actor where
             # PyTorch is installed, as Ray Train's workers do (Ray has no switch for it)
             assert ratios[f"{ours}fit() to ready"] <= 1.3
+
+
+def test_convergence_digits_example_is_configs_digits():
+    from shardprop.service.bench.convergence import DIGITS
+    from shardprop.service.config import read_yaml
+
+    example = read_yaml(Path(__file__).parents[2] / "configs" / "digits.yaml")
+    assert DIGITS["model"] == example["model"]
+    assert DIGITS["data"].items() <= example["data"].items()
+
+
+@pytest.mark.slow
+def test_bench_convergence_races_everyone_to_scikit_learns_loss(ray_session, tmp_path):
+    from shardprop.service.bench.convergence_peers import Race
+
+    out = tmp_path / "convergence.json"
+    args = ["bench", "convergence", "--quick", "--workers", "2,0", "--steps", "400"]
+    result = CliRunner().invoke(app, [*args, "--gd-steps", "20", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    tables = {table["case"]: table for table in report["tables"]}
+    assert set(tables) == {"standard workload", "digits", "regression table"}
+    for name, table in tables.items():
+        races = [Race(**race) for race in table["races"]]
+        ours = {(r.method, r.where): r for r in races if r.system == "shardprop"}
+        assert set(ours) == {(m, w) for m in ("lbfgs", "adam", "gd") for w in WHERE}
+        (reference,) = [r for r in races if (r.system, r.method) == ("scikit-learn", "lbfgs")]
+        assert table["target"] == reference.best_loss
+        # the same rows, weights and loss everywhere: equal losses at the start
+        for race in races:
+            if race.start_loss is not None:
+                assert race.start_loss == pytest.approx(table["start_loss"], rel=1e-9), race
+        for race in races:
+            if race.reached:
+                assert race.best_loss <= table["target"] or race.system == "PyTorch"
+                assert 0 < race.seconds <= race.run_seconds
+            else:
+                assert race.best_loss > table["target"]
+        for where in WHERE:  # lbfgs gets there, far sooner than gd's cap
+            assert ours["lbfgs", where].reached, (name, where)
+            assert not ours["gd", where].reached
+        for race in ours.values():  # the history's clock at the first step at the target
+            if race.reached:
+                first = next(i for i, v in enumerate(race.curve_losses) if v <= table["target"])
+                assert race.seconds == race.curve_seconds[first] and race.steps == first
+        peers = [r for r in races if r.system != "shardprop" and r.reached]
+        best = min(r.seconds for r in peers)
+        ratios = report["ratios"][name]
+        lbfgs = ours["lbfgs", "2 Ray workers"]
+        assert ratios["shardprop lbfgs, 2 Ray workers / best peer"] == pytest.approx(
+            lbfgs.seconds / best
+        )
+        gd = ours["gd", "in-process"]
+        bound = ratios["lbfgs / gd, in-process, at most (gd's whole run: gd not there)"]
+        assert bound == pytest.approx(ours["lbfgs", "in-process"].seconds / gd.run_seconds)
+    # scikit-learn's adam takes our adam's steps from the same start: the same loss after
+    # the same capped number of them
+    standard = [Race(**race) for race in tables["standard workload"]["races"]]
+    adam = {r.system: r for r in standard if r.method == "adam" and r.where == "in-process"}
+    assert not adam["shardprop"].reached and adam["scikit-learn"].steps == 400
+    assert adam["scikit-learn"].best_loss == pytest.approx(adam["shardprop"].best_loss, rel=1e-3)
+    assert "not reached in 20 steps" in result.output
+
+
+WHERE = ("2 Ray workers", "in-process")
