@@ -517,9 +517,10 @@ class DivergenceWatch:
 def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: float) -> float:
     """The share of the loop's wall time that went to the slowest worker's gradient, step by
     step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
-    Over the last `steps` steps (a resumed run's earlier ones ran in another process)."""
+    Over the last `steps` steps (a resumed run's earlier ones ran in another process), but
+    the first of them, which compiles the transport and warms the workers up."""
     ranks = {name.split("/")[0] for name in history if name.endswith("/forward_seconds")}
-    if not steps or not ranks:
+    if steps < 2 or not ranks:
         return 0.0
     computes = np.array(
         [
@@ -527,7 +528,8 @@ def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: 
             for rank in sorted(ranks)
         ]
     )
-    return float(computes[:, -steps:].max(axis=0).sum() / loop_seconds)
+    loop_seconds -= history[STEP_SECONDS][-steps]
+    return float(computes[:, 1 - steps :].max(axis=0).sum() / loop_seconds)
 
 
 def final_metrics(

@@ -32,7 +32,9 @@ def artifacts(client, run_id, path=None):
     return found
 
 
-def check_run(uri, run_id, steps, workers, rows):
+def check_run(uri, run_id, steps, workers, rows, ran=None):
+    """The run's page; `ran`: the steps taken, when the run stopped by itself before `steps`."""
+    ran = ran or steps
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -64,7 +66,7 @@ def check_run(uri, run_id, steps, workers, rows):
     assert not any("read_seconds" in name for name in params)
     for name in names:
         history = client.get_metric_history(run_id, name)
-        assert sorted(m.step for m in history) == list(range(1, steps + 1)), name
+        assert sorted(m.step for m in history) == list(range(1, ran + 1)), name
     files = artifacts(client, run_id)
     assert {
         "config.yaml",
@@ -88,8 +90,11 @@ def test_default_config_end_to_end(tmp_path):
     assert final["accuracy"] >= 0.97
     # the slowest worker's share of the loop (target 0.8; figures: docs/performance.md)
     assert 0.6 <= final["compute_fraction"] < 1
-    files = check_run(uri, final["run_id"], 500, 2, 20_000)
-    assert "checkpoints/step-000500/weights.npz" in files
+    # lbfgs stops by itself once the loss stops going down, long before its 500 steps
+    ran = len(MlflowClient(uri).get_metric_history(final["run_id"], "loss"))
+    assert 10 <= ran < 100
+    files = check_run(uri, final["run_id"], 500, 2, 20_000, ran)
+    assert f"checkpoints/step-{ran // 10 * 10:06d}/weights.npz" in files
     assert final["run_id"] in result.stdout and "mlflow ui" in result.stdout
 
 

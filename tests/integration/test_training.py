@@ -119,6 +119,8 @@ def test_compute_fraction_sums_the_slowest_worker_of_each_step_over_this_process
         "worker_1/forward_seconds": [9.0, 0.5, 0.125],
         "worker_1/backward_seconds": [9.0, 0.5, 0.125],
     }
-    # the first step was replayed from a checkpoint: only the last two ran in this process
-    assert compute_fraction(history, 2, 2.0) == pytest.approx((1.0 + 0.75) / 2.0)
+    # all three ran in this process; the first, which compiles the transport, is left out
+    assert compute_fraction(history, 3, 12.0) == pytest.approx((1.0 + 0.75) / 3.0)
+    # the first step was replayed from a checkpoint: the last two ran in this process
+    assert compute_fraction(history, 2, 2.0) == pytest.approx(0.75 / 1.0)
     assert compute_fraction({"timing/step_seconds": []}, 0, 1.0) == 0.0
