@@ -429,8 +429,9 @@ def fit(
             mean, loss, grad = objective(parts, theta, layout, train.l2)
             reduce_seconds = time.perf_counter() - reducing
             watch.check(step, loss, grad)
-            proposal, reached = None, train.target_loss is not None
-            reached = reached and loss * label_units <= train.target_loss
+            target = train.target_loss
+            reached = target is not None and loss * label_units <= target
+            proposal = None
             if isinstance(optimizer, LBFGS) and not reached:
                 # its evaluations wait on the workers too: stopped here, theta is unchanged
                 proposal = optimizer.propose(theta, loss, grad, evaluate)
@@ -451,9 +452,9 @@ def fit(
                     done = step
                     if plateau.update(loss):
                         stopped = (
-                            f"the training loss went down by less than train.tolerance "
-                            f"({train.tolerance:g}) for {train.n_iter_no_change} steps "
-                            f"(train.n_iter_no_change) by step {step}"
+                            f"the training loss has not gone down by train.tolerance "
+                            f"({train.tolerance:g}) for more than train.n_iter_no_change "
+                            f"({train.n_iter_no_change}) steps, at step {step}"
                         )
                 timing = (time.perf_counter() - started, gather_seconds, reduce_seconds)
                 if group.restarts != restarts:
