@@ -355,6 +355,12 @@ class ShardWorker:
 
     def evaluate(self, theta: np.ndarray, split: str = "train") -> ShardSums | BlockSums:
         """Loss sum and correct count on the training or the validation rows."""
+        start = time.perf_counter()
+        sums = self._evaluate(theta, split)
+        sums.seconds = sums.forward_seconds = time.perf_counter() - start  # forward only
+        return sums
+
+    def _evaluate(self, theta: np.ndarray, split: str) -> ShardSums | BlockSums:
         if self.grid:
             network, batch, bounds = (
                 (self.val_network, self.val_batch, self._val_bounds)

@@ -257,40 +257,46 @@ def validate(
     return metrics
 
 
+# one call on every worker: their sums, and the seconds the call took to gather them
+Round = tuple[list[ShardSums], float]
+
+
 def step_metrics(
     mean: BatchMean,
     loss: float,
     grad: np.ndarray,
-    parts: list[ShardSums],
-    timing: tuple[float, float, float],
+    rounds: list[Round],
+    timing: tuple[float, float, int],
     setup: DataSetup | None = None,
 ) -> dict[str, float]:
-    """The per-step metrics, from the step's reduce and its clock readings: the step's
-    seconds, and of those the gathering of the workers' sums and their reduce."""
-    step_seconds, gather_seconds, reduce_seconds = timing
-    metrics = split_metrics(mean, loss, setup)
-    timings = [timing for part in parts for timing in part.timings()]  # per rank
-    computes = [seconds for seconds, _ in timings]
-    metrics |= {
+    """The per-step metrics, from the step's reduce, the rounds of calls on the workers it
+    made (one for a gradient step, one per trial point of a line search) and `timing`: the
+    step's seconds, the reduce's, and the number of ranks."""
+    step_seconds, reduce_seconds, ranks = timing
+    metrics = split_metrics(mean, loss, setup) | {
         GRAD_NORM: sqrt(sum_of_squares(grad)),
         STEP_SECONDS: step_seconds,
-        # beyond the slowest worker's compute: broadcast, gather and sum
-        ALLREDUCE_SECONDS: gather_seconds - max(computes) + reduce_seconds,
         SAMPLES_PER_SECOND: mean.rows / step_seconds,
-        STRAGGLER_RATIO: max(computes) / max(float(np.median(computes)), 1e-12),
     }
-    return metrics | worker_timings(timings, gather_seconds)
-
-
-def worker_timings(timings: list[tuple[float, float]], gather_seconds: float) -> dict[str, float]:
-    """Where each worker's step went: forward, backward, and waiting for the slowest one
-    (with the transfers): `worker_R/forward_seconds`, `/backward_seconds`, `/wait_seconds`."""
-    out = {}
-    for rank, (seconds, forward) in enumerate(timings):
-        out[worker_metric(rank, "forward_seconds")] = forward
-        out[worker_metric(rank, "backward_seconds")] = seconds - forward
-        out[worker_metric(rank, "wait_seconds")] = max(0.0, gather_seconds - seconds)
-    return out
+    # per round, per rank: (compute seconds, forward seconds); none when the step took the
+    # gradient an earlier one had and went no further
+    timings = np.array([[t for part in parts for t in part.timings()] for parts, _ in rounds])
+    timings = timings.reshape(-1, ranks, 2) if rounds else np.zeros((1, ranks, 2))
+    gathers = np.array([seconds for _, seconds in rounds] or [0.0])
+    computes = timings[:, :, 0].sum(axis=0)
+    metrics |= {
+        # beyond the slowest worker's compute, round by round: broadcast, gather and sum
+        ALLREDUCE_SECONDS: float((gathers - timings[:, :, 0].max(axis=1)).sum()) + reduce_seconds,
+        STRAGGLER_RATIO: float(max(computes.max(), 1e-12) / max(np.median(computes), 1e-12)),
+    }
+    for rank in range(timings.shape[1]):
+        seconds, forward = timings[:, rank, 0], timings[:, rank, 1]
+        metrics[worker_metric(rank, "forward_seconds")] = float(forward.sum())
+        metrics[worker_metric(rank, "backward_seconds")] = float((seconds - forward).sum())
+        # waiting for the slowest worker, with the transfers
+        wait = np.maximum(gathers - seconds, 0.0).sum()
+        metrics[worker_metric(rank, "wait_seconds")] = float(wait)
+    return metrics
 
 
 def fit(
@@ -383,20 +389,25 @@ def fit(
         with stop.deferred():  # a step's metrics are recorded whole
             log_pending()
 
+    rounds: list[Round] = []  # the current step's calls on the workers
+
+    def call(method: str, point: np.ndarray) -> list[ShardSums]:
+        """One round: `method` at `point` on every worker. Waits on the workers: a signal
+        here ends the run at the last step taken."""
+        began = time.perf_counter()
+        parts = group.call(method, point, while_waiting=logged_pending)
+        rounds.append((parts, time.perf_counter() - began))
+        return parts
+
     # lbfgs: the gradient its line search took at the weights it settled on, which is the
-    # next step's gradient: (those weights, the workers' sums, the seconds they took)
-    searched: list[tuple[np.ndarray, list[ShardSums], float]] = []
-    evals = 0  # distributed evaluations in the current step
+    # next step's gradient: [(those weights, the workers' sums)]
+    searched: list[tuple[np.ndarray, list[ShardSums]]] = []
 
     def evaluate(point: np.ndarray, with_gradient: bool) -> tuple[float, np.ndarray | None]:
-        """One pass over every shard at `point`, forward only or with the gradient."""
-        nonlocal evals
-        evals += 1
-        began = time.perf_counter()
-        method = "gradient" if with_gradient else "evaluate"
-        parts = group.call(method, point, while_waiting=logged_pending)
+        """lbfgs's evaluation of a trial point: forward only, or with the gradient."""
+        parts = call("gradient" if with_gradient else "evaluate", point)
         if with_gradient:
-            searched[:] = [(point, parts, time.perf_counter() - began)]
+            searched[:] = [(point, parts)]
         _, loss, grad = objective(parts, point, layout, train.l2)
         return loss, grad if with_gradient else None
 
@@ -416,13 +427,11 @@ def fit(
                         record(step, metrics)
                         break
             started = time.perf_counter()
-            evals = 0
+            rounds = []
             if searched and same_bits(searched[0][0], theta):
-                _, parts, gather_seconds = searched.pop()
+                parts = searched[0][1]
             else:
-                # waits on the workers: a signal here ends the run at the last step taken
-                parts = group.call("gradient", theta, while_waiting=logged_pending)
-                gather_seconds, evals = time.perf_counter() - started, 1
+                parts = call("gradient", theta)
             searched.clear()
             metrics[ELAPSED_SECONDS] = time.perf_counter() - loop_started
             reducing = time.perf_counter()
@@ -439,7 +448,7 @@ def fit(
                 if reached:
                     stopped = f"the training loss reached train.target_loss at step {step}"
                 elif isinstance(optimizer, LBFGS):
-                    metrics[FUNCTION_EVALS] = evals
+                    metrics[FUNCTION_EVALS] = len(rounds)
                     if proposal is None:
                         stopped = f"no lower loss along the search direction at step {step}"
                     else:
@@ -456,11 +465,11 @@ def fit(
                             f"({train.tolerance:g}) for more than train.n_iter_no_change "
                             f"({train.n_iter_no_change}) steps, at step {step}"
                         )
-                timing = (time.perf_counter() - started, gather_seconds, reduce_seconds)
+                timing = (time.perf_counter() - started, reduce_seconds, group.size)
                 if group.restarts != restarts:
                     restarts = metrics["worker_restarts"] = group.restarts
                 pending_logs.append(
-                    functools.partial(report, step, metrics, mean, loss, grad, parts, timing)
+                    functools.partial(report, step, metrics, mean, loss, grad, rounds, timing)
                 )
                 if train.checkpoint_every and done == step and step % train.checkpoint_every == 0:
                     log_pending()

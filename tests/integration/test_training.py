@@ -124,3 +124,35 @@ def test_compute_fraction_sums_the_slowest_worker_of_each_step_over_this_process
     # the first step was replayed from a checkpoint: the last two ran in this process
     assert compute_fraction(history, 2, 2.0) == pytest.approx(0.75 / 1.0)
     assert compute_fraction({"timing/step_seconds": []}, 0, 1.0) == 0.0
+
+
+def test_a_steps_worker_timings_add_up_every_round_of_calls_it_made():
+    """An lbfgs step calls the workers once per trial point: each worker's forward, backward
+    and wait seconds are summed over the rounds, and so is what the transport added."""
+    from shardprop.service.training.reduce import batch_mean, reduce_sums
+    from shardprop.service.training.run import step_metrics
+    from shardprop.workers.reduction.sums import ShardSums
+
+    gradient = [
+        ShardSums(np.ones(3), 1.0, 10, 5, seconds=0.3, forward_seconds=0.1),
+        ShardSums(np.ones(3), 2.0, 20, 10, seconds=0.2, forward_seconds=0.05),
+    ]
+    forward_only = [
+        ShardSums(np.ones(0), 1.0, 10, 5, seconds=0.1, forward_seconds=0.1),
+        ShardSums(np.ones(0), 2.0, 20, 10, seconds=0.15, forward_seconds=0.15),
+    ]
+    mean = batch_mean(reduce_sums(gradient))
+    rounds = [(gradient, 0.4), (forward_only, 0.2)]
+    metrics = step_metrics(mean, mean.loss, mean.grad, rounds, (0.7, 0.01, 2))
+    want = {
+        "worker_0/forward_seconds": 0.2,
+        "worker_0/backward_seconds": 0.2,
+        "worker_0/wait_seconds": 0.1 + 0.1,
+        "worker_1/forward_seconds": 0.2,
+        "worker_1/backward_seconds": 0.15,
+        "worker_1/wait_seconds": 0.2 + 0.05,
+        "timing/allreduce_seconds": 0.1 + 0.05 + 0.01,
+        "timing/straggler_ratio": 0.4 / 0.375,
+        "timing/step_seconds": 0.7,
+    }
+    assert {name: metrics[name] for name in want} == pytest.approx(want)

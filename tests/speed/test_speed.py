@@ -102,7 +102,7 @@ def test_the_coordinators_step_arithmetic_leaves_no_blas_thread_spinning():
         time.sleep(BLAS_SPIN_SECONDS)  # whatever ran before has stopped spinning
         cpu, wall = time.process_time(), time.perf_counter()
         mean, loss, grad = objective(parts, theta, layout, l2=1e-4)
-        step_metrics(mean, loss, grad, parts, (0.0, 0.5, 0.6, 0.7))
+        step_metrics(mean, loss, grad, [(parts, 0.5)], (0.7, 0.1, 2))
         time.sleep(BLAS_SPIN_SECONDS)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     assert cpu / wall < 0.05  # of one core, over the arithmetic and the spell after it
