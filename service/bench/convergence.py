@@ -9,6 +9,7 @@ one invocation. A run that does not get there within its cap says so, with how l
 """
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class Sizes:
     rows: int = 200_000  # of the standard workload
     features: int = 64
     hidden: tuple[int, ...] = (256, 256)
-    regression_rows: int = 200_000
+    regression_rows: int = 100_000
     regression_features: int = 16
     regression_hidden: tuple[int, ...] = (64, 64)
     digits_rows: int | None = None  # all 1,797
@@ -218,20 +219,22 @@ def race_ours(
 def bench_convergence(
     sizes: Sizes,
     workers: tuple[int, ...] = (2, 0),
-    steps: int = 1000,
-    gd_steps: int = 300,
+    steps: int = 500,
+    gd_steps: int = 100,
     threads: int = 2,
     peers: bool = True,
     folder: Path | None = None,
+    say: Callable[[str], object] = lambda line: None,
 ) -> dict[str, Any]:
-    """Every example's races, and the ratios between them."""
+    """Every example's races, and the ratios between them; `say` hears of each race as it
+    ends."""
     tables = []
     with tempfile.TemporaryDirectory(prefix="shardprop-convergence-") as temp:
         examples = cases(sizes, Path(folder or temp))
         ray_up = any(workers) and connect_ray(None, max(workers))
         try:
             for case in examples:
-                tables.append(race_case(case, workers, steps, gd_steps, threads, peers))
+                tables.append(race_case(case, workers, steps, gd_steps, threads, peers, say))
         finally:
             if ray_up:
                 import ray
@@ -247,13 +250,20 @@ def bench_convergence(
 
 
 def race_case(
-    case: Case, workers: tuple[int, ...], steps: int, gd_steps: int, threads: int, peers: bool
+    case: Case,
+    workers: tuple[int, ...],
+    steps: int,
+    gd_steps: int,
+    threads: int,
+    peers: bool,
+    say: Callable[[str], object] = lambda line: None,
 ) -> Table:
     """The target from scikit-learn's lbfgs, then ours and the other peers to it."""
     with threadpool_limits(limits=threads):
         start = same_start(case)
         reference = sklearn_lbfgs(start)
     target = reference.best_loss
+    say(f"{case.name}: target {target:.6g}, {row(reference)}")
     table = Table(
         case.name,
         case.describe,
@@ -266,6 +276,7 @@ def race_case(
         cap = gd_steps if method == "gd" else steps
         for k in workers:
             table.races.append(race_ours(case, method, k, target, start.label_units, cap))
+            say(f"{case.name}: {row(table.races[-1])}")
     if not peers:
         table.races.append(reference)
         return table
@@ -273,14 +284,16 @@ def race_case(
     epochs = steps
     if ours_adam:
         epochs = min(steps, int(PEER_EPOCHS_FACTOR * max(r.steps for r in ours_adam)) + 10)
+    table.races.append(reference)
     with threadpool_limits(limits=threads):
-        others = [
-            reference,
+        for race in (
             sklearn_adam(start, case.adam_learning_rate, target, epochs),
             torch_lbfgs(start, threads, target, steps),
             torch_adam(start, threads, case.adam_learning_rate, target, epochs),
-        ]
-    table.races += [race for race in others if race is not None]
+        ):
+            if race is not None:
+                table.races.append(race)
+                say(f"{case.name}: {row(race)}")
     return table
 
 
@@ -310,7 +323,7 @@ def ratios(table: Table) -> dict[str, float | str]:
         if gd.reached:
             out[f"lbfgs / gd, {where}"] = lbfgs.seconds / gd.seconds
             continue
-        out[f"lbfgs / gd, {where}, at most (gd's whole run: gd not there)"] = (
+        out[f"lbfgs / gd, {where}, under (gd not there in its whole run)"] = (
             lbfgs.seconds / gd.run_seconds
         )
         # the same loss both reached: where gd ended
@@ -344,22 +357,27 @@ def render(result: dict[str, Any]) -> list[str]:
         ratio = result["ratios"][table["case"]]
         best = [r for r in races if r.system != OURS and r.reached]
         best_seconds = min((r.seconds for r in best), default=None)
-        for race in races:
-            name = f"{race.system} {race.method}, {race.where}"
-            evals = "" if race.evals is None else str(race.evals)
-            if race.reached:
-                over = "" if best_seconds is None else f"{race.seconds / best_seconds:12.3f}"
-                lines.append(
-                    f"{name:34} {race.seconds:9.2f} s {race.steps:6d} {evals:>6} {over:>12}  "
-                    f"{race.best_loss:.6g}"
-                )
-            else:
-                lines.append(
-                    f"{name:34} not reached in {race.steps} steps ({race.run_seconds:.1f} s), "
-                    f"best loss {race.best_loss:.6g}"
-                )
+        lines += [row(race, best_seconds) for race in races]
         lines += [
             f"  {name}: {value:.3f}" if isinstance(value, float) else f"  {name}: {value}"
             for name, value in ratio.items()
         ]
     return lines
+
+
+def row(race: Race, best_seconds: float | None = None) -> str:
+    """A race's line of the table: its time to the target, steps, evaluations and ratio to
+    the best peer's time (ours: and when its first step ended); or how far it got."""
+    name = f"{race.system} {race.method}, {race.where}"
+    if not race.reached:
+        return (
+            f"{name:34} not reached in {race.steps} steps ({race.run_seconds:.1f} s), "
+            f"best loss {race.best_loss:.6g}"
+        )
+    evals = "" if race.evals is None else str(race.evals)
+    over = "" if best_seconds is None else f"{race.seconds / best_seconds:.3f}"
+    first = f"  first step {race.curve_seconds[0]:.2f} s" if race.curve_seconds else ""
+    return (
+        f"{name:34} {race.seconds:9.2f} s {race.steps:6d} {evals:>6} {over:>12}  "
+        f"{race.best_loss:.6g}{first}"
+    )

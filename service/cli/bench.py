@@ -200,8 +200,8 @@ def bench_convergence(
     workers: Annotated[
         str, typer.Option(help="Our runs' worker counts, comma-separated (0: in-process).")
     ] = "2,0",
-    steps: Annotated[int, typer.Option(help="Cap of every lbfgs and adam run.")] = 1000,
-    gd_steps: Annotated[int, typer.Option(help="Cap of our gd runs.")] = 300,
+    steps: Annotated[int, typer.Option(help="Cap of every lbfgs and adam run.")] = 500,
+    gd_steps: Annotated[int, typer.Option(help="Cap of our gd runs.")] = 100,
     dtype: DtypeOption = "float64",
     threads: Annotated[int, typer.Option(help="BLAS threads of the peers.")] = 2,
     peers: Annotated[
@@ -221,7 +221,14 @@ def bench_convergence(
     sizes = suite.Sizes.quick(dtype) if quick else suite.Sizes(dtype=dtype)
     with errors_as_exit_codes():
         result = suite.bench_convergence(
-            sizes, int_list(workers), steps, gd_steps, threads, peers, folder
+            sizes,
+            int_list(workers),
+            steps,
+            gd_steps,
+            threads,
+            peers,
+            folder,
+            say=lambda line: typer.echo(line, err=True),
         )
     for line in suite.render(result):
         typer.echo(line)

@@ -231,7 +231,7 @@ def test_bench_convergence_races_everyone_to_scikit_learns_loss(ray_session, tmp
             lbfgs.seconds / best
         )
         gd = ours["gd", "in-process"]
-        bound = ratios["lbfgs / gd, in-process, at most (gd's whole run: gd not there)"]
+        bound = ratios["lbfgs / gd, in-process, under (gd not there in its whole run)"]
         assert bound == pytest.approx(ours["lbfgs", "in-process"].seconds / gd.run_seconds)
     # scikit-learn's adam takes our adam's steps from the same start: the same loss after
     # the same capped number of them
