@@ -28,6 +28,12 @@ EXPAND = 10.0  # a step that is still going down may grow up to this factor per 
 INTERVAL = 0.1  # a trial keeps this fraction of the bracket from either end
 
 
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """a . b by numpy's own loop rather than BLAS: OpenBLAS runs a long dot on all its
+    threads, which then spin on the cores the workers compute on (losses.sum_of_squares)."""
+    return float(np.einsum("i,i->", a, b))
+
+
 @dataclass
 class Proposal:
     """The point a line search settled on, with its loss and gradient."""
@@ -55,11 +61,11 @@ class LBFGS:
         rho = 1.0 / np.einsum("ij,ij->i", s, y)
         alpha = np.empty(self.stored)
         for i in reversed(range(self.stored)):  # newest first: the pairs depend on each other
-            alpha[i] = rho[i] * (s[i] @ q)
+            alpha[i] = rho[i] * dot(s[i], q)
             q -= alpha[i] * y[i]
-        q *= (s[-1] @ y[-1]) / (y[-1] @ y[-1])  # the initial Hessian's scale, gamma_k
+        q *= dot(s[-1], y[-1]) / dot(y[-1], y[-1])  # the initial Hessian's scale, gamma_k
         for i in range(self.stored):
-            beta = rho[i] * (y[i] @ q)
+            beta = rho[i] * dot(y[i], q)
             q += (alpha[i] - beta) * s[i]
         return q
 
@@ -70,11 +76,11 @@ class LBFGS:
         given. None when no lower loss is found: the run has converged (or the gradient is
         too small to tell where down is)."""
         d = self.direction(grad)
-        slope = float(grad @ d)
+        slope = dot(grad, d)
         if not slope < 0:  # not a descent direction: start the history again
             self.stored = 0
             d = -grad.astype(np.float64)
-            slope = float(grad @ d)
+            slope = dot(grad, d)
             if not slope < 0:
                 return None
         # the first step is scaled to the gradient, later ones trust the curvature pairs
@@ -85,7 +91,7 @@ class LBFGS:
         """Move theta to the proposal and remember the curvature pair, when it has any."""
         s = proposal.theta.astype(np.float64) - theta
         y = proposal.grad.astype(np.float64) - grad
-        if float(s @ y) > 1e-10 * float(y @ y):  # keeps H positive definite
+        if dot(s, y) > 1e-10 * dot(y, y):  # keeps H positive definite
             if self.stored == len(self.s):
                 self.s[:-1], self.y[:-1] = self.s[1:].copy(), self.y[1:].copy()
                 self.stored -= 1
@@ -120,7 +126,7 @@ def line_search(
         evals += 1
         point = (theta + length * d).astype(theta.dtype)
         value, gradient = evaluate(point, with_gradient)
-        trial_slope = None if gradient is None else float(gradient @ d)
+        trial_slope = None if gradient is None else dot(gradient, d)
         return length, value, trial_slope, point, gradient
 
     def lower_enough(trial: tuple, than: float) -> bool:  # sufficient decrease
