@@ -167,6 +167,18 @@ def torch_loss(start: Start) -> tuple[Any, Any, Any]:
     return X, y, lambda Z, y: 0.5 * squared(Z.squeeze(1), y)
 
 
+def torch_problem(start: Start, threads: int) -> tuple[Any, Any, Any, Any, Any] | None:
+    """torch on `threads` threads, the rows, the loss and the network holding our weights;
+    None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    X, y, loss_of = torch_loss(start)
+    return torch, X, y, loss_of, torch_network(start.blocks)
+
+
 class TargetReachedError(Exception):
     """Raised from PyTorch's LBFGS closure: the loss is at the target, the race is over."""
 
@@ -175,13 +187,10 @@ def torch_lbfgs(start: Start, threads: int, target: float, steps: int) -> Race |
     """torch.optim.LBFGS (history 10, as ours and scikit-learn's; strong-Wolfe line search),
     at most `steps` iterations in one call, so its line search's last point carries on; the
     race ends at the first evaluation, line-search trials included, at most the target."""
-    try:
-        import torch
-    except ImportError:
+    problem = torch_problem(start, threads)
+    if problem is None:
         return None
-    torch.set_num_threads(threads)
-    X, y, loss_of = torch_loss(start)
-    model = torch_network(start.blocks)
+    torch, X, y, loss_of, model = problem
     optimizer = torch.optim.LBFGS(
         model.parameters(),
         lr=1.0,
@@ -226,13 +235,10 @@ def torch_adam(
     start: Start, threads: int, learning_rate: float, target: float, steps: int
 ) -> Race | None:
     """torch.optim.Adam on the full batch, the loss read at every step before its update."""
-    try:
-        import torch
-    except ImportError:
+    problem = torch_problem(start, threads)
+    if problem is None:
         return None
-    torch.set_num_threads(threads)
-    X, y, loss_of = torch_loss(start)
-    model = torch_network(start.blocks)
+    torch, X, y, loss_of, model = problem
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     losses: list[float] = []
     seconds: list[float] = []

@@ -15,6 +15,7 @@ history updated), so a run stopped during a line search keeps the step before.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,17 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
     """a . b by numpy's own loop rather than BLAS: OpenBLAS runs a long dot on all its
     threads, which then spin on the cores the workers compute on (losses.sum_of_squares)."""
     return float(np.einsum("i,i->", a, b))
+
+
+class Point(NamedTuple):
+    """A point of a line search; slope (along the direction) and grad are None for a point
+    evaluated forward only."""
+
+    length: float
+    loss: float
+    slope: float | None
+    theta: np.ndarray
+    grad: np.ndarray | None
 
 
 @dataclass
@@ -117,71 +129,69 @@ def line_search(
     evaluate: Evaluate,
 ) -> Proposal | None:
     """A step length along d meeting the strong Wolfe conditions: bracket (algorithm 3.5),
-    then zoom (3.6). A point is (length, loss, slope along d, theta, gradient); slope and
-    gradient are None for a point evaluated forward only."""
+    then zoom (3.6)."""
     evals = 0
 
-    def at(length: float, with_gradient: bool) -> tuple:
+    def at(length: float, with_gradient: bool) -> Point:
         nonlocal evals
         evals += 1
         point = (theta + length * d).astype(theta.dtype)
         value, gradient = evaluate(point, with_gradient)
         trial_slope = None if gradient is None else dot(gradient, d)
-        return length, value, trial_slope, point, gradient
+        return Point(length, value, trial_slope, point, gradient)
 
-    def lower_enough(trial: tuple, than: float) -> bool:  # sufficient decrease
-        length, value = trial[:2]
-        return value <= loss + SUFFICIENT_DECREASE * length * slope and value < than
+    def lower_enough(trial: Point, than: float) -> bool:  # sufficient decrease
+        armijo = loss + SUFFICIENT_DECREASE * trial.length * slope
+        return trial.loss <= armijo and trial.loss < than
 
-    def flat_enough(trial: tuple) -> bool:  # the strong curvature condition
-        return abs(trial[2]) <= -CURVATURE * slope
+    def flat_enough(trial: Point) -> bool:  # the strong curvature condition
+        return abs(trial.slope) <= -CURVATURE * slope
 
-    def taken(trial: tuple, wolfe: bool) -> Proposal:
-        length, value, _, point, gradient = trial
-        return Proposal(point, value, gradient, length, evals, wolfe)
+    def taken(trial: Point, wolfe: bool) -> Proposal:
+        return Proposal(trial.theta, trial.loss, trial.grad, trial.length, evals, wolfe)
 
     # bracket: lo is the lowest point so far, with its gradient; hi lies beyond a minimum
-    lo, hi = (0.0, loss, slope, theta, grad), None
+    lo, hi = Point(0.0, loss, slope, theta, grad), None
     length = first
     while evals < MAX_EVALS:
         # the first trial is usually taken: its gradient comes with it
         trial = at(length, with_gradient=evals == 0)
-        if not lower_enough(trial, than=lo[1] if lo[0] else np.inf):
+        if not lower_enough(trial, than=lo.loss if lo.length else np.inf):
             hi = trial
             break
-        if trial[2] is None:
+        if trial.slope is None:
             trial = at(length, with_gradient=True)
         if flat_enough(trial):
             return taken(trial, wolfe=True)
-        if trial[2] >= 0:  # gone past the minimum: it lies between this point and lo
+        if trial.slope >= 0:  # gone past the minimum: it lies between this point and lo
             lo, hi = trial, lo
             break
         # still going down: a longer step, from the cubic through lo and this point
         guess = cubic(lo, trial)
-        low, high = length + 0.01 * (length - lo[0]), length * EXPAND
+        low, high = length + 0.01 * (length - lo.length), length * EXPAND
         lo, length = trial, min(max(guess, low), high)
     # zoom between lo and hi
     while hi is not None and evals < MAX_EVALS:
-        a, b = sorted((lo[0], hi[0]))
-        if (b - a) * abs(lo[2]) <= 1e-12 * max(abs(loss), 1.0):  # nothing left to gain
+        a, b = sorted((lo.length, hi.length))
+        if (b - a) * abs(lo.slope) <= 1e-12 * max(abs(loss), 1.0):  # nothing left to gain
             break
         length = min(max(cubic(lo, hi), a + INTERVAL * (b - a)), b - INTERVAL * (b - a))
         trial = at(length, with_gradient=False)
-        if not lower_enough(trial, than=lo[1]):
+        if not lower_enough(trial, than=lo.loss):
             hi = trial
             continue
         trial = at(length, with_gradient=True)
         if flat_enough(trial):
             return taken(trial, wolfe=True)
-        if trial[2] * (hi[0] - lo[0]) >= 0:
+        if trial.slope * (hi.length - lo.length) >= 0:
             hi = lo
         lo = trial
-    if lo[0] == 0.0:
+    if lo.length == 0.0:
         return None  # no point below the start
     return taken(lo, wolfe=False)  # the lowest point found
 
 
-def cubic(p: tuple, q: tuple) -> float:
+def cubic(p: Point, q: Point) -> float:
     """The minimiser of the cubic through points p and q (their lengths, losses and
     slopes), or of the quadratic when q has no slope; the midpoint when there is none."""
     (a, fa, da), (b, fb, db) = p[:3], q[:3]
