@@ -161,7 +161,7 @@ class ClusterConfig(Section):
     # workers): long enough for a cold cluster to add a node
     start_timeout: float = Field(600.0, gt=0)
     # seconds; a worker silent longer is lost. null: 10x the longest step so far, at least
-    # start_timeout (the first step compiles the transport)
+    # start_timeout
     step_timeout: float | None = Field(None, gt=0)
     inject_failure: str | None = None  # chaos: "worker=R,step=S[,times=N][,when=...]"
     # spread: shards over as many nodes as have room (Ray's SPREAD); pack: fill nodes in turn

@@ -298,9 +298,9 @@ def race_case(
 
 
 def ratios(table: Table) -> dict[str, float | str]:
-    """Each of our runs' time to the target over the best peer's (lbfgs's also less its
-    first step's set-up); lbfgs over gd. Where gd did not get there: lbfgs's time over gd's
-    whole run (a bound), and lbfgs's time to the loss gd ended on over gd's time to it."""
+    """Each of our runs' time to the target over the best peer's; lbfgs over gd. Where gd
+    did not get there: lbfgs's time over gd's whole run (a bound), and lbfgs's time to the
+    loss gd ended on over gd's time to it."""
     races = [Race(**r) if isinstance(r, dict) else r for r in table.races]
     peers = [r for r in races if r.system != OURS and r.reached]
     ours = {(r.method, r.where): r for r in races if r.system == OURS}
@@ -311,10 +311,6 @@ def ratios(table: Table) -> dict[str, float | str]:
         for (method, where), race in ours.items():
             if race.reached:
                 out[f"{OURS} {method}, {where} / best peer"] = race.seconds / best.seconds
-            setup = set_up_seconds(race, ours.get(("gd", where)))
-            if method == "lbfgs" and race.reached and setup is not None:
-                name = f"{OURS} lbfgs, {where} / best peer, less its first step's set-up"
-                out[f"{name} ({setup:.2f} s)"] = (race.seconds - setup) / best.seconds
     for where in sorted({where for _, where in ours}):
         lbfgs, gd = ours.get(("lbfgs", where)), ours.get(("gd", where))
         if lbfgs is None or gd is None or not lbfgs.reached:
@@ -332,15 +328,6 @@ def ratios(table: Table) -> dict[str, float | str]:
         if to_it is not None and gd_to_it:
             out[f"lbfgs / gd, {where}, to gd's best loss {gd.best_loss:.4g}"] = to_it / gd_to_it
     return out
-
-
-def set_up_seconds(race: Race, gd: Race | None) -> float | None:
-    """How much longer a run's first step took than gd's typical step at the same place:
-    the transport's set-up, which the first step pays."""
-    if gd is None or len(gd.curve_seconds) < 3 or not race.curve_seconds:
-        return None
-    step = float(np.median(np.diff(gd.curve_seconds)))
-    return max(race.curve_seconds[0] - step, 0.0)
 
 
 def render(result: dict[str, Any]) -> list[str]:

@@ -54,8 +54,11 @@ class WorkerGroup(Protocol):
     def inject(self, failure: InjectedFailure) -> None:
         """Arm a chaos failure: the next `gradient` calls on that worker kill its process."""
 
-    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+    def compile(self, method: str = "gradient") -> None:
         """Set up the transport the `method` calls take, before the loop that makes them."""
+
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+        """compile(), then a first, warm-up call: for callers that time every call."""
 
     def close(self) -> None:
         """Stop the workers (and a Ray runtime the group started); safe to call twice."""
@@ -83,8 +86,11 @@ class LocalGroup:
     def inject(self, failure: InjectedFailure) -> None:
         raise ConfigError("--inject-failure kills a worker process: it needs --workers 1 or more")
 
-    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+    def compile(self, method: str = "gradient") -> None:
         pass  # in-process calls have no transport to set up
+
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+        pass  # nor a first call that would differ from the next
 
     def close(self) -> None:
         self.workers.clear()
@@ -145,6 +151,7 @@ class RayGroup:
         self._transport = self._wanted_transport = transport
         self._step_method = "gradient"  # the calls that take the transport
         self._graph: CompiledStep | None = None
+        self._fresh = False  # the graph has not been executed yet
         # the slowest worker's compute in the last two compiled steps: the next one sleeps
         # through all but a margin of the smaller (a one-off slow step must not make the
         # next one wait), then spins for the sums
@@ -218,20 +225,16 @@ class RayGroup:
     def _call_compiled(self, args: tuple, while_waiting: Callable[[], None]) -> list[Any] | None:
         """The step through the compiled graph, compiled first if need be; None when it
         could not be made: plain calls then make it, and find any lost worker."""
-        new = self._graph is None
-        if new:
-            self._graph = compile_step(self._ray, self.actors, self._step_method)
-            if self._graph is None:
-                self._transport = "plain"
-                return None
+        if self._graph is None and not self._compile():
+            return None
         # a new graph's results are read at once: once the driver reads its channels, Ray's
         # teardown after a worker is lost no longer crashes the driver process
-        expected = 0.0 if new else self._expected()
+        fresh, self._fresh = self._fresh, False
         try:
             results = self._graph(
                 *args,
                 timeout=self._timeout_for(self._step_method),
-                expected=expected,
+                expected=0.0 if fresh else self._expected(),
                 while_waiting=while_waiting,
             )
         except BrokenStepError:
@@ -239,18 +242,33 @@ class RayGroup:
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
-        if not new:  # a new graph's first step spun beside the workers: not a step's time
+        if not fresh:  # a new graph's first step spun beside the workers: not a step's time
             self._computes.append(max(r.seconds for r in results))
         return results
 
-    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Compile the graph for `method` calls and make a first, warm-up call now. For
-        callers that time steps (the bench); a run compiles at its first step instead, whose
-        results it needs anyway."""
-        self._step_method = method
-        if self._transport == "compiled":
+    def _compile(self) -> bool:
+        self._graph = compile_step(self._ray, self.actors, self._step_method)
+        if self._graph is None:
+            self._transport = "plain"
+            return False
+        self._fresh = True
+        return True
+
+    def compile(self, method: str = "gradient") -> None:
+        """Compile the graph for `method` calls now, so that the loop's first step is a
+        step; compiled again after a worker is replaced."""
+        if method != self._step_method:
             self._drop_graph()
-            self._call_compiled((theta,), lambda: None)
+            self._step_method = method
+        if self._transport == "compiled" and self._graph is None:
+            self._compile()
+
+    def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
+        """Compile the graph for `method` calls anew and make a first, warm-up call: for
+        callers that time every call (the bench)."""
+        self._drop_graph()
+        self.compile(method)
+        self.call(method, theta)
 
     def _expected(self) -> float:
         """How long a compiled step sleeps before it reads the sums: it wakes a margin before

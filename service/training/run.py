@@ -528,7 +528,7 @@ def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: 
     """The share of the loop's wall time that went to the slowest worker's gradient, step by
     step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
     Over the last `steps` steps (a resumed run's earlier ones ran in another process), but
-    the first of them, which compiles the transport and warms the workers up."""
+    the first of them, which warms the workers up."""
     ranks = {name.split("/")[0] for name in history if name.endswith("/forward_seconds")}
     if steps < 2 or not ranks:
         return 0.0
@@ -737,6 +737,7 @@ def run(
         tracker.log_metrics(0, reads)  # once, before the first step
         tracker.log_lineage(record, shard_records(plan, placements))
     reporter.start(config.train.steps, f"training on {group.size} worker(s)")
+    group.compile()  # the transport's set-up is not the first step's time
     loop_started = time.perf_counter()
     try:
         history, steps, stopper = fit(

@@ -45,7 +45,7 @@ def test_compiled_and_plain_calls_return_the_same_bits(ray_session, hidden):
 def test_a_graph_compiled_before_the_loop_serves_every_step(ray_session):
     group, theta = prepared_group("compiled")
     try:
-        group.prepare_steps(theta)  # as the trainer does: compiling is not a step's cost
+        group.compile()  # as the trainer does: compiling is not a step's cost
         graph = group._graph
         assert graph is not None
         served = []
@@ -70,11 +70,12 @@ def test_a_new_graphs_first_results_are_read_at_once_and_not_timed(ray_session):
     next steps sleep through."""
     group, theta = prepared_group("compiled")
     try:
-        group.prepare_steps(theta)
-        assert not group._computes and group._expected() < 0  # the next step reads at once
-        first = group.call("gradient", theta)
-        assert list(group._computes) == [max(r.seconds for r in first)]
+        group.compile()
+        assert group._fresh and not group._computes  # the next step reads at once
         group.call("gradient", theta)
+        assert not group._fresh and not group._computes
+        second = group.call("gradient", theta)
+        assert list(group._computes) == [max(r.seconds for r in second)]
         assert 0 < group._expected() < min(group._computes)
     finally:
         group.close()
@@ -95,6 +96,23 @@ def test_a_worker_lost_right_after_the_compile_is_replaced_and_the_driver_lives(
             assert group.restarts == lost
             group.prepare_steps(theta)  # compiled anew, for the replacement
             assert group._graph is not None
+    finally:
+        group.close()
+
+
+def test_a_worker_lost_before_a_new_graphs_first_step_is_replaced(ray_session):
+    """The trainer compiles before its loop: a worker lost before the graph ever ran is
+    found by the first step, which plain calls redo; the driver lives."""
+    group, theta = prepared_group("compiled")
+    try:
+        reference = group.call("gradient", theta)  # compiled at the first call, then read
+        for lost in range(1, 4):
+            group._drop_graph()
+            group.compile()
+            kill_and_wait(ray_session, group.actors[lost % 2])
+            time.sleep(2)
+            assert same_sums(group.call("gradient", theta), reference)
+            assert group.restarts == lost and group._graph is None
     finally:
         group.close()
 
