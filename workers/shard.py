@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -341,6 +342,10 @@ class ShardWorker:
         if arch.task == "binary":
             return index.reshape(1, -1).astype(np.float64)
         return np.eye(len(classes))[index].T  # (K, m)
+
+    def call(self, method: str, args: tuple) -> Any:
+        """`method(*args)`: the one entry point of the group's compiled graph."""
+        return getattr(self, method)(*args)
 
     def gradient(self, theta: np.ndarray) -> ShardSums | BlockSums:
         start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""The training step as a Ray Compiled Graph: the same actors and the same method as plain
-actor calls, minus Ray's scheduling of each call.
+"""The training step as a Ray Compiled Graph: the same actors and methods as plain actor
+calls, minus Ray's scheduling of each call.
 
 The graph sets up shared-memory channels to the actors once, then moves the parameters and
 the shard sums through them every step (figures: docs/performance.md). It is only a faster
@@ -23,22 +23,23 @@ class BrokenStepError(Exception):
 
 
 class CompiledStep:
-    """`method(theta)` on every actor, results in rank order, through one compiled graph."""
+    """A ShardWorker method on every actor, results in rank order, through one compiled
+    graph: every call goes through the workers' `call(method, args)`, so that a cheap method
+    can set the graph up before the first step."""
 
-    def __init__(self, ray: Any, actors: list[Any], method: str):
+    def __init__(self, ray: Any, actors: list[Any]):
         from ray.dag import InputNode, MultiOutputNode
 
         self._ray = ray
-        self.method = method
-        with InputNode() as theta:
-            dag = MultiOutputNode([getattr(actor, method).bind(theta) for actor in actors])
+        with InputNode() as given:
+            dag = MultiOutputNode([actor.call.bind(given[0], given[1]) for actor in actors])
         # Ray starts its driver-side actor here, unwaited (upstream fix: a compile option to wait)
-        # the channels import torch where installed (upstream fix: a numpy-only channel option)
         self._graph = dag.experimental_compile()
 
     def __call__(
         self,
-        theta: Any,
+        method: str,
+        args: tuple,
         timeout: float | None,
         expected: float = 0.0,
         while_waiting: Callable[[], None] | None = None,
@@ -53,7 +54,7 @@ class CompiledStep:
         ray = self._ray
         started = time.monotonic()
         try:
-            refs = self._graph.execute(theta)
+            refs = self._graph.execute(method, args)
         except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as error:
             raise BrokenStepError(type(error).__name__) from None  # shut down by a death
         if while_waiting is not None:
@@ -81,10 +82,20 @@ class CompiledStep:
             log.debug("compiled graph teardown: %s", error)
 
 
-def compile_step(ray: Any, actors: list[Any], method: str) -> CompiledStep | None:
-    """A compiled step, or None where Ray cannot compile one (e.g. through Ray Client)."""
+def compile_step(ray: Any, actors: list[Any], timeout: float) -> CompiledStep | None:
+    """A compiled graph, its first call made: Ray sets each actor's side up then (and
+    imports torch where installed: upstream fix, a numpy-only channel option), not in the
+    first step. None where Ray cannot compile one (e.g. through Ray Client)."""
     try:
-        return CompiledStep(ray, actors, method)
+        graph = CompiledStep(ray, actors)
     except Exception as error:  # Ray raises many types here; plain calls always work
         log.warning("Ray Compiled Graph unavailable, using plain actor calls: %s", error)
         return None
+    # read at once: once the driver reads its channels, Ray's teardown after a worker is
+    # lost no longer crashes the driver process
+    try:
+        graph("where", (), timeout)
+    except BaseException:
+        graph.close()
+        raise
+    return graph

@@ -151,7 +151,6 @@ class RayGroup:
         self._transport = self._wanted_transport = transport
         self._step_method = "gradient"  # the calls that take the transport
         self._graph: CompiledStep | None = None
-        self._fresh = False  # the graph has not been executed yet
         # the slowest worker's compute in the last two compiled steps: the next one sleeps
         # through all but a margin of the smaller (a one-off slow step must not make the
         # next one wait), then spins for the sums
@@ -227,14 +226,12 @@ class RayGroup:
         could not be made: plain calls then make it, and find any lost worker."""
         if self._graph is None and not self._compile():
             return None
-        # a new graph's results are read at once: once the driver reads its channels, Ray's
-        # teardown after a worker is lost no longer crashes the driver process
-        fresh, self._fresh = self._fresh, False
         try:
             results = self._graph(
-                *args,
+                self._step_method,
+                args,
                 timeout=self._timeout_for(self._step_method),
-                expected=0.0 if fresh else self._expected(),
+                expected=self._expected(),
                 while_waiting=while_waiting,
             )
         except BrokenStepError:
@@ -242,30 +239,32 @@ class RayGroup:
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
-        if not fresh:  # a new graph's first step spun beside the workers: not a step's time
-            self._computes.append(max(r.seconds for r in results))
+        self._computes.append(max(r.seconds for r in results))
         return results
 
     def _compile(self) -> bool:
-        self._graph = compile_step(self._ray, self.actors, self._step_method)
+        """False when the graph could not be made: a worker lost (plain calls find it, the
+        next step compiles again), or none can be (plain calls from now on)."""
+        try:
+            self._graph = compile_step(self._ray, self.actors, self._start_timeout)
+        except BrokenStepError:
+            return False
+        except self._ray.exceptions.RayTaskError as error:
+            raise_user_error(error)
         if self._graph is None:
             self._transport = "plain"
-            return False
-        self._fresh = True
-        return True
+        return self._graph is not None
 
     def compile(self, method: str = "gradient") -> None:
-        """Compile the graph for `method` calls now, so that the loop's first step is a
+        """Set the graph for `method` calls up now, so that the loop's first step is a
         step; compiled again after a worker is replaced."""
-        if method != self._step_method:
-            self._drop_graph()
-            self._step_method = method
+        self._step_method = method
         if self._transport == "compiled" and self._graph is None:
             self._compile()
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
-        """Compile the graph for `method` calls anew and make a first, warm-up call: for
-        callers that time every call (the bench)."""
+        """Set the graph up anew and make a first, warm-up `method` call: for callers that
+        time every call (the bench)."""
         self._drop_graph()
         self.compile(method)
         self.call(method, theta)

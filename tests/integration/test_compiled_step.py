@@ -65,17 +65,18 @@ def test_a_graph_compiled_before_the_loop_serves_every_step(ray_session):
         group.close()
 
 
-def test_a_new_graphs_first_results_are_read_at_once_and_not_timed(ray_session):
-    """The first read spins beside the workers for the whole step: its time is not what the
-    next steps sleep through."""
+def test_a_graph_is_set_up_by_a_cheap_call_and_steps_sleep_through_the_compute(ray_session):
+    """compile() makes the graph's first call (Ray's set-up in each actor) with a method
+    that computes nothing; the first step, with no step timed yet, reads at once, and the
+    next ones sleep through all but a margin of the compute."""
     group, theta = prepared_group("compiled")
     try:
         group.compile()
-        assert group._fresh and not group._computes  # the next step reads at once
+        assert group._graph is not None and not group._computes
+        assert group._expected() < 0
+        first = group.call("gradient", theta)
+        assert list(group._computes) == [max(r.seconds for r in first)]
         group.call("gradient", theta)
-        assert not group._fresh and not group._computes
-        second = group.call("gradient", theta)
-        assert list(group._computes) == [max(r.seconds for r in second)]
         assert 0 < group._expected() < min(group._computes)
     finally:
         group.close()
@@ -83,35 +84,18 @@ def test_a_new_graphs_first_results_are_read_at_once_and_not_timed(ray_session):
 
 def test_a_worker_lost_right_after_the_compile_is_replaced_and_the_driver_lives(ray_session):
     """Ray's teardown after a lost worker once crashed the whole driver (exit code 1, in
-    Ray's C++) when the driver had not read the graph's results yet: the group reads them as
-    it compiles. Three times, since that crash did not come every time."""
+    Ray's C++) when the driver had not read the graph's results yet: compile() reads a
+    first, cheap call's. Three times, since that crash did not come every time."""
     group, theta = prepared_group("compiled")
     try:
-        group.prepare_steps(theta)
         reference = group.call("gradient", theta)
         for lost in range(1, 4):
+            group._drop_graph()
+            group.compile()  # as the trainer does before its loop
+            assert group._graph is not None
             kill_and_wait(ray_session, group.actors[lost % 2])
             time.sleep(2)  # Ray's monitor tears the broken graph down meanwhile
             assert same_sums(group.call("gradient", theta), reference)  # plain calls replace it
-            assert group.restarts == lost
-            group.prepare_steps(theta)  # compiled anew, for the replacement
-            assert group._graph is not None
-    finally:
-        group.close()
-
-
-def test_a_worker_lost_before_a_new_graphs_first_step_is_replaced(ray_session):
-    """The trainer compiles before its loop: a worker lost before the graph ever ran is
-    found by the first step, which plain calls redo; the driver lives."""
-    group, theta = prepared_group("compiled")
-    try:
-        reference = group.call("gradient", theta)  # compiled at the first call, then read
-        for lost in range(1, 4):
-            group._drop_graph()
-            group.compile()
-            kill_and_wait(ray_session, group.actors[lost % 2])
-            time.sleep(2)
-            assert same_sums(group.call("gradient", theta), reference)
             assert group.restarts == lost and group._graph is None
     finally:
         group.close()
