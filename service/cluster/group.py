@@ -174,6 +174,7 @@ class RayGroup:
         results = self._call(method, args, while_waiting)
         if method == self._step_method:
             self._longest_step = max(self._longest_step, time.monotonic() - started)
+            self._computes.append(max(r.seconds for r in results))
         return results
 
     def _call(
@@ -182,7 +183,10 @@ class RayGroup:
         # once: a compiled step that gives up hands the call on to plain calls
         while_waiting = functools.cache(while_waiting or (lambda: None))
         armed = any(self._armed.values())
-        if method == self._step_method and self._transport == "compiled" and not armed:
+        # reading a graph's results spins on a core until they are there: a step goes by the
+        # graph once a step's compute is known, to sleep through most of it first
+        compiled = self._transport == "compiled" and self._computes and not armed
+        if method == self._step_method and compiled:
             results = self._call_compiled(args, while_waiting)
             if results is not None:
                 return results
@@ -239,7 +243,6 @@ class RayGroup:
             return None
         except self._ray.exceptions.RayTaskError as error:
             raise_user_error(error)
-        self._computes.append(max(r.seconds for r in results))
         return results
 
     def _compile(self) -> bool:

@@ -33,16 +33,18 @@ def test_compiled_and_plain_calls_return_the_same_bits(ray_session, hidden):
     plain, _ = prepared_group("plain", f"model.hidden={hidden}")
     try:
         assert theta.nbytes > 2**20 or hidden == "[16, 8]"
-        for _ in range(3):  # compiled on the first call, then its channels are reused
+        for step in range(3):  # plain calls first, then compiled, then its channels reused
             fast, slow = compiled.call("gradient", theta), plain.call("gradient", theta)
-            assert compiled._graph is not None and plain._graph is None
+            assert (compiled._graph is not None) == (step > 0) and plain._graph is None
             assert same_sums(fast, slow)
     finally:
         compiled.close()
         plain.close()
 
 
-def test_a_graph_compiled_before_the_loop_serves_every_step(ray_session):
+def test_a_graph_compiled_before_the_loop_serves_every_step_after_the_first(ray_session):
+    """The first step goes by plain calls, which sleep while the workers compute: reading
+    a graph's results spins on a core, and how long to sleep first is not known yet."""
     group, theta = prepared_group("compiled")
     try:
         group.compile()  # as the trainer does: compiling is not a step's cost
@@ -60,15 +62,15 @@ def test_a_graph_compiled_before_the_loop_serves_every_step(ray_session):
         for _ in range(3):
             group.call("gradient", theta)
             assert group._graph is graph
-        assert served == [True, True, True]
+        assert served == [True, True]
     finally:
         group.close()
 
 
 def test_a_graph_is_set_up_by_a_cheap_call_and_steps_sleep_through_the_compute(ray_session):
     """compile() makes the graph's first call (Ray's set-up in each actor) with a method
-    that computes nothing; the first step, with no step timed yet, reads at once, and the
-    next ones sleep through all but a margin of the compute."""
+    that computes nothing; once a step is timed, the next ones sleep through all but a
+    margin of the compute."""
     group, theta = prepared_group("compiled")
     try:
         group.compile()
