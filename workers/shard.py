@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -24,6 +25,7 @@ from shardprop.workers.data.columns import (
     CATEGORICAL,
     NUMERIC,
     Column,
+    held_as,
     level_counts,
     missing,
     numbers,
@@ -83,10 +85,12 @@ def block_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return count, mean, m2
 
 
-def row_moments(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_moments(
+    X: Sequence[np.ndarray], rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """block_moments of X's selected columns, one row at a time: a whole (n, m) temporary
     would double the shard's memory."""
-    parts = [block_moments(x[rows][None, :]) for x in X]
+    parts = [block_moments(x[rows][None, :].astype(np.float64)) for x in X]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
     return tuple(np.concatenate(values) for values in zip(*parts, strict=True))
@@ -157,25 +161,42 @@ class ShardWorker:
         self.val_network: Network | None = None
 
     def load(
-        self, validation_fraction: float = 0.0, seed: int = 0, missing: str = "error"
+        self,
+        validation_fraction: float = 0.0,
+        seed: int = 0,
+        missing: str = "error",
+        dtype: str = "float64",
     ) -> ShardStats:
         """Read this shard's rows (once), set its validation rows aside, describe them.
-        `missing`: data.missing; under "drop", rows with a missing value are left out."""
+        `missing`: data.missing; under "drop", rows with a missing value are left out.
+
+        The rows come a piece at a time (a column of a Parquet row group, a CSV batch...)
+        into one array per numeric feature, in the training `dtype` where it holds the
+        values exactly (held_as): a worker never holds its rows as Arrow columns beside
+        them, and prepare() frees each array as soon as it is in the batch."""
         started = time.perf_counter()
-        names = [column.name for column in self._columns]
-        table = self._source.read([*names, self._label], self.start, self.stop)
+        m = self.stop - self.start
         numeric = [column.name for column in self._columns if column.kind == NUMERIC]
-        self._X = np.empty((len(numeric), table.num_rows), dtype=np.float64)  # (numeric, m)
-        for i, name in enumerate(numeric):
-            self._X[i] = numbers(table.column(name))  # nulls become NaN
-        self._categories = {
-            column.name: plain(table.column(column.name))
-            for column in self._columns
-            if column.kind == CATEGORICAL
-        }
-        self._labels = table.column(self._label)
-        del table
-        # the table's memory back to the system now, not at the allocator's own time: the
+        kept = [column.name for column in self._columns if column.kind == CATEGORICAL]
+        kept.append(self._label)
+        types = self._source.schema_of([*numeric, *kept])
+        self._features = [np.empty(m, held_as(types.field(name).type, dtype)) for name in numeric]
+        features = dict(zip(numeric, self._features, strict=True))
+        chunks: dict[str, list] = {name: [] for name in kept}
+        names = [column.name for column in self._columns]
+        for at, piece in self._source.pieces_of([*names, self._label], self.start, self.stop):
+            for name in piece.column_names:
+                if name in features:
+                    values = numbers(piece.column(name))  # nulls become NaN
+                    features[name][at : at + len(values)] = values
+                else:  # copied: a slice of a piece can hold on to all of the piece's memory
+                    chunks[name].append(pa.concat_arrays(piece.column(name).chunks))
+        # the categories and the label: small beside the features, kept as Arrow columns
+        column = {name: pa.chunked_array(chunks[name], types.field(name).type) for name in kept}
+        self._categories = {name: plain(column[name]) for name in kept[:-1]}
+        self._labels = column[self._label]
+        del chunks, column
+        # the read's memory back to the system now, not at the allocator's own time: the
         # worker's peak is then the same from run to run, and what the plan says
         pa.default_memory_pool().release_unused()
         self._val = validation_mask(self.start, self.stop, validation_fraction, seed)
@@ -185,27 +206,29 @@ class ShardWorker:
         return stats
 
     def _stats(self, mode: str) -> ShardStats:
-        X, labels = self._X, self._labels
-        m = len(self._val)
-        # per feature column, in order: missing (null, NaN) and infinite values, every row
-        absent, infinite = [], []
-        numeric = iter(X)
+        labels, m = self._labels, len(self._val)
+        # per feature column, in order: missing (null, NaN) and infinite values, every row;
+        # one column's flags at a time, a shard's worth of them would be a quarter of it
+        self._keep = np.ones(m, bool)
+        absent, infinite, first_bad, first_infinite = [], [], {}, {}
+        features = iter(self._features)
         for column in self._columns:
             if column.kind == NUMERIC:
-                values = next(numeric)
-                absent.append(np.isnan(values))
-                infinite.append(np.isinf(values))
+                values = next(features)
+                bad, inf = np.isnan(values), np.isinf(values)
             else:
-                absent.append(missing(self._categories[column.name]))
-                infinite.append(np.zeros(m, bool))
+                bad, inf = missing(self._categories[column.name]), np.zeros(m, bool)
+            absent.append(self._flagged(column.name, bad, first_bad))
+            infinite.append(self._flagged(column.name, inf, first_infinite))
+            if mode == "drop":
+                self._keep &= ~bad
         kind = label_kind(labels)
         y = numbers(labels) if kind != "string" else None
         bad_labels = np.isnan(y) if y is not None else missing(labels)
         infinite_labels = np.isinf(y) if y is not None else np.zeros(m, bool)
-        self._keep = np.ones(m, bool)
+        self._flagged(self._label, bad_labels, first_bad)
+        self._flagged(self._label, infinite_labels, first_infinite)
         if mode == "drop":
-            for rows in absent:
-                self._keep &= ~rows
             self._keep &= ~bad_labels
         train, val = self._keep & ~self._val, self._keep & self._val
         if self.grid:  # each block's columns among the training rows and the validation rows
@@ -213,9 +236,9 @@ class ShardWorker:
             self._train_bounds = np.concatenate([[0], np.cumsum(train)])[bounds].tolist()
             self._val_bounds = np.concatenate([[0], np.cumsum(val)])[bounds].tolist()
             self._first_block = self.start // self.grid.block_rows
-        moments = self._moments(X, train)
+        moments = self._moments(self._features, train)
         if y is not None:  # the label's, for standardising a regression target
-            label_moments = self._moments(y[None, :], train)
+            label_moments = self._moments([y], train)
             moments = [
                 tuple(np.concatenate(pair) for pair in zip(a, b, strict=True))
                 for a, b in zip(moments, label_moments, strict=True)
@@ -233,15 +256,14 @@ class ShardWorker:
             levels[name], over = level_counts(values, train)
             if over:
                 too_many.append(name)
-        names = [column.name for column in self._columns]
         return ShardStats(
             self.start,
             int(np.count_nonzero(train)),
             int(np.count_nonzero(val)),
             int(m - np.count_nonzero(self._keep)),
             moments,
-            np.array([np.count_nonzero(rows) for rows in absent], np.int64),
-            np.array([np.count_nonzero(rows) for rows in infinite], np.int64),
+            np.array(absent, np.int64),
+            np.array(infinite, np.int64),
             int(np.count_nonzero(bad_labels)),
             int(np.count_nonzero(infinite_labels)),
             kind,
@@ -249,27 +271,31 @@ class ShardWorker:
             np.unique(kept_labels)[: MAX_LABEL_VALUES + 1].tolist(),
             levels,
             too_many,
-            first_bad=self._first_rows([*names, self._label], [*absent, bad_labels]),
-            first_infinite=self._first_rows([*names, self._label], [*infinite, infinite_labels]),
+            first_bad=first_bad,
+            first_infinite=first_infinite,
         )
 
-    def _moments(
-        self, X: np.ndarray, train: np.ndarray
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """block_moments of X's training rows: per block under the exact reduction, else
-        the shard's as one part."""
-        if not self.grid:
-            return [row_moments(X, train)]
-        kept = X if train.all() else X[:, train]  # a copy only where rows are set aside
-        return [block_moments(kept[:, lo:hi]) for lo, hi in pairwise(self._train_bounds)]
+    def _flagged(self, name: str, rows: np.ndarray, first: dict[str, str]) -> int:
+        """How many rows are flagged; where the first one is, as the user finds it, goes
+        into `first` under the column's name."""
+        count = int(np.count_nonzero(rows))
+        if count:
+            first[name] = self._source.locate(self.start + int(rows.argmax()))
+        return count
 
-    def _first_rows(self, names: list[str], masks: list[np.ndarray]) -> dict[str, str]:
-        """Column -> where its first flagged row is, as the user finds it."""
-        return {
-            name: self._source.locate(self.start + int(rows.argmax()))
-            for name, rows in zip(names, masks, strict=True)
-            if rows.any()
-        }
+    def _moments(
+        self, rows: Sequence[np.ndarray], train: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """block_moments of the training values of each of `rows` (one per feature): per
+        block under the exact reduction, else the shard's as one part."""
+        if not self.grid:
+            return [row_moments(rows, train)]
+        parts = []
+        for lo, hi in pairwise(self.grid.bounds(self.start, self.stop)):
+            kept = train[lo:hi]
+            block = np.array([values[lo:hi][kept] for values in rows], np.float64)
+            parts.append(block_moments(block.reshape(len(rows), np.count_nonzero(kept))))
+        return parts
 
     def prepare(
         self,
@@ -283,65 +309,84 @@ class ShardWorker:
     ) -> int:
         """Encode the kept rows (`columns` with their levels and fills), standardise them,
         encode the labels for the task (regression: `target` = (mean, std) standardises
-        them), and keep the batches; returns the training rows."""
-        keep = self._keep
-        X = self._inputs(columns, keep)
-        Y, val = self._encode(arch, classes, target), self._val[keep]
-        if mean is not None and std is not None:
-            X -= mean[:, None]
-            X /= std[:, None]
-        # exact: every block answers for the validation split, with no rows if need be
-        if val.any() or (self.grid and self._validating):
-            self.val_batch = Batch(X[:, val], Y[:, val], dtype)
-            self.val_network = Network(arch, dtype, threads=self.threads)
-            X, Y = X[:, ~val], Y[:, ~val]
-        self.batch = Batch(X, Y, dtype)
-        self.network = Network(arch, dtype, threads=self.threads)
-        del self._X, self._labels, self._categories
-        return self.batch.rows
+        them), and keep the batches; returns the training rows.
 
-    def _inputs(self, columns: tuple[Column, ...], keep: np.ndarray) -> np.ndarray:
-        """The input rows (n0, kept rows): numbers as read (missing ones filled where the
-        column has a fill), categories one-hot. Numbers alone are used in place."""
-        numeric = [column for column in columns if column.kind == NUMERIC]
-        for values, column in zip(self._X, numeric, strict=True):
-            if column.fill is not None:
-                values[np.isnan(values)] = column.fill
-        if len(numeric) == len(columns) and keep.all():
-            return self._X
-        X = np.empty((width_of(columns), int(np.count_nonzero(keep))), np.float64)
-        rows, row = iter(self._X), 0
-        kept = pa.array(keep)
+        The batches are written a feature at a time, each feature's array freed once it is
+        in: the worker holds its batches and one feature more, never two copies of its rows."""
+        train, val = self._keep & ~self._val, self._keep & self._val
+        # exact: every block answers for the validation split, with no rows if need be
+        validating = val.any() or (self.grid and self._validating)
+        splits = [train, val] if validating else [train]
+        n0 = width_of(columns)
+        X1 = [np.empty((n0 + 1, np.count_nonzero(rows)), dtype) for rows in splits]
+        Y = self._targets(arch, classes, target, dtype, splits)
+
+        def inputs(values: np.ndarray, row: int, fill: float | None = None) -> np.ndarray:
+            """Input `row`'s values, missing ones filled, standardised: in float64, as the
+            served model computes them."""
+            values = values.astype(np.float64)
+            if fill is not None:
+                values[np.isnan(values)] = fill
+            if mean is not None and std is not None:
+                values -= mean[row]
+                values /= std[row]
+            return values
+
+        at = 0
         for column in columns:
             if column.kind == NUMERIC:
-                X[row] = next(rows)[keep]
+                values = self._features.pop(0)  # freed at the end of this turn
+                for X, kept in zip(X1, splits, strict=True):
+                    X[at] = inputs(values[kept], at, column.fill)
             else:
-                one_hot(
-                    column, self._categories[column.name].filter(kept), X[row : row + column.width]
-                )
-            row += column.width
-        return X
+                for X, kept in zip(X1, splits, strict=True):
+                    categories = self._categories[column.name].filter(pa.array(kept))
+                    one_hot(column, categories, X[at : at + column.width])
+                    for row in range(at, at + column.width):
+                        X[row] = inputs(X[row], row)
+            at += column.width
+        for X in X1:
+            X[n0] = 1
+        self.batch = Batch.holding(X1[0], Y[0])
+        self.network = Network(arch, dtype, threads=self.threads)
+        if validating:
+            self.val_batch = Batch.holding(X1[1], Y[1])
+            self.val_network = Network(arch, dtype, threads=self.threads)
+        del self._features, self._labels, self._categories
+        return self.batch.rows
 
-    def _encode(
-        self, arch: Architecture, classes: list | None, target: tuple[float, float] | None
-    ) -> np.ndarray:
-        """Targets Y (n_L, m) of the kept rows: 0/1 for binary, one-hot for multiclass,
-        values for regression (standardised by `target`)."""
+    def _targets(
+        self,
+        arch: Architecture,
+        classes: list | None,
+        target: tuple[float, float] | None,
+        dtype: str,
+        splits: list[np.ndarray],
+    ) -> list[np.ndarray]:
+        """Targets Y (n_L, rows) of each split's rows, in `dtype`: 0/1 for binary, one-hot
+        for multiclass, values for regression (standardised by `target`)."""
         labels = self._labels.filter(pa.array(self._keep))
         if arch.task == "regression":
             if label_kind(labels) not in ("integer", "float", "bool"):
                 raise DataError(f"label column is {labels.type}; regression needs numbers")
-            y = numbers(labels)
+            values = numbers(labels)
             if target is not None:
-                y = (y - target[0]) / target[1]
-            return y.reshape(1, -1)
-        if label_kind(labels) == "float":
-            labels = pc.cast(labels, pa.float64())
-        values = labels.to_numpy(zero_copy_only=False)
-        index = np.searchsorted(np.asarray(classes), values)  # classes are sorted
-        if arch.task == "binary":
-            return index.reshape(1, -1).astype(np.float64)
-        return np.eye(len(classes))[index].T  # (K, m)
+                values = (values - target[0]) / target[1]
+        else:
+            if label_kind(labels) == "float":
+                labels = pc.cast(labels, pa.float64())
+            # classes are sorted
+            values = np.searchsorted(np.asarray(classes), labels.to_numpy(zero_copy_only=False))
+        Y = []
+        for rows in splits:
+            chosen = values[rows[self._keep]]
+            if arch.task == "multiclass":
+                one = np.zeros((len(classes), len(chosen)), dtype)  # (K, m)
+                one[chosen, np.arange(len(chosen))] = 1
+                Y.append(one)
+            else:
+                Y.append(chosen.reshape(1, -1).astype(dtype))
+        return Y
 
     def call(self, method: str, args: tuple) -> Any:
         """`method(*args)`: the one entry point of the group's compiled graph."""

@@ -148,13 +148,12 @@ def render_plan(
     console.print(
         f"memory per worker (rank 0): batch {human_bytes(first.batch)}, activations "
         f"{human_bytes(first.activations)}, deltas {human_bytes(first.deltas)}, parameters + "
-        f"gradient {human_bytes(first.parameters)}; Arrow's read memory, kept to the end, "
-        f"{human_bytes(first.kept)}"
+        f"gradient {human_bytes(first.parameters)}"
     )
     process = "this process (Python, its libraries, MLflow)" if in_process else "a Ray worker"
     console.print(
-        f"peak RSS = the process + the larger of the loading arrays and the training arrays "
-        f"with Arrow's kept memory; the process: {process} {human_bytes(first.process)}"
+        f"peak RSS = the process + the larger of the loading arrays and the training arrays; "
+        f"the process: {process} {human_bytes(first.process)}"
     )
     if not in_process:
         console.print(

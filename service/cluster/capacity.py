@@ -23,6 +23,7 @@ from shardprop.service.data.estimate import (
     output_units,
 )
 from shardprop.service.data.plan import DataPlan
+from shardprop.workers.data.columns import NUMERIC, held_as
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.chunks import blas_threads
 
@@ -117,6 +118,9 @@ def estimate_run(config: Config, plan: DataPlan, outputs: int | None = None) -> 
     synthetic = config.data.synthetic
     spec = SyntheticSpec(**synthetic.model_dump()) if synthetic else None
     workers = config.cluster.workers
+    numeric = [column.name for column in plan.columns if column.kind == NUMERIC]
+    types = plan.source.schema_of(numeric).types
+    held = max((held_as(kind, config.model.dtype).itemsize for kind in types), default=None)
     return estimate_plan(
         plan.shards,
         # a categorical column whose levels are not read yet counts as one input
@@ -131,6 +135,7 @@ def estimate_run(config: Config, plan: DataPlan, outputs: int | None = None) -> 
         plan.source,
         config.data.validation_fraction,
         config.train.history_size if config.train.optimizer == "lbfgs" else 0,
+        held,
     )
 
 

@@ -8,18 +8,18 @@ allocator keeps, and the process that holds them; FLOPs count the GEMMs only.
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from shardprop.workers.data.source import Source
+from shardprop.workers.data.source import SYNTHETIC_PIECE_ROWS, Source
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.chunks import chunk_columns
 from shardprop.workers.network.params import Layout
 from shardprop.workers.reduction.blocktree import BlockGrid, subtree_count
 
-RAW_BYTES = 8  # a worker reads every column as float64 (labels: int64/float64) before prepare
+RAW_BYTES = 8  # Arrow's numbers (int64/float64) and the statistics' float64
+FLAGS = 4  # booleans per row: kept, validation, training, one column's missing values
 # peak RSS of a Ray worker after a 2,000-row job (measure_process_baselines, bench/data.py)
 WORKER_PROCESS_BYTES = 234 * 2**20
 # peak RSS of a whole in-process run of that job, MLflow tracking included (same function)
@@ -52,7 +52,6 @@ class WorkerMemory:
     deltas: int  # the two dZ/dA buffers that alternate backwards, each (max n_l, c)
     parameters: int  # theta and the gradient sum, P values each (in-process: the coordinator's)
     loading: int  # peak of the arrays while reading and preparing the rows, before the first step
-    kept: int = 0  # Arrow's read memory that its allocator keeps to the end of the process
     process: int = 0  # the process itself, before any row: interpreter, libraries, Ray
 
     @property
@@ -63,7 +62,7 @@ class WorkerMemory:
     @property
     def arrays(self) -> int:
         """The arrays' peak, without the process."""
-        return max(self.training + self.kept, self.loading)
+        return max(self.training, self.loading)
 
     @property
     def peak(self) -> int:
@@ -78,24 +77,20 @@ class WorkerMemory:
 
 @dataclasses.dataclass(frozen=True)
 class ReadMemory:
-    """What reading a shard's rows costs beside the table it returns."""
+    """What reading a shard's rows holds beside the features it has read so far."""
 
-    buffers: int  # bytes beside the table while reading (file buffers, generator copies)
-    kept: int  # bytes of the read the allocator keeps after the table is freed
+    buffers: int  # the piece being decoded, as Arrow holds it and as float64
 
 
 def read_memory(source: Source | None, start: int, stop: int, columns: int) -> ReadMemory:
-    """A file read holds one file's raw column chunks beside the decoded table. A worker lets
-    the table go as soon as it has decoded the columns and hands Arrow's unused memory back
-    to the system; what stays with the allocator is counted as one file's chunks. The
-    synthetic generator makes two float64 copies, in numpy memory that goes back when freed.
-    `columns`: features and label. No source: a shard read from one file."""
-    table = RAW_BYTES * (stop - start) * columns
+    """A worker decodes a piece at a time: from a file, one column of one row group, raw
+    and decoded (the plan knows a file's rows, not its row groups: a file's rows count); a
+    synthetic block of every column, made in two float64 copies. `columns`: features and
+    label. No source: a shard read from one file."""
     if source is not None and source.synthetic is not None:
-        return ReadMemory(buffers=2 * table, kept=0)
+        return ReadMemory(2 * RAW_BYTES * columns * min(SYNTHETIC_PIECE_ROWS, stop - start))
     spans = source.spans(start, stop) if source is not None else [("", start, stop)]
-    buffers = RAW_BYTES * columns * max((hi - lo for _, lo, hi in spans), default=0)
-    return ReadMemory(buffers, kept=buffers)
+    return ReadMemory(3 * RAW_BYTES * max((hi - lo for _, lo, hi in spans), default=0))
 
 
 def worker_memory(
@@ -106,21 +101,22 @@ def worker_memory(
     read: ReadMemory | None = None,
     validation_fraction: float = 0.0,
     process: int = 0,
+    held: int | None = None,
 ) -> WorkerMemory:
     """The arrays a worker with m rows keeps, in a dtype of `itemsize` bytes (8 or 4), its
     activations and deltas `columns` wide (`buffer_columns`; None: m), its rows read as `read`
-    says (None: nothing beside the table), a `validation_fraction` of them set aside, in a
-    process of `process` bytes.
+    says (None: nothing beside the features), a `validation_fraction` of them set aside, in a
+    process of `process` bytes. `held`: bytes a feature value is held in until prepare
+    (None: itemsize; 8 where the training dtype would round the values: workers/shard.py's
+    held_as).
 
-    Loading is the largest of three moments (workers/shard.py): the read (the table and the
-    read's buffers); the statistics (the float64 feature matrix, its two boolean masks and,
-    with validation rows, a copy of the training rows; the table is let go by then); the
-    preparation (that matrix, the label encoding, the batch in the training dtype and, with
-    validation rows, a copy of the training rows and targets). What the read's allocator
-    keeps stays under all of them and under training.
+    Loading (workers/shard.py) holds the features as read, the label column and its values,
+    and a few boolean flags per row; then the targets, while prepare moves the features into
+    the batch one at a time, each freed once it is in (the batch's pages become resident as
+    they are written): loading is that plus a feature row's temporaries, or the read's piece.
     """
     n0, *hidden, n_out = sizes
-    read = read or ReadMemory(0, 0)
+    read = read or ReadMemory(0)
     validating = validation_fraction > 0
     batch = (n0 + 1 + n_out) * m * itemsize
     width = m if columns is None else min(m, columns)
@@ -129,23 +125,12 @@ def worker_memory(
     if validating:  # the validation rows get a network, and its buffers, of their own
         activations, deltas = 2 * activations, 2 * deltas
     parameters = 2 * parameter_count(sizes) * itemsize
-    table = RAW_BYTES * m * (n0 + 1)
-    X = RAW_BYTES * m * n0
-    train_rows = math.ceil(m * (1 - validation_fraction)) if validating else 0
-    reading = table + read.buffers
-    # the table is let go once its columns are decoded: what the allocator keeps of it stays
-    stats = read.kept + X + 2 * n0 * m + RAW_BYTES * n0 * train_rows
-    labels = RAW_BYTES * m * (n_out + 2)  # the label values, their class index, the targets
-    preparing = read.kept + X + labels + batch + RAW_BYTES * (n0 + n_out) * train_rows
-    return WorkerMemory(
-        batch,
-        activations,
-        deltas,
-        parameters,
-        max(reading, stats, preparing),
-        read.kept,
-        process,
-    )
+    features = (held or itemsize) * n0 * m
+    labels = 2 * RAW_BYTES * m + FLAGS * m  # the label as Arrow and as float64, and flags
+    targets = n_out * m * itemsize
+    rows = 3 * RAW_BYTES * m  # one feature's selected rows and their float64 standardising
+    loading = features + labels + max(read.buffers, targets + rows)
+    return WorkerMemory(batch, activations, deltas, parameters, loading, process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +243,20 @@ def estimate_plan(
     source: Source | None = None,
     validation_fraction: float = 0.0,
     history_size: int = 0,
+    held_itemsize: int | None = None,
 ) -> PlanEstimate:
     """The costs of a data plan's shards for a network; workers = 0: in-process, no traffic,
     and the one worker is the coordinator's process. `grid`: the exact reduction's blocks, run
     `threads` at a time in each worker. `source`: where the rows are read from (None: each
     shard from one file). `history_size`: the curvature pairs of lbfgs (0: another
-    optimizer), float64 vectors on the coordinator."""
+    optimizer), float64 vectors on the coordinator. `held_itemsize`: bytes a feature value
+    is held in while loading (None: the dtype's)."""
     sizes = (n_features, *hidden, outputs)
     columns = buffer_columns(sizes, dtype, threads, grid)
     itemsize = np.dtype(dtype).itemsize
     n_params = parameter_count(sizes)
     vector = n_params * itemsize
-    held = COORDINATOR_VECTORS * vector + lbfgs_vectors(history_size) * n_params * 8
+    vectors = COORDINATOR_VECTORS * vector + lbfgs_vectors(history_size) * n_params * 8
     gathered = grid and sum(subtree_count(grid, start, stop) for start, stop in shards)
     traffic = allreduce_bytes(n_params, workers, itemsize, gathered)
     per_shard = []
@@ -282,15 +269,16 @@ def estimate_plan(
             read_memory(source, start, stop, n_features + 1),
             validation_fraction,
             WORKER_PROCESS_BYTES if workers else IN_PROCESS_BYTES,
+            held_itemsize,
         )
         if not workers:  # the coordinator's vectors, theta among them, in the same process
-            extra = held - vector
+            extra = vectors - vector
             memory = dataclasses.replace(memory, parameters=memory.parameters + extra)
         per_shard.append(ShardEstimate(rank, start, stop, memory, step_flops(sizes, stop - start)))
     coordinator = 0
     if workers:  # its vectors, and a gradient sum back from each worker (or each subtree)
         returned = gathered or workers
-        coordinator = COORDINATOR_PROCESS_BYTES + held + returned * vector
+        coordinator = COORDINATOR_PROCESS_BYTES + vectors + returned * vector
     total_rows = sum(shard.rows for shard in per_shard)
     return PlanEstimate(
         sizes,

@@ -143,7 +143,9 @@ def set_up_workers(
     """Each worker reads its rows; the task, classes and standardisation are decided from
     all of them together; then each worker builds its network on its rows."""
     data = config.data
-    loaded = group.call("load", data.validation_fraction, config.train.seed, data.missing)
+    loaded = group.call(
+        "load", data.validation_fraction, config.train.seed, data.missing, config.model.dtype
+    )
     setup = decide(loaded, plan.columns, data, plan.left_out)
     sizes = (setup.width, *config.model.hidden, setup.outputs)
     arch = Architecture(sizes, config.model.activation, setup.task)

@@ -294,10 +294,10 @@ def test_estimates_of_a_tiny_network_match_a_hand_count():
     assert memory.deltas == 2 * 3 * 4 * 8 == 192
     assert memory.parameters == 2 * 13 * 8 == 208
     assert memory.training == 688
-    # read: 3 Arrow columns; statistics: them, X (2, 4) in float64 and two boolean masks;
-    # prepare: X, the labels' values, index and targets, and the batch
-    assert memory.loading == max(8 * 4 * 3, 8 * 4 * 3 + 8 * 4 * 2 + 2 * 2 * 4, 64 + 96 + 128)
-    assert memory.loading == 288 and memory.peak == 688  # the network's buffers weigh most
+    # the features as read (2, 4), the label as Arrow and as float64 and 4 flags a row; then
+    # the targets and one feature's selected rows and their float64 standardising
+    assert memory.loading == 2 * 4 * 8 + (2 * 8 + 4) * 4 + (4 * 8 + 3 * 8 * 4)
+    assert memory.loading == 272 and memory.peak == 688  # the network's buffers weigh most
     flops = step_flops(sizes, m)
     assert (flops.forward, flops.backward_weights, flops.backward_inputs) == (104, 104, 24)
     assert flops.total == 232
@@ -310,24 +310,25 @@ def test_estimates_of_a_tiny_network_match_a_hand_count():
 
 def test_a_file_read_and_validation_rows_add_to_the_loading_peak_by_hand():
     sizes, m = (2, 3, 1), 4
-    read = ReadMemory(buffers=96, kept=96 + 96)  # a file's raw chunks beside the table
+    read = ReadMemory(buffers=200)  # a piece larger than what prepare adds
     memory = worker_memory(sizes, m, 8, read=read, validation_fraction=0.25, process=1000)
     assert (memory.activations, memory.deltas) == (2 * 160, 2 * 192)  # a validation network
-    # statistics: 3 training rows copied (2 x 3 x 8); preparing: features and targets too
-    assert memory.loading == max(96 + 96, 192 + 64 + 16 + 48, 192 + 64 + 96 + 128 + 72) == 552
-    assert memory.kept == 192 and memory.training == 128 + 320 + 384 + 208
-    # Arrow's kept memory stays under the training arrays; the process comes on top
-    assert memory.peak == 1000 + max(1040 + 192, 552) == 2232
+    # the validation rows are the same values in a batch of their own: nothing more to load
+    assert memory.loading == 64 + 80 + 200 == 344
+    assert memory.training == 128 + 320 + 384 + 208 == 1040
+    assert memory.peak == 1000 + max(1040, 344)
+    # float32 batches of features held as float64 (a float64 column)
+    assert worker_memory(sizes, m, 4, held=8).loading == 64 + 80 + (4 * 4 + 96)
 
 
-def test_a_read_holds_the_largest_file_span_beside_the_table():
+def test_a_read_holds_one_column_of_the_largest_file_span():
     files = Source("parquet", files=("a", "b"), file_rows=(3, 5))
-    # rows 2..7: 1 row of a, 4 of b; 3 columns of 8 bytes
-    # the raw chunks kept: the table itself is let go as soon as its columns are decoded
-    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=8 * 3 * 4, kept=8 * 3 * 4)
-    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120, kept=120)  # one file
+    # rows 2..7: 1 row of a, 4 of b; one column raw, decoded and as float64
+    assert read_memory(files, 2, 7, 3) == ReadMemory(buffers=3 * 8 * 4)
+    assert read_memory(None, 0, 5, 3) == ReadMemory(buffers=120)  # one file
+    # a synthetic block of every column, in two float64 copies
     synthetic = Source("synthetic", synthetic=SyntheticSpec("moons", 10))
-    assert read_memory(synthetic, 0, 5, 3) == ReadMemory(buffers=240, kept=0)  # numpy's
+    assert read_memory(synthetic, 0, 5, 3) == ReadMemory(buffers=2 * 8 * 3 * 5)
 
 
 def test_plan_estimate_splits_costs_by_shard_rows():

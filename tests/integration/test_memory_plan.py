@@ -22,7 +22,7 @@ from shardprop.service.cluster.capacity import (
 )
 
 ROWS, FEATURES, FILES = 1_000_000, 64, 8  # a data-heavy job: 512 MB of float64 features
-WITHIN = 0.25  # of the measured peak
+WITHIN = 0.15  # of the measured peak
 
 
 def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
@@ -102,7 +102,7 @@ def heavy_table(tmp_path_factory) -> Path:
 
 # in-process: the whole run with MLflow, a quarter of a minute more: with the slow tests
 @pytest.mark.parametrize("workers", [2, pytest.param(0, marks=pytest.mark.slow)])
-def test_the_plan_is_within_a_quarter_of_each_workers_measured_peak(heavy_table, tmp_path, workers):
+def test_the_plan_is_within_15_percent_of_each_workers_peak(heavy_table, tmp_path, workers):
     """2 Ray workers that report their own peak resident size, and the in-process run (MLflow
     tracking included) whose process holds everything."""
     figures = in_fresh_process(measure_run, str(heavy_table), workers, tmp_path)

@@ -95,16 +95,36 @@ def test_parquet_read_decodes_only_the_overlapping_row_groups(tmp_path, monkeypa
     path = write_table(whole, tmp_path / "data.parquet", row_group_rows=500)
     source = open_source(str(path), None)
     asked = []
-    original = pq.ParquetFile.read_row_groups
+    original = pq.ParquetFile.read_row_group
 
-    def spy(self, row_groups, *args, **kwargs):
-        asked.append(list(row_groups))
-        return original(self, row_groups, *args, **kwargs)
+    def spy(self, group, *args, **kwargs):
+        asked.append(group)
+        return original(self, group, *args, **kwargs)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     got = source.read(["x0", "y"], 1200, 2100)
-    assert asked == [[2, 3, 4]]
+    assert asked == [2, 2, 3, 3, 4, 4]  # one column at a time
     assert got.equals(whole.select(["x0", "y"]).slice(1200, 900))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "feather"])
+def test_a_read_comes_in_pieces_that_make_up_the_rows(tmp_path, fmt):
+    """A worker takes one piece at a time: each piece is some rows of some columns, at its
+    offset, and together they are every column's rows, once."""
+    whole = make_table(2000)
+    path = write_table(whole, tmp_path / f"data.{fmt}", row_group_rows=256)
+    source = open_source(str(path), None)
+    columns = ["x0", "y"]
+    parts: dict[str, list] = {name: [] for name in columns}
+    for offset, piece in source.pieces_of(columns, 300, 1700):
+        assert piece.num_rows > 0
+        for name in piece.column_names:
+            parts[name].append((offset, piece.column(name)))
+    for name in columns:
+        offsets = [offset for offset, _ in parts[name]]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+        got = pa.chunked_array([c for _, values in parts[name] for c in values.chunks])
+        assert got.equals(whole.column(name).slice(300, 1400))
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "feather"])

@@ -2,7 +2,7 @@
 
 Row groups are deliberately uneven (inside a file and between files), so that shard edges
 fall inside groups, on group edges and on file edges. Decoded row groups are counted for real
-by recording every ParquetFile.read_row_groups call; the row groups a shard needs are worked
+by recording every ParquetFile.read_row_group call; the row groups a shard needs are worked
 out independently, from the footers.
 """
 
@@ -49,22 +49,22 @@ def needed_groups(folder: str, start: int, stop: int) -> set[tuple[str, int]]:
 
 
 @pytest.fixture
-def decoded(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
-    """Every (file, row groups) a ParquetFile decodes while the test runs."""
-    calls: list[tuple[str, tuple[int, ...]]] = []
+def decoded(monkeypatch) -> list[tuple[str, int, tuple[str, ...]]]:
+    """Every (file, row group, columns) a ParquetFile decodes while the test runs."""
+    calls: list[tuple[str, int, tuple[str, ...]]] = []
     opened = pq.ParquetFile.__init__
-    read_row_groups = pq.ParquetFile.read_row_groups
+    read_row_group = pq.ParquetFile.read_row_group
 
     def record_path(self, source, *args, **kwargs):
         self._counted_path = str(source)
         opened(self, source, *args, **kwargs)
 
-    def record_groups(self, row_groups, *args, **kwargs):
-        calls.append((self._counted_path, tuple(row_groups)))
-        return read_row_groups(self, row_groups, *args, **kwargs)
+    def record_group(self, group, columns=None, *args, **kwargs):
+        calls.append((self._counted_path, group, tuple(columns)))
+        return read_row_group(self, group, columns, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "__init__", record_path)
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", record_groups)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", record_group)
     return calls
 
 
@@ -92,10 +92,12 @@ def test_no_worker_decodes_a_row_group_outside_its_shard(dataset, decoded, worke
     for start, stop in plan.shards:
         decoded.clear()
         plan.source.read(COLUMNS, start, stop)
-        groups = [(path, group) for path, asked in decoded for group in asked]
-        assert len(groups) == len(set(groups)), f"a row group decoded twice: {decoded}"
-        assert set(groups) == needed_groups(folder, start, stop), (start, stop)
-        assert len(decoded) == len({path for path, _ in decoded})  # one call per file
+        assert len(decoded) == len(set(decoded)), f"a column chunk decoded twice: {decoded}"
+        groups = {(path, group) for path, group, _ in decoded}
+        assert groups == needed_groups(folder, start, stop), (start, stop)
+        for group in groups:  # every column of it, one at a time
+            columns = [c for path, g, (c,) in decoded if (path, g) == group]
+            assert sorted(columns) == sorted(COLUMNS)
 
 
 def test_a_shard_edge_inside_a_row_group_decodes_that_group_on_both_sides(dataset, decoded):

@@ -21,6 +21,8 @@ NUMERIC, CATEGORICAL = "numeric", "categorical"
 MISSING_LEVEL = None  # the level of a missing value under data.missing: impute; sorted last
 OTHER = "(other)"  # how the "other" input is named
 LEVELS_SENT = 100_000  # a shard with more distinct values than this holds ids, not categories
+# Arrow types whose every value float32 holds exactly
+FLOAT32_EXACT = ("float", "halffloat", "int8", "int16", "uint8", "uint16", "bool")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,14 @@ class Column:
         if column.kind not in (NUMERIC, CATEGORICAL):
             raise DataError(f"column {column.name!r}: unknown kind {column.kind!r}")
         return column
+
+
+def held_as(kind: pa.DataType, dtype: str) -> np.dtype:
+    """The dtype a worker holds a numeric column in until it is standardised: the training
+    dtype where that holds every value exactly, else float64 (a column whose spread is
+    small beside its values keeps its resolution only if standardised first)."""
+    named = np.dtype(dtype)  # float64 or float32
+    return named if named == np.float64 or str(kind) in FLOAT32_EXACT else np.dtype(np.float64)
 
 
 def width_of(columns: Sequence[Column]) -> int:

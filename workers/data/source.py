@@ -10,8 +10,7 @@ and FilesystemOptions (never shipped as an object: a client holds sockets and cr
 """
 
 import datetime
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,12 +21,14 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from shardprop.workers.data.synthetic import SyntheticSpec, generate
+from shardprop.workers.data.synthetic import BLOCK_ROWS, SyntheticSpec, generate
+from shardprop.workers.data.synthetic import schema as synthetic_schema
 from shardprop.workers.errors import DataError
 
 FORMATS = ("parquet", "csv", "feather", "synthetic", "table")
 ERROR_CHARS = 300  # pyarrow's messages can list dozens of paths tried (libjvm): keep the gist
 GCS_RETRY_SECONDS = 30.0  # GCS's own default retries for 15 minutes before it reports anything
+SYNTHETIC_PIECE_ROWS = 16 * BLOCK_ROWS  # whole blocks: each is drawn whole anyway
 
 
 def one_line(error: BaseException) -> str:
@@ -177,22 +178,51 @@ class Source:
     def read(self, columns: Sequence[str], start: int, stop: int) -> pa.Table:
         """Global rows [start, stop) of `columns`, in order, cast to the source's schema."""
         columns = list(columns)
+        chunks: dict[str, list] = {name: [] for name in columns}
+        for _, piece in self.pieces_of(columns, start, stop):
+            for name in piece.column_names:
+                chunks[name].extend(piece.column(name).chunks)
+        # chunks stay as read: combining them would copy the whole range once more
+        schema = self.schema_of(columns)
+        return pa.table(
+            [pa.chunked_array(chunks[name], schema.field(name).type) for name in columns],
+            schema=schema,
+        )
+
+    def schema_of(self, columns: Sequence[str]) -> pa.Schema:
+        """The types `columns` are read as."""
+        if self.synthetic is not None:
+            every = synthetic_schema(self.synthetic)
+            return pa.schema([every.field(name) for name in columns])
+        return self._target_schema(list(columns))
+
+    def pieces_of(
+        self, columns: Sequence[str], start: int, stop: int
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """Global rows [start, stop) of `columns`, cast to the source's schema, a piece at a
+        time, each with its first row's offset from `start`: some rows of every column (an
+        Arrow or CSV batch, a synthetic block), or of one column (a Parquet file's row group,
+        whose columns decoded together would cost several times their size). A reader that
+        takes each piece as it comes holds one piece, never the whole range."""
+        columns = list(columns)
         if not 0 <= start <= stop <= self.total_rows:
             raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.total_rows})")
         if self.synthetic is not None:
-            return generate(self.synthetic, start, stop).select(columns)
+            for lo in range(start, stop, SYNTHETIC_PIECE_ROWS):
+                hi = min(stop, (lo // SYNTHETIC_PIECE_ROWS + 1) * SYNTHETIC_PIECE_ROWS)
+                yield lo - start, generate(self.synthetic, lo, hi).select(columns)
+            return
         target = self._target_schema(columns)
-        pieces = [target.empty_table()]
-        if self.format == "table":
-            for file, lo, hi in self.spans(start, stop):
-                piece = fetch(self.pieces[self.files.index(file)])
-                pieces.append(piece.slice(lo, hi - lo).select(columns).cast(target))
-            return pa.concat_tables(pieces)
-        filesystem = self.filesystem()
+        filesystem = self.filesystem() if self.format != "table" else None
+        done = 0  # rows of the range in the files before this one
         for file, lo, hi in self.spans(start, stop):
-            pieces.append(self._read_file(filesystem, file, columns, lo, hi, target))
-        # chunks stay as read: combining them would copy the whole shard once more
-        return pa.concat_tables(pieces)
+            if self.format == "table":
+                piece = fetch(self.pieces[self.files.index(file)])
+                yield done, piece.slice(lo, hi - lo).select(columns).cast(target)
+            else:
+                for offset, piece in self._file_pieces(filesystem, file, columns, lo, hi, target):
+                    yield done + offset, piece
+            done += hi - lo
 
     def stored(self, put: Callable[[pa.Table], Any]) -> "Source":
         """This source with its in-memory pieces handed to `put` (ray.put: Ray's object
@@ -219,7 +249,7 @@ class Source:
             offset += rows
         return spans
 
-    def _read_file(
+    def _file_pieces(
         self,
         filesystem: pafs.FileSystem,
         file: str,
@@ -227,17 +257,27 @@ class Source:
         lo: int,
         hi: int,
         target: pa.Schema,
-    ) -> pa.Table:
-        try:
-            piece = READERS[self.format](filesystem, file, columns, lo, hi, target)
-        except (OSError, pa.ArrowInvalid) as error:
-            raise DataError(f"{file}: cannot read rows [{lo}, {hi}): {one_line(error)}") from None
-        if piece.num_rows != hi - lo:
+    ) -> Iterator[tuple[int, pa.Table]]:
+        read = 0  # rows of [lo, hi) read, in every column
+        pieces = READERS[self.format](filesystem, file, columns, lo, hi, target)
+        while True:
+            try:
+                offset, piece = next(pieces, (0, None))
+            except (OSError, pa.ArrowInvalid) as error:
+                raise DataError(
+                    f"{file}: cannot read rows [{lo}, {hi}): {one_line(error)}"
+                ) from None
+            if piece is None:
+                break
+            read = max(read, offset + piece.num_rows)
+            names = [name for name in columns if name in piece.schema.names]
+            types = pa.schema([target.field(name) for name in names])
+            yield offset, pa.table(piece).select(names).cast(types)
+        if read != hi - lo:
             raise DataError(
-                f"{file}: expected rows [{lo}, {hi}) but read {piece.num_rows}; "
+                f"{file}: expected rows [{lo}, {hi}) but read {read}; "
                 "did the file change after the run was planned?"
             )
-        return piece.select(columns).cast(target)
 
     def filesystem(self) -> pafs.FileSystem:
         """The filesystem the files live in, built where it is used, from the URI and options."""
@@ -277,33 +317,30 @@ def fetch(piece: Any) -> pa.Table:
 
 
 def _read_parquet(
-    filesystem: pafs.FileSystem,
-    path: str,
-    columns: list[str],
-    lo: int,
-    hi: int,
-    target: pa.Schema,
-) -> pa.Table:
-    """Rows [lo, hi) of one file, decoding only the row groups that overlap them."""
-    with pq.ParquetFile(path, filesystem=filesystem) as parquet:
+    filesystem: pafs.FileSystem, path: str, columns: list[str], lo: int, hi: int, _: pa.Schema
+) -> Iterator[tuple[int, pa.Table]]:
+    """Rows [lo, hi) of one file, one column of one row group at a time (with its offset
+    from lo), decoding only the row groups that overlap them. Not pre-buffered, which would
+    hold a whole row group's compressed bytes beside what is decoded."""
+    with pq.ParquetFile(path, filesystem=filesystem, pre_buffer=False) as parquet:
         metadata = parquet.metadata
-        group_rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-        offsets = [0, *itertools.accumulate(group_rows)]
-        groups = [g for g in range(len(group_rows)) if offsets[g] < hi and offsets[g + 1] > lo]
-        if not groups:
-            return target.empty_table()
-        table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(lo - offsets[groups[0]], hi - lo)
+        offset = 0  # the file's row index of the group's first row
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            if offset < hi and offset + rows > lo:
+                skip = max(lo - offset, 0)
+                take = min(hi - offset, rows) - skip
+                for name in columns:
+                    piece = parquet.read_row_group(group, columns=[name])
+                    yield offset + skip - lo, piece.slice(skip, take)
+            offset += rows
+            if offset >= hi:
+                break
 
 
 def _read_feather(
-    filesystem: pafs.FileSystem,
-    path: str,
-    columns: list[str],
-    lo: int,
-    hi: int,
-    target: pa.Schema,
-) -> pa.Table:
+    filesystem: pafs.FileSystem, path: str, columns: list[str], lo: int, hi: int, _: pa.Schema
+) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Rows [lo, hi) of one Arrow IPC file, decoding only `columns` of the batches up to `hi`.
 
     Read, not memory-mapped: a shard lives for the whole run, and a mapped file rewritten
@@ -313,40 +350,34 @@ def _read_feather(
         full = ipc.open_file(file).schema
         wanted = ipc.IpcReadOptions(included_fields=sorted(full.names.index(c) for c in columns))
         reader = ipc.open_file(file, options=wanted)
-        every = (reader.get_batch(b).select(columns) for b in range(reader.num_record_batches))
-        batches = _rows_of(every, lo, hi)
-    return pa.Table.from_batches(batches, schema=pa.schema(full.field(c) for c in columns))
+        every = (reader.get_batch(b) for b in range(reader.num_record_batches))
+        yield from _rows_of(every, lo, hi)
 
 
 def _read_csv(
-    filesystem: pafs.FileSystem,
-    path: str,
-    columns: list[str],
-    lo: int,
-    hi: int,
-    target: pa.Schema,
-) -> pa.Table:
+    filesystem: pafs.FileSystem, path: str, columns: list[str], lo: int, hi: int, target: pa.Schema
+) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Rows [lo, hi) of one CSV file: it has no index, so stream it from the top to `hi`."""
     convert = pacsv.ConvertOptions(
         column_types={field.name: field.type for field in target}, include_columns=columns
     )
     with filesystem.open_input_stream(path) as stream:  # .gz/.bz2/.zst: decompressed on the fly
-        batches = _rows_of(pacsv.open_csv(stream, convert_options=convert), lo, hi)
-    return pa.Table.from_batches(batches, schema=target)
+        yield from _rows_of(pacsv.open_csv(stream, convert_options=convert), lo, hi)
 
 
-def _rows_of(batches: Iterable[pa.RecordBatch], lo: int, hi: int) -> list[pa.RecordBatch]:
-    """Rows [lo, hi) of a stream of record batches, as slices; reads no batch past `hi`."""
-    kept = []
+def _rows_of(
+    batches: Iterable[pa.RecordBatch], lo: int, hi: int
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Rows [lo, hi) of a stream of record batches, as slices with their offset from lo;
+    reads no batch past `hi`."""
     offset = 0  # the stream's row index of the batch's first row
     for batch in batches:
         if offset + batch.num_rows > lo:
             skip = max(lo - offset, 0)
-            kept.append(batch.slice(skip, hi - offset - skip))
+            yield offset + skip - lo, batch.slice(skip, min(hi - offset, batch.num_rows) - skip)
         offset += batch.num_rows
         if offset >= hi:
             break
-    return kept
 
 
 READERS = {"parquet": _read_parquet, "feather": _read_feather, "csv": _read_csv}

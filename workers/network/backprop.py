@@ -59,6 +59,17 @@ class Batch:
         if self.Y.ndim != 2 or self.Y.shape[1] != m:
             raise ValueError(f"Y must have shape (n_L, {m}), got {self.Y.shape}")
 
+    @classmethod
+    def holding(cls, X1: np.ndarray, Y: np.ndarray) -> "Batch":
+        """A batch of X1 (n0 + 1, m), its last row ones already, and Y (n_L, m) in the same
+        dtype, held as they are: a worker builds them in place, and a copy would double
+        its rows' memory."""
+        if X1.dtype != Y.dtype or Y.ndim != 2 or Y.shape[1] != X1.shape[1]:
+            raise ValueError(f"Y {Y.shape} {Y.dtype} does not go with X1 {X1.shape} {X1.dtype}")
+        batch = cls.__new__(cls)
+        batch.X1, batch.Y = X1, Y
+        return batch
+
     @property
     def X(self) -> np.ndarray:
         """The features (n0, m), a view: standardise in place through it."""
