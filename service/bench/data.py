@@ -25,9 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from shardprop.service.bench.timing import Timing
 from shardprop.service.data.plan import plan_data, write_table
@@ -63,16 +61,15 @@ def bench_planning(
         plan_seconds = []
         for _ in range(PLAN_REPEATS):
             start = time.perf_counter()
-            plan = plan_data(str(data), None, "y", None, workers=PLAN_WORKERS)
+            plan_data(str(data), None, "y", None, workers=PLAN_WORKERS)
             plan_seconds.append(time.perf_counter() - start)
         planning = _in_fresh_process(measure_planning, str(data))
-        reading = _in_fresh_process(measure_read, str(data))
+        loading = _in_fresh_process(measure_load, str(data), "float64", 0.0, PLAN_WORKERS)
         runs: dict[str, Any] = {}
         for count in workers:
             runs |= _in_fresh_process(measure_run, str(data), count, Path(scratch))
         dataset_bytes = sum(file.stat().st_size for file in data.glob("*.parquet"))
     timing = Timing.over(plan_seconds)
-    shard_rows = plan.shards[0][1] - plan.shards[0][0]
     return {
         "rows": rows,
         "files": files,
@@ -83,8 +80,7 @@ def bench_planning(
         "plan_seconds_low": timing.low,
         "plan_seconds_high": timing.high,
         **planning,
-        "shard_rows": shard_rows,
-        **reading,
+        **loading,
         **runs,
     }
 
@@ -117,32 +113,6 @@ def measure_planning(data: str) -> dict:
         "plan_arrow_peak_bytes": pa.default_memory_pool().max_memory() - arrow_before,
         "plan_rss_growth_bytes": max(_peak_rss() - baseline, 0),
         "plan_pickled_bytes": len(pickle.dumps(plan)),  # what every worker is sent
-    }
-
-
-def measure_read(data: str) -> dict:
-    """Rank 0 of a 2-worker plan: Source.read, then the float64 (n0, m) array, as a shard does."""
-    plan = plan_data(data, None, "y", None, workers=PLAN_WORKERS)
-    start, stop = plan.shards[0]
-    baseline = _current_rss()
-    seconds = []
-    for repeat in range(READ_REPEATS):
-        began = time.perf_counter()
-        X = _load(plan.source, plan.features, plan.label, start, stop)
-        seconds.append(time.perf_counter() - began)
-        if repeat == 0:  # later reads reuse memory the first one grew: only it says the peak
-            read_peak = _peak_rss() - baseline
-            arrow_peak = pa.default_memory_pool().max_memory()
-        del X
-    timing = Timing.over(seconds)
-    array_bytes = len(plan.features) * (stop - start) * 8
-    return {
-        "read_seconds": timing.median,
-        "read_rows_per_second": (stop - start) / timing.median,
-        "read_array_bytes": array_bytes,
-        "read_rss_growth_bytes": read_peak,
-        "read_peak_over_array": read_peak / array_bytes,
-        "read_arrow_peak_bytes": arrow_peak,
     }
 
 
@@ -198,27 +168,48 @@ def measure_run(data: str, workers: int, scratch: Path, classes: int = 3) -> dic
     return _compared(f"workers{workers}", measured, planned)
 
 
-def measure_load(data: str, dtype: str = "float64", validation_fraction: float = 0.0) -> dict:
-    """One worker's load and prepare of every row of `data` (blobs: 3 classes), in this
-    process: its peak resident size above where it began, against the batches it keeps."""
-    from shardprop.service.cluster.group import LocalGroup
+def measure_load(
+    data: str, dtype: str = "float64", validation_fraction: float = 0.0, workers: int = 1
+) -> dict:
+    """Rank 0 of a `workers`-worker plan of `data` (blobs: 3 classes) loads and prepares its
+    rows as a run's worker does, in this process: how long its read takes, and its peak
+    resident size above where it began against the batches it keeps."""
     from shardprop.service.config import config_from
     from shardprop.service.training.run import make_plan, set_up_workers
 
-    settings = run_settings(data, 0)
+    settings = run_settings(data, workers)
     settings["model"]["dtype"] = dtype
     settings["data"]["validation_fraction"] = validation_fraction
     config = config_from(settings)
     plan = make_plan(config)
-    group = LocalGroup(plan)
+    start, stop = plan.shards[0]
+    worker = ShardWorker(0, plan.source, plan.columns, plan.label, start, stop, grid=plan.grid)
     before = _current_rss()
     _reset_peak_rss()
-    set_up_workers(group, plan, config)
+    loaded, _, _ = set_up_workers(_OneWorker(worker), plan, config)
     loading = _peak_rss() - before
-    worker = group.workers[0]
     batches = [batch for batch in (worker.batch, worker.val_batch) if batch is not None]
     final = sum(batch.X1.nbytes + batch.Y.nbytes for batch in batches)
-    return {"final_bytes": final, "loading_bytes": loading, "loading_over_final": loading / final}
+    return {
+        "shard_rows": stop - start,
+        "read_seconds": loaded[0].read_seconds,
+        "read_rows_per_second": (stop - start) / loaded[0].read_seconds,
+        "loading_final_bytes": final,
+        "loading_peak_bytes": loading,
+        "loading_over_final": loading / final,
+    }
+
+
+class _OneWorker:
+    """One worker in this process, as a group of one: set_up_workers's calls reach it."""
+
+    size, restarts = 1, 0
+
+    def __init__(self, worker: ShardWorker):
+        self.worker = worker
+
+    def call(self, method: str, *args: Any, while_waiting: Any = None) -> list[Any]:
+        return [getattr(self.worker, method)(*args)]
 
 
 def start_local_ray(workers: int) -> ModuleType:
@@ -315,14 +306,6 @@ def _rss(pid: int) -> int:
     except OSError:
         return 0
     return pages * resource.getpagesize()
-
-
-def _load(source, features: tuple[str, ...], label: str, start: int, stop: int) -> np.ndarray:
-    table = source.read([*features, label], start, stop)
-    X = np.empty((len(features), table.num_rows), dtype=np.float64)  # (n0, m)
-    for i, name in enumerate(features):
-        X[i] = pc.cast(table.column(name), pa.float64()).to_numpy()
-    return X
 
 
 def _in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:

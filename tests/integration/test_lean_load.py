@@ -39,4 +39,6 @@ def test_loading_peaks_within_a_fifth_of_the_batches(tmp_path, stored, dtype, va
     """float32 rows go straight into float32 batches, never through a float64 copy of the
     shard; the validation rows into their own batch."""
     figures = in_fresh_process(measure_load, blobs(tmp_path, stored), dtype, validation)
-    assert figures["loading_bytes"] <= LEAN * figures["final_bytes"] + CONSTANT, figures
+    assert figures["loading_peak_bytes"] <= LEAN * figures["loading_final_bytes"] + CONSTANT, (
+        figures
+    )
