@@ -196,6 +196,8 @@ class ShardWorker:
         self._categories = {name: plain(column[name]) for name in kept[:-1]}
         self._labels = column[self._label]
         del chunks, column
+        if len(self._labels) != m:  # every row is in some piece, once
+            raise DataError(f"read {len(self._labels)} rows of rows [{self.start}, {self.stop})")
         # the read's memory back to the system now, not at the allocator's own time: the
         # worker's peak is then the same from run to run, and what the plan says
         pa.default_memory_pool().release_unused()

@@ -108,7 +108,7 @@ def bench_network(
         net = Network(arch, dtype)  # inside the limit: it takes its thread count from BLAS
         whole, blocked = Network(arch, dtype), Network(arch, dtype)
         whole.chunk = rows
-        grid = BlockGrid(rows, auto_block_rows(rows))
+        grid = BlockGrid(rows, auto_block_rows(rows, net.chunk))
         step, gemms, unchunked, exact = Timing.alternating(
             [
                 lambda: net.gradient(theta, batch),

@@ -240,10 +240,12 @@ def plan_data(
     block_rows: int | None = None,
     categorical: Sequence[str] = (),
     table: pa.Table | None = None,
+    chunk: int = 1,
 ) -> DataPlan:
     """Open the source, check the columns and split the rows; workers=0: one in-process shard.
     `exact`: the rows are cut into blocks (of `block_rows`, None: by the row count) and each
-    rank gets whole blocks, for the exact reduction. `table`: rows in memory instead of a
+    rank gets whole blocks, for the exact reduction; automatic blocks are whole `chunk`s
+    (the network's chunk width) where they can be. `table`: rows in memory instead of a
     path, cut into one piece per shard."""
     if workers < 0:
         raise DataError(f"cluster.workers: must be >= 0 (0 runs in-process), got {workers}")
@@ -256,7 +258,7 @@ def plan_data(
         rows, where = source.total_rows, path if path is not None else "the synthetic dataset"
     if rows == 0:
         raise DataError(f"data.path: {path or where} has no rows")
-    grid = BlockGrid.for_rows(rows, block_rows) if exact else None
+    grid = BlockGrid.for_rows(rows, block_rows, chunk) if exact else None
     shards = grid.split(max(workers, 1)) if grid else split_rows(rows, max(workers, 1))
     if table is not None:  # in memory: one piece per shard, for Ray's object store
         source = table_source(table, shards)

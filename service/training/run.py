@@ -74,6 +74,7 @@ from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.data.columns import NUMERIC, numbers, plain
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.backprop import Architecture
+from shardprop.workers.network.chunks import chunk_columns
 from shardprop.workers.network.losses import l2_penalty, sum_of_squares
 from shardprop.workers.network.params import (
     Layout,
@@ -134,6 +135,8 @@ def make_plan(config: Config, table: pa.Table | None = None) -> DataPlan:
         block_rows=config.train.block_rows,
         categorical=data.categorical,
         table=table,
+        # the widest layer decides the chunk; the output's width may not be known yet
+        chunk=chunk_columns((0, *config.model.hidden, 1), config.model.dtype),
     )
 
 

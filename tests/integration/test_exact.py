@@ -141,11 +141,15 @@ def test_an_incomplete_tree_is_refused():
         sums.total()
 
 
-def test_block_sizes_depend_on_the_row_count_only():
+def test_block_sizes_depend_on_the_row_count_and_the_chunk_width_only():
     assert auto_block_rows(1001) == 126  # 8 blocks: small data still splits
     assert auto_block_rows(20_000) == 1024
     assert auto_block_rows(200_000) == 3125  # 64 blocks
     assert auto_block_rows(10_000_000) == 8192
+    # whole chunks of 512 columns (the standard workload's), else whole 64s, else as is
+    assert auto_block_rows(200_000, 512) == 3584  # 56 blocks of 7 chunks
+    assert auto_block_rows(1001, 512) == 128
+    assert auto_block_rows(100, 512) == 13
     assert BlockGrid(1001, 126).split(3) == [(0, 378), (378, 756), (756, 1001)]
 
 

@@ -107,6 +107,15 @@ def test_parquet_read_decodes_only_the_overlapping_row_groups(tmp_path, monkeypa
     assert got.equals(whole.select(["x0", "y"]).slice(1200, 900))
 
 
+def test_synthetic_pieces_make_up_a_range_that_starts_inside_one():
+    spec = SyntheticSpec("blobs", 200_000, features=2)
+    source = Source("synthetic", synthetic=spec)
+    pieces = list(source.pieces_of(["x0", "y"], 100_000, 200_000))
+    assert [offset for offset, _ in pieces] == [0, 31_072, 96_608]
+    whole = pa.concat_tables([piece for _, piece in pieces])
+    assert whole.equals(generate(spec, 100_000, 200_000).select(["x0", "y"]))
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "feather"])
 def test_a_read_comes_in_pieces_that_make_up_the_rows(tmp_path, fmt):
     """A worker takes one piece at a time: each piece is some rows of some columns, at its

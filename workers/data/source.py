@@ -208,9 +208,11 @@ class Source:
         if not 0 <= start <= stop <= self.total_rows:
             raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.total_rows})")
         if self.synthetic is not None:
-            for lo in range(start, stop, SYNTHETIC_PIECE_ROWS):
+            lo = start
+            while lo < stop:  # pieces end on a multiple of SYNTHETIC_PIECE_ROWS
                 hi = min(stop, (lo // SYNTHETIC_PIECE_ROWS + 1) * SYNTHETIC_PIECE_ROWS)
                 yield lo - start, generate(self.synthetic, lo, hi).select(columns)
+                lo = hi
             return
         target = self._target_schema(columns)
         filesystem = self.filesystem() if self.format != "table" else None

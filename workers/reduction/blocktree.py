@@ -29,11 +29,21 @@ TARGET_BLOCKS = 64
 MIN_BLOCKS = 8
 MIN_BLOCK_ROWS = 1024
 MAX_BLOCK_ROWS = 8192
+BLOCK_ALIGN = 64  # workers/network/chunks.py's CHUNK_ALIGN
 
 
-def auto_block_rows(rows: int) -> int:
+def auto_block_rows(rows: int, chunk: int = 1) -> int:
+    """`chunk`: the columns a worker runs through the network at a time. A block is a whole
+    number of chunks where that keeps MIN_BLOCKS blocks, else of BLOCK_ALIGN columns: cut
+    into chunks narrower than the rank-order step's, or with a ragged last one, the exact
+    step ran up to a fifth slower (figures: docs/performance.md)."""
     floor = min(MIN_BLOCK_ROWS, math.ceil(rows / MIN_BLOCKS))
-    return max(1, min(MAX_BLOCK_ROWS, max(floor, math.ceil(rows / TARGET_BLOCKS))))
+    block = max(1, min(MAX_BLOCK_ROWS, max(floor, math.ceil(rows / TARGET_BLOCKS))))
+    for align in (chunk, BLOCK_ALIGN):
+        aligned = -(-block // align) * align
+        if math.ceil(rows / aligned) >= MIN_BLOCKS:
+            return aligned
+    return block
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,8 @@ class BlockGrid:
     block_rows: int
 
     @classmethod
-    def for_rows(cls, rows: int, block_rows: int | None = None) -> "BlockGrid":
-        return cls(rows, block_rows or auto_block_rows(rows))
+    def for_rows(cls, rows: int, block_rows: int | None = None, chunk: int = 1) -> "BlockGrid":
+        return cls(rows, block_rows or auto_block_rows(rows, chunk))
 
     @property
     def blocks(self) -> int:
