@@ -9,7 +9,7 @@ import pytest
 from shardprop.service.bench.data import measure_load
 from shardprop.service.data.plan import write_table
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
-from tests.integration.test_memory_plan import in_fresh_process
+from tests.processes import in_fresh_process
 
 ROWS, FEATURES = 400_000, 64  # 100 MB of float32 rows, 200 MB of float64
 LEAN = 1.2  # the peak while loading, over the batches kept

@@ -48,11 +48,11 @@ def test_run_records_its_input_dataset_and_shard_plan(ray_session, parquet_folde
 
     shards_json = client.download_artifacts(result.run_id, "shards.json")
     shards = json.loads(Path(shards_json).read_text())["shards"]
-    assert [s["rows"] for s in shards] == [[0, 452], [452, 900]]  # 4 blocks of 113 rows each
+    assert [s["rows"] for s in shards] == [[0, 512], [512, 900]]  # 4 blocks of 128 rows each
     assert [s["rank"] for s in shards] == [0, 1]
     assert all(s["pid"] > 0 and s["host"] for s in shards)
     assert [(f["file"].rsplit("/", 1)[-1], f["rows"]) for f in shards[1]["files"]] == [
-        ("part-1.parquet", [202, 450]),
+        ("part-1.parquet", [262, 450]),
         ("part-2.parquet", [0, 200]),
     ]
 

@@ -2,13 +2,7 @@
 real Ray runtime reports and places. Each Ray runtime here lives in a fresh process of its
 own: its resources are the test's, and a process's peak memory is only its own there."""
 
-import pickle
-import subprocess
-import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,30 +14,10 @@ from shardprop.service.cluster.capacity import (
     placement_problem,
     ray_nodes,
 )
+from tests.processes import in_fresh_process
 
 ROWS, FEATURES, FILES = 1_000_000, 64, 8  # a data-heavy job: 512 MB of float64 features
 WITHIN = 0.15  # of the measured peak
-
-
-def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a new interpreter with a fresh sys.path: a process spawned by
-    multiprocessing inherits this one's, where a logged model loaded by an earlier test may
-    have put its own partial copy of shardprop first."""
-    with tempfile.TemporaryDirectory() as folder:
-        call, result = Path(folder) / "call.pkl", Path(folder) / "result.pkl"
-        call.write_bytes(pickle.dumps((function, args)))
-        script = (
-            "import pickle, sys; function, args = pickle.load(open(sys.argv[1], 'rb')); "
-            "pickle.dump(function(*args), open(sys.argv[2], 'wb'))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(call), str(result)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return pickle.loads(result.read_bytes())
 
 
 def nodes_and_placements() -> tuple[list[Node], int, list[bool]]:

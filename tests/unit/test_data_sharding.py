@@ -12,6 +12,7 @@ import pytest
 
 from shardprop.service.bench.data import bench_planning
 from shardprop.service.data.plan import plan_data
+from tests.processes import in_fresh_process
 from tests.unit.test_data import make_table
 
 # rows of each row group, per file: uneven within files and between them (1376 rows)
@@ -110,7 +111,8 @@ def test_a_shard_edge_inside_a_row_group_decodes_that_group_on_both_sides(datase
 
 
 def test_bench_planning_reports_figures_on_a_small_dataset(tmp_path):
-    figures = bench_planning(rows=20_000, files=4, folder=tmp_path)
+    # a fresh interpreter: its own workers must not find a logged model's copy of shardprop
+    figures = in_fresh_process(bench_planning, 20_000, 4, 8, tmp_path)
     # rank 0 of a run's 2 workers: whole blocks of the exact reduction
     assert figures["rows"] == 20_000 and figures["shard_rows"] == 10_240
     low, median, high = (figures[f"plan_seconds{end}"] for end in ("_low", "", "_high"))
@@ -119,6 +121,6 @@ def test_bench_planning_reports_figures_on_a_small_dataset(tmp_path):
     # rank 0's batches: 8 features, the row of ones and the 3 classes' targets, in float64
     assert figures["loading_final_bytes"] == (8 + 1 + 3) * 10_240 * 8
     assert 0 < figures["plan_pickled_bytes"] < 10_000  # footers' summary, not rows
-    again = bench_planning(rows=20_000, files=4, folder=tmp_path)  # the dataset is reused
+    again = in_fresh_process(bench_planning, 20_000, 4, 8, tmp_path)  # the dataset is reused
     assert again["dataset_bytes"] == figures["dataset_bytes"]
     assert len(list(tmp_path.iterdir())) == 1
