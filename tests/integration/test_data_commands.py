@@ -242,12 +242,12 @@ def test_plan_on_a_parquet_folder_prints_rows_and_flops_per_worker_without_ray(
     code, output = shardprop("plan", config, "--workers", 2)
     assert code == 0, output
     assert ray.is_initialized() is ray_was_running  # False when run alone: plan starts no Ray
-    # sizes (2, 8, 1), m = 500 per worker: 2*500*(8*3 + 1*9) forward, as much for dW,
-    # 2*500*1*8 for dA[1]: 74,000
+    # sizes (2, 8, 1): 2*m*(8*3 + 1*9) forward, as much for dW, 2*m*1*8 for dA[1]: 148 m;
+    # the exact reduction's 8 blocks of 128 rows: m = 512 and 488
     rows = [line.split() for line in output.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert [(r[0], r[2], r[4], r[-1]) for r in rows] == [
-        ("0", "0..500", "500", "74,000"),
-        ("1", "500..1,000", "500", "74,000"),
+        ("0", "0..512", "512", "75,776"),
+        ("1", "512..1,000", "488", "72,224"),
     ]
     assert "FLOPs per step: 148,000" in output
     assert "33 parameters" in output
