@@ -142,7 +142,7 @@ class TestTwoNodesAndATrackingServer:
         shards = json.loads(shards_file.read_text())["shards"]
         assert [s["rank"] for s in shards] == [0, 1]
         assert len({s["node_id"] for s in shards}) == 2  # one shard on each node
-        assert [s["rows"] for s in shards] == [[0, 1004], [1004, 2001]]  # 4 + 4 blocks of 251
+        assert [s["rows"] for s in shards] == [[0, 1024], [1024, 2001]]  # 4 + 4 blocks of 256
         # joining a cluster ships this version of workers/ with the job (runtime_env)
         assert all("_ray_pkg_" in s["code"] for s in shards), shards
 

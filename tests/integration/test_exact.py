@@ -180,7 +180,7 @@ def run(workers, *sets, **flags):
 
 CASES = {
     "whole blocks": ("train.block_rows=143",),
-    "partial last block": (),  # 8 blocks of 126 rows, the last of 119
+    "partial last block": (),  # 8 blocks of 128 rows, the last of 105
     "validation and adam": (
         "data.validation_fraction=0.2",
         "train.patience=2",

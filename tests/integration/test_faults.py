@@ -76,7 +76,7 @@ def test_more_failures_than_allowed_fail_the_run_and_keep_a_loadable_checkpoint(
     )
     assert result.exit_code == 1, result.output
     (message,) = [line for line in result.output.splitlines() if line.startswith("failed:")]
-    assert "worker 0 (rows 0..504) was lost" in message  # 4 of the 8 blocks of 126 rows
+    assert "worker 0 (rows 0..512) was lost" in message  # 4 of the 8 blocks of 128 rows
     assert "cluster.max_worker_failures=2" in message
     kept = message.split("the last good weights: ")[1].split(";")[0]
     assert kept.endswith("step-000020/weights.npz")
