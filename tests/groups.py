@@ -11,15 +11,18 @@ from shardprop.service.cluster.group import WorkerGroup, start_group
 from shardprop.service.config import load_config
 from shardprop.service.training.run import make_plan, set_up_workers
 from shardprop.workers.network.params import init_params
+from shardprop.workers.shard import ShardWorker
 
 SETS = ["data.synthetic={name: blobs, rows: 1001, seed: 4}", "model.hidden=[16, 8]"]
 
 
-def prepared(workers: int, *sets: str, **flags) -> tuple[WorkerGroup, np.ndarray]:
+def prepared(
+    workers: int, *sets: str, worker_class: type[ShardWorker] = ShardWorker, **flags
+) -> tuple[WorkerGroup, np.ndarray]:
     """`workers` workers holding their shards of 1001 rows, and He-initialised parameters."""
     config = load_config(None, [*SETS, *sets], {"cluster.workers": workers, **flags})
     plan = make_plan(config)
-    group = start_group(plan, config.cluster)
+    group = start_group(plan, config.cluster, worker_class)
     _, _, arch = set_up_workers(group, plan, config)
     return group, init_params(arch.layout, "he", 0, config.model.dtype)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from shardprop.service.bench.timing import Timing
@@ -63,11 +64,11 @@ def bench_planning(
             start = time.perf_counter()
             plan_data(str(data), None, "y", None, workers=PLAN_WORKERS)
             plan_seconds.append(time.perf_counter() - start)
-        planning = _in_fresh_process(measure_planning, str(data))
-        loading = _in_fresh_process(measure_load, str(data), "float64", 0.0, PLAN_WORKERS)
+        planning = in_fresh_process(measure_planning, str(data))
+        loading = in_fresh_process(measure_load, str(data), "float64", 0.0, PLAN_WORKERS)
         runs: dict[str, Any] = {}
         for count in workers:
-            runs |= _in_fresh_process(measure_run, str(data), count, Path(scratch))
+            runs |= in_fresh_process(measure_run, str(data), count, Path(scratch))
         dataset_bytes = sum(file.stat().st_size for file in data.glob("*.parquet"))
     timing = Timing.over(plan_seconds)
     return {
@@ -85,8 +86,11 @@ def bench_planning(
     }
 
 
-def write_dataset(folder: Path, rows: int, files: int, features: int) -> Path:
-    """The blobs dataset as `files` Parquet files of near-equal size; kept once complete."""
+def write_dataset(
+    folder: Path, rows: int, files: int, features: int, dtype: str = "float64"
+) -> Path:
+    """The blobs dataset as `files` Parquet files of near-equal size, its features stored
+    in `dtype`; kept once complete."""
     if (folder / DONE).exists():
         return folder
     spec = SyntheticSpec("blobs", rows, features=features, seed=0)
@@ -94,7 +98,12 @@ def write_dataset(folder: Path, rows: int, files: int, features: int) -> Path:
     start = 0
     for i in range(files):
         stop = start + base + (i < extra)
-        write_table(generate(spec, start, stop), folder / f"part-{i:05d}.parquet", ROW_GROUP_ROWS)
+        table = generate(spec, start, stop)
+        if dtype != "float64":  # the label stays as generated
+            stored = pa.from_numpy_dtype(np.dtype(dtype))
+            fields = [f if f.name == "y" else f.with_type(stored) for f in table.schema]
+            table = table.cast(pa.schema(fields))
+        write_table(table, folder / f"part-{i:05d}.parquet", ROW_GROUP_ROWS)
         start = stop
     (folder / DONE).write_text("")
     return folder
@@ -240,15 +249,15 @@ def measure_process_baselines(folder: str | Path) -> dict:
     fresh process running a 2,000-row job of 64 features."""
     data = write_dataset(Path(folder) / "baseline", BASELINE_ROWS, 1, BASELINE_FEATURES)
     scratch = Path(folder)
-    workers = _in_fresh_process(measure_run, str(data), 2, scratch)
-    in_process = _in_fresh_process(measure_run, str(data), 0, scratch)
+    workers = in_fresh_process(measure_run, str(data), 2, scratch)
+    in_process = in_fresh_process(measure_run, str(data), 0, scratch)
     return {
         "worker_process_bytes": max(
             peak for key, peak in workers.items() if key.endswith("_peak_rss_bytes")
         ),
         "in_process_bytes": in_process["in_process_peak_rss_bytes"],
-        "coordinator_process_bytes": _in_fresh_process(measure_coordinator, str(data), scratch),
-        "ray_processes_bytes": _in_fresh_process(measure_ray_processes),
+        "coordinator_process_bytes": in_fresh_process(measure_coordinator, str(data), scratch),
+        "ray_processes_bytes": in_fresh_process(measure_ray_processes),
     }
 
 
@@ -308,7 +317,7 @@ def _rss(pid: int) -> int:
     return pages * resource.getpagesize()
 
 
-def _in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:
+def in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         return pool.submit(measure, *args).result()

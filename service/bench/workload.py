@@ -16,6 +16,7 @@ from shardprop.service.training.reduce import batch_mean, reduce_sums
 from shardprop.service.training.run import make_plan, set_up_workers
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.params import init_params
+from shardprop.workers.shard import ShardWorker
 
 LEARNING_RATE = 0.1  # ours and every peer's, so that their losses can be compared step by step
 
@@ -67,11 +68,16 @@ class Prepared:
     arch: Architecture
 
 
-def prepare(config: Config, seed: int, method: str = "gradient") -> Prepared:
+def prepare(
+    config: Config,
+    seed: int,
+    method: str = "gradient",
+    worker_class: type[ShardWorker] = BenchWorker,
+) -> Prepared:
     """Workers holding their shards and networks, and the transport of the `method` step set
     up, as a run has them before its first step."""
     plan = make_plan(config)
-    group = start_group(plan, config.cluster, BenchWorker)
+    group = start_group(plan, config.cluster, worker_class)
     _, _, arch = set_up_workers(group, plan, config)
     theta = init_params(arch.layout, "he", seed, config.model.dtype)
     group.prepare_steps(theta, method)

@@ -127,6 +127,38 @@ def bench_data(
     write_json(json_out, figures)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    rows: Annotated[
+        str, typer.Option(help="Row counts of the Parquet datasets, comma-separated.")
+    ] = "1000000,2000000,5000000,10000000",
+    workers: Annotated[str, typer.Option(help="Ray worker counts, comma-separated.")] = "1,2,4",
+    files: Annotated[
+        str, typer.Option(help="File counts the planning is timed on, comma-separated.")
+    ] = "100,1000,10000",
+    repeats: Annotated[int, typer.Option(help="Timed steps and plans per case.")] = 5,
+    folder: Annotated[
+        Path | None, typer.Option(help="Keep the datasets here between runs (default: a temp dir).")
+    ] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Step time against rows (64 float32 features) and Ray workers, each worker's peak
+    memory against the plan's, and planning time against file count."""
+    from shardprop.service.bench import scale as suite
+
+    result = suite.bench_scale(
+        int_list(rows),
+        int_list(workers),
+        int_list(files),
+        folder,
+        repeats,
+        say=lambda line: typer.echo(line, err=True),
+    )
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)
+
+
 @bench_app.command("tracking")
 def bench_tracking(
     config: Annotated[Path, typer.Argument(help="The job to time.")] = Path("configs/default.yaml"),

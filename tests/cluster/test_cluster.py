@@ -7,6 +7,7 @@ two nodes. The same topology as docker-compose.yml, without Docker.
 
 import json
 import os
+import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -145,6 +146,31 @@ class TestTwoNodesAndATrackingServer:
         assert [s["rows"] for s in shards] == [[0, 1024], [1024, 2001]]  # 4 + 4 blocks of 256
         # joining a cluster ships this version of workers/ with the job (runtime_env)
         assert all("_ray_pkg_" in s["code"] for s in shards), shards
+
+    def test_shards_no_node_can_hold_are_refused_before_any_row_is_read(self, cluster, tmp_path):
+        """The plan against the memory each node reports to Ray: one line naming the worker,
+        its rows, the node and the figures, and what to change; no worker is started."""
+        config = tmp_path / "huge.yaml"
+        config.write_text(
+            CONFIG.replace("moons, rows: 2001", "blobs, rows: 400_000_000, features: 64")
+        )
+        result = shardprop(
+            "train",
+            config,
+            "--address",
+            cluster.address,
+            "--no-tracking",
+            cwd=tmp_path,
+            env=client_env(RAY_AUTH_MODE="disabled"),
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert re.search(r"memory: worker \d \(rows [\d,]+\.\.[\d,]+\) needs", line), line
+        assert re.search(r"the largest node, [\d.]+ \([0-9a-f]{8}\), has [\d.]+ GiB", line), line
+        assert "cluster.workers" in line or "machines" in line, line
+        assert "Traceback" not in result.stderr
+        assert "loading" not in result.stdout.lower()
 
     def test_the_cluster_run_gives_the_in_process_weights(self, cluster, config, tmp_path):
         """Equivalence across machines: two nodes reached through Ray Client (ray://)."""

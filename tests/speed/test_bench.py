@@ -248,3 +248,32 @@ def test_bench_convergence_races_everyone_to_scikit_learns_loss(ray_session, tmp
 
 
 WHERE = ("2 Ray workers", "in-process")
+
+
+@pytest.mark.slow
+def test_bench_scale_times_every_case_and_measures_each_worker_against_the_plan(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scale.json"
+    args = ["bench", "scale", "--rows", "20000,60000", "--workers", "1,2", "--files", "2,20"]
+    result = CliRunner().invoke(
+        app, [*args, "--repeats", "2", "--folder", str(tmp_path), "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    cases = [(case["rows"], case["workers"]) for case in figures["steps"]]
+    assert cases == [(20_000, 1), (20_000, 2), (60_000, 1), (60_000, 2)]
+    for case in figures["steps"]:
+        assert case["step_seconds_low"] <= case["step_seconds"] <= case["step_seconds_high"]
+        assert len(case["peak_rss_bytes"]) == len(case["planned_peak_bytes"]) == case["workers"]
+        # the plan's process constants dominate these small shards: within the plan's 15 %
+        assert all(0.85 <= ratio <= 1.15 for ratio in case["measured_over_plan"]), case
+    assert set(figures["per_row_spread"]) == {"workers1", "workers2"}
+    assert [case["files"] for case in figures["planning"]] == [2, 20]
+    assert len(list((tmp_path / "planning-1000000x8-20files").glob("*.parquet"))) == 20
+    # the features as the bench says: float32 in the file, trained as float32
+    schema = pq.read_schema(next((tmp_path / "blobs-20000x64-float32").glob("*.parquet")))
+    assert {str(t) for n, t in zip(schema.names, schema.types, strict=True) if n != "y"} == {
+        "float"
+    }
+    assert "step time per row" in result.output
