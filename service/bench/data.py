@@ -43,6 +43,7 @@ RUN_HIDDEN = [32]  # a small network: the rows make the memory, as in a data-hea
 RUN_STEPS = 3
 BASELINE_ROWS = 2_000  # a job small enough that its process is all there is to measure
 BASELINE_FEATURES = 64
+RUNTIME_EXIT_SECONDS = 30
 
 
 def bench_planning(
@@ -173,7 +174,7 @@ def measure_run(data: str, workers: int, scratch: Path, classes: int = 3) -> dic
             group.call("gradient", theta)
         group.call("evaluate", theta)
         measured = group.call("peak_rss")
-    ray.shutdown()
+    stop_local_ray(ray)
     return _compared(f"workers{workers}", measured, planned)
 
 
@@ -229,6 +230,24 @@ def start_local_ray(workers: int) -> ModuleType:
     cpus = max(os.cpu_count() or 1, workers)
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
     return ray
+
+
+def stop_local_ray(ray: ModuleType) -> None:
+    """Shut the runtime started here down, and wait until its processes are gone (at most
+    RUNTIME_EXIT_SECONDS): the next measure must not share the machine with their exit."""
+    processes = _descendants(os.getpid())
+    ray.shutdown()
+    deadline = time.monotonic() + RUNTIME_EXIT_SECONDS
+    while any(map(_running, processes)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited, and waits only to be reaped
 
 
 def _compared(prefix: str, measured: list[int], planned: list[int]) -> dict:

@@ -10,6 +10,7 @@ not the weights, make the cost, as in a data-heavy job.
 """
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from shardprop.service.bench.data import (
     in_fresh_process,
     run_settings,
     start_local_ray,
+    stop_local_ray,
     write_dataset,
 )
 from shardprop.service.bench.timing import Timing
@@ -39,7 +41,7 @@ CLASSES = 3  # the bench's blobs
 FILE_ROWS = 500_000  # rows per Parquet file of the step datasets
 PLANNING_ROWS = 1_000_000  # the planning datasets: these rows, cut into more and more files
 PLANNING_FEATURES = 8
-REPEATS = 5
+REPEATS = 9  # steps timed per case; the median's noise falls as they grow
 
 
 def bench_scale(
@@ -54,29 +56,34 @@ def bench_scale(
     `folder`: keep the datasets there between runs (default: a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="shardprop-bench-scale-") as scratch:
         root = Path(folder) if folder is not None else Path(scratch)
-        steps = []
+        step_data = {}
         for count in rows:
             say(f"writing {count:,} rows x {FEATURES} {DTYPE} features")
-            data = write_dataset(
+            step_data[count] = write_dataset(
                 root / f"blobs-{count}x{FEATURES}-{DTYPE}",
                 count,
                 math.ceil(count / FILE_ROWS),
                 FEATURES,
                 DTYPE,
             )
-            for k in workers:
-                say(f"{count:,} rows on {k} worker(s)")
-                steps.append(in_fresh_process(measure_steps, str(data), k, repeats))
-        planning = []
+        planning_data = {}
         for count in files:
-            say(f"planning {PLANNING_ROWS:,} rows in {count:,} files")
-            data = write_dataset(
+            say(f"writing {PLANNING_ROWS:,} rows as {count:,} files")
+            planning_data[count] = write_dataset(
                 root / f"planning-{PLANNING_ROWS}x{PLANNING_FEATURES}-{count}files",
                 PLANNING_ROWS,
                 count,
                 PLANNING_FEATURES,
             )
-            planning.append(measure_planning_time(data, count, repeats))
+        os.sync()  # the kernel's writing back of the files is not the steps' time
+        steps = []
+        for count, data in step_data.items():
+            for k in workers:
+                say(f"{count:,} rows on {k} worker(s)")
+                steps.append(in_fresh_process(measure_steps, str(data), k, repeats))
+        planning = [
+            measure_planning_time(data, count, repeats) for count, data in planning_data.items()
+        ]
     return {
         "features": FEATURES,
         "dtype": DTYPE,
@@ -111,7 +118,7 @@ def measure_steps(data: str, workers: int, repeats: int) -> dict[str, Any]:
         finally:
             prepared.group.close()
     finally:
-        ray.shutdown()
+        stop_local_ray(ray)
     rows = plan.total_rows
     return {
         "rows": rows,
@@ -146,12 +153,12 @@ def measure_planning_time(data: Path, files: int, repeats: int) -> dict[str, Any
 
 
 def per_row_spread(steps: list[dict[str, Any]]) -> dict[str, float]:
-    """Per worker count: the step's time per row at the most rows over that at the fewest
-    (1.0: the step's cost grows with the rows and nothing else)."""
+    """Per worker count: the step's largest time per row over its smallest, across the row
+    counts (1.0: the step's cost grows with the rows and nothing else)."""
     spread = {}
     for k in sorted({case["workers"] for case in steps}):
-        cases = sorted((c for c in steps if c["workers"] == k), key=lambda c: c["rows"])
-        spread[f"workers{k}"] = cases[-1]["step_ns_per_row"] / cases[0]["step_ns_per_row"]
+        per_row = [case["step_ns_per_row"] for case in steps if case["workers"] == k]
+        spread[f"workers{k}"] = max(per_row) / min(per_row)
     return spread
 
 
@@ -174,7 +181,7 @@ def render(result: dict[str, Any]) -> list[str]:
             f"{max(case['measured_over_plan']):>14.3f}"
         )
     spread = ", ".join(f"{k} {v:.3f}" for k, v in result["per_row_spread"].items())
-    lines.append(f"step time per row, most rows over fewest: {spread}")
+    lines.append(f"step time per row, largest over smallest: {spread}")
     lines.append(f"{'files':>12} {'plan s':>22} {'ms/file':>8}")
     for case in result["planning"]:
         plan_range = (

@@ -136,7 +136,7 @@ def bench_scale(
     files: Annotated[
         str, typer.Option(help="File counts the planning is timed on, comma-separated.")
     ] = "100,1000,10000",
-    repeats: Annotated[int, typer.Option(help="Timed steps and plans per case.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed steps and plans per case.")] = 9,
     folder: Annotated[
         Path | None, typer.Option(help="Keep the datasets here between runs (default: a temp dir).")
     ] = None,
