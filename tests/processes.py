@@ -4,7 +4,6 @@ test fails, and never touches another Ray runtime on the machine (no `ray stop`)
 
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -14,7 +13,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from shardprop.service.bench.data import in_fresh_process  # noqa: F401 - the tests' too
 
 BIN = Path(sys.executable).parent
 
@@ -210,24 +210,3 @@ class RayCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             stop_group(node, seconds=5)
-
-
-def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a new interpreter with a fresh sys.path: a process spawned by
-    multiprocessing inherits this one's, where a logged model loaded by an earlier test may
-    have put its own partial copy of shardprop first."""
-    with tempfile.TemporaryDirectory() as folder:
-        call, result = Path(folder) / "call.pkl", Path(folder) / "result.pkl"
-        call.write_bytes(pickle.dumps((function, args)))
-        script = (
-            "import pickle, sys; function, args = pickle.load(open(sys.argv[1], 'rb')); "
-            "pickle.dump(function(*args), open(sys.argv[2], 'wb'))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(call), str(result)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return pickle.loads(result.read_bytes())

@@ -3,18 +3,17 @@ each worker's peak memory beside the plan's.
 
     shardprop bench data [--rows N] [--files F] [--folder DIR]
 
-Memory is measured in fresh processes (multiprocessing "spawn"): a process's peak resident
+Memory is measured in fresh processes (in_fresh_process): a process's peak resident
 size only grows, so a process that already wrote the dataset could not show what planning
 or a read adds. Planning must stay flat (footers, not rows); a worker's read is compared with
 the float64 (n0, m) array it ends with; a run's workers (real Ray actors, or the in-process
 run) with the peak the plan gives them. Linux figures: current RSS comes from /proc.
 """
 
-import concurrent.futures
-import multiprocessing
 import os
 import pickle
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ RUN_STEPS = 3
 BASELINE_ROWS = 2_000  # a job small enough that its process is all there is to measure
 BASELINE_FEATURES = 64
 RUNTIME_EXIT_SECONDS = 30
+FRESH_PROCESS_SECONDS = 1800  # a measure's bound: 10 M rows on one worker take about a minute
 
 
 def bench_planning(
@@ -337,9 +337,26 @@ def _rss(pid: int) -> int:
 
 
 def in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        return pool.submit(measure, *args).result()
+    """`measure(*args)` in a new interpreter, its result pickled back: a fresh process's peak
+    memory is the measure's alone. Not a multiprocessing child: that inherits this process's
+    sys.path, where an MLflow model loaded here may have put its own partial copy of
+    shardprop first."""
+    with tempfile.TemporaryDirectory(prefix="shardprop-measure-") as folder:
+        call, result = Path(folder) / "call.pkl", Path(folder) / "result.pkl"
+        call.write_bytes(pickle.dumps((measure, args)))
+        script = (
+            "import pickle, sys; measure, args = pickle.load(open(sys.argv[1], 'rb')); "
+            "pickle.dump(measure(*args), open(sys.argv[2], 'wb'))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(call), str(result)],
+            capture_output=True,
+            text=True,
+            timeout=FRESH_PROCESS_SECONDS,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{measure.__name__} failed: {done.stderr[-3000:]}")
+        return pickle.loads(result.read_bytes())
 
 
 def _current_rss() -> int:
