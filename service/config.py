@@ -157,6 +157,14 @@ class ClusterConfig(Section):
     address: str | None = None
     cpus_per_worker: int = Field(1, gt=0)
     max_worker_failures: int = Field(3, ge=0)  # lost workers replaced before the run fails
+    # elastic runs: a lost worker with no room for its replacement within replace_timeout
+    # leaves the run on the others (at least min_workers); room again grows it back towards
+    # max_workers, at a step boundary. null: cluster.workers (a fixed size)
+    min_workers: int | None = Field(None, ge=1)
+    max_workers: int | None = Field(None, ge=1)
+    # seconds a lost worker's replacement may take to be placed before an elastic run goes
+    # on without it; null: start_timeout
+    replace_timeout: float | None = Field(None, gt=0)
     # seconds a worker may take to be placed and to load its rows (new and replacement
     # workers): long enough for a cold cluster to add a node
     start_timeout: float = Field(600.0, gt=0)
@@ -201,6 +209,30 @@ class ClusterConfig(Section):
         if self.inject_failure and self.workers == 0:
             raise ValueError("cluster.inject_failure kills a worker process: needs workers >= 1")
         return self
+
+    @model_validator(mode="after")
+    def sizes_in_order(self) -> "ClusterConfig":
+        if self.smallest > self.workers:
+            raise ValueError(
+                f"cluster.min_workers: {self.smallest} is more than cluster.workers "
+                f"({self.workers}), the workers a run starts with"
+            )
+        if self.largest < self.workers:
+            raise ValueError(
+                f"cluster.max_workers: {self.largest} is less than cluster.workers "
+                f"({self.workers}), the workers a run starts with"
+            )
+        return self
+
+    @property
+    def smallest(self) -> int:
+        """The fewest workers an elastic run goes on with (in-process: none, it is one)."""
+        return (self.min_workers or self.workers) if self.workers else 0
+
+    @property
+    def largest(self) -> int:
+        """The most workers an elastic run grows to."""
+        return (self.max_workers or self.workers) if self.workers else 0
 
 
 # seconds between the tracker's writes of queued metrics and checkpoint uploads

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -37,13 +38,19 @@ SPIN_MARGIN_SHARE = 0.01  # of a step's compute, awake before the sums are due
 SPIN_MARGIN_SECONDS = 0.3e-3  # at least
 NOTICE_SECONDS = 10.0  # a wait for workers longer than this says what it waits for
 STEP_TIMEOUT_FACTOR = 10  # with no cluster.step_timeout: this many times the longest step
+GROW_CHECK_SECONDS = 5.0  # an elastic group below its largest size looks for room this often
 
 log = logging.getLogger(__name__)
+
+
+class NoRoomError(TrainingError):
+    """Workers Ray could not place within the time they were given."""
 
 
 class WorkerGroup(Protocol):
     size: int
     restarts: int  # workers replaced so far
+    changes: list[str]  # each change of size (elastic runs), with its cause
 
     def call(
         self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
@@ -60,6 +67,10 @@ class WorkerGroup(Protocol):
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
         """compile(), then a first, warm-up call: for callers that time every call."""
 
+    def grow(self) -> str | None:
+        """At a step boundary: more workers, where the group may grow and the cluster has
+        room for them; what changed, or None."""
+
     def close(self) -> None:
         """Stop the workers (and a Ray runtime the group started); safe to call twice."""
 
@@ -75,6 +86,7 @@ class LocalGroup:
         ]
         self.size = 1
         self.restarts = 0
+        self.changes: list[str] = []
 
     def call(
         self, method: str, *args: Any, while_waiting: Callable[[], None] | None = None
@@ -91,6 +103,9 @@ class LocalGroup:
 
     def prepare_steps(self, theta: np.ndarray, method: str = "gradient") -> None:
         pass  # nor a first call that would differ from the next
+
+    def grow(self) -> str | None:
+        return None  # one process: nothing to grow
 
     def close(self) -> None:
         self.workers.clear()
@@ -121,6 +136,8 @@ class RayGroup:
         resources: dict[str, float] | None = None,
         transport: str = "compiled",
         worker_class: type[ShardWorker] = ShardWorker,
+        sizes: tuple[int, int] | None = None,
+        replace_timeout: float | None = None,
     ):
         import ray
 
@@ -134,11 +151,15 @@ class RayGroup:
         # rows held in memory go to Ray's object store once, a piece per shard, and each
         # worker (a replacement too) fetches its own
         source = plan.source.stored(ray.put) if plan.source.pieces else plan.source
-        self._spawn_args = [
-            (rank, source, plan.columns, plan.label, start, stop, cpus_per_worker, plan.grid)
-            for rank, (start, stop) in enumerate(plan.shards)
-        ]
+        self._plan = plan = replace(plan, source=source)
+        self._cpus = cpus_per_worker
+        self._spawn_args = self._args_for(plan)
         self._shards = plan.shards
+        # elastic: the fewest workers to go on with and the most to grow to
+        self._smallest, self._largest = sizes or (len(plan.shards), len(plan.shards))
+        self._replace_timeout = replace_timeout or start_timeout
+        self._next_grow_check = time.monotonic() + GROW_CHECK_SECONDS
+        self.changes: list[str] = []  # each change of size, with its cause, in order
         self._owns_runtime = owns_runtime
         self._policy = policy or FailurePolicy(max_failures=0)
         self._timeout = timeout
@@ -215,7 +236,10 @@ class RayGroup:
                     lost[rank] = f"no answer within {timeout:.0f} s"
             pending = {}
             for rank, reason in lost.items():
-                self._recover(rank, method, reason)
+                if self._recover(rank, method, reason):  # other shards now: all again
+                    results.clear()
+                    pending = {r: self._submit(r, method, args) for r in range(self.size)}
+                    break
                 pending[rank] = self._submit(rank, method, args)
         if method in STATE_METHODS:
             self._state_calls.append((method, args))
@@ -290,19 +314,27 @@ class RayGroup:
             return self._timeout
         return max(self._start_timeout, STEP_TIMEOUT_FACTOR * self._longest_step)
 
-    def _await_placed(self, actors: dict[int, Any], replacing: bool = False) -> None:
+    def _await_placed(
+        self, actors: dict[int, Any], replacing: bool = False, elastic: bool = False
+    ) -> None:
         """Wait until these workers (rank: actor) are placed and answer, at most
-        start_timeout seconds, saying what it waits for once the wait gets long."""
+        start_timeout seconds (replace_timeout for an `elastic` replacement), saying what it
+        waits for once the wait gets long."""
         ray = self._ray
         pending = {actor.where.remote(): rank for rank, actor in actors.items()}
-        deadline = time.monotonic() + self._start_timeout
+        timeout, key = (
+            (self._replace_timeout, "cluster.replace_timeout")
+            if elastic
+            else (self._start_timeout, "cluster.start_timeout")
+        )
+        deadline = time.monotonic() + timeout
         told = False
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TrainingError(
+                raise NoRoomError(
                     f"{self._unplaced(sorted(pending.values()), replacing)}, after waiting "
-                    f"{self._start_timeout:.0f} s (cluster.start_timeout)"
+                    f"{timeout:.0f} s ({key})"
                 )
             ready, _ = interruptible(
                 ray.wait,
@@ -319,9 +351,10 @@ class RayGroup:
             if pending and not told:
                 told = True
                 log.warning(
-                    "%s; waiting up to %.0f s more (cluster.start_timeout)",
+                    "%s; waiting up to %.0f s more (%s)",
                     self._unplaced(sorted(pending.values()), replacing),
                     deadline - time.monotonic(),
+                    key,
                 )
 
     def _unplaced(self, ranks: list[int], replacing: bool) -> str:
@@ -339,7 +372,9 @@ class RayGroup:
             method = self._armed[rank].pop(0)
         return getattr(self.actors[rank], method).remote(*args)
 
-    def _recover(self, rank: int, method: str, reason: str) -> None:
+    def _recover(self, rank: int, method: str, reason: str) -> bool:
+        """Replace a lost worker; True when the group went on with fewer workers instead
+        (elastic: no room for the replacement within replace_timeout)."""
         self._ray.kill(self.actors[rank])  # a hung worker must not linger, nor be waited for
         self._drop_graph()  # compiled for the lost actor: compiled again for its replacement
         self._transport = self._wanted_transport
@@ -359,13 +394,18 @@ class RayGroup:
             reason,
         )
         actor = self._actor.remote(*self._spawn_args[rank])
+        elastic = self.size > self._smallest
         try:
-            self._await_placed({rank: actor}, replacing=True)
+            self._await_placed({rank: actor}, replacing=True, elastic=elastic)
             for state_method, state_args in self._state_calls:  # the same rows, the same state
                 ref = getattr(actor, state_method).remote(*state_args)
                 interruptible(self._ray.get, ref, timeout=self._start_timeout)
         except BaseException as error:
             self._ray.kill(actor)
+            if elastic and isinstance(error, NoRoomError):
+                cause = f"worker {rank} lost during {method}() ({reason}), no room to replace it"
+                self._resize(self.size - 1, cause)
+                return True
             if isinstance(error, self._ray.exceptions.GetTimeoutError):
                 raise TrainingError(
                     f"the replacement of worker {rank} did not set up within "
@@ -373,6 +413,54 @@ class RayGroup:
                 ) from None
             raise
         self.actors[rank] = actor
+        return False
+
+    def _args_for(self, plan: DataPlan) -> list[tuple]:
+        """Each rank's ShardWorker arguments."""
+        return [
+            (rank, plan.source, plan.columns, plan.label, start, stop, self._cpus, plan.grid)
+            for rank, (start, stop) in enumerate(plan.shards)
+        ]
+
+    def grow(self) -> str | None:
+        if self.size >= self._largest or time.monotonic() < self._next_grow_check:
+            return None
+        self._next_grow_check = time.monotonic() + GROW_CHECK_SECONDS
+        free = self._ray.available_resources()
+        room = min(int(free.get(key, 0.0) // need) for key, need in self.request.items() if need)
+        if room < 1:
+            return None
+        size, before = min(self._largest, self.size + room), self.size
+        try:
+            return self._resize(size, f"room for {size - before} more worker(s)")
+        except NoRoomError:  # the room went to others meanwhile: back to the size it had
+            self.changes.pop()
+            self._resize(before, "the room was gone")
+            self.changes.pop()
+            return None
+
+    def _resize(self, size: int, cause: str) -> str:
+        """`size` new workers on the same rows, each reading its shard and replaying the
+        set-up calls. The exact reduction's sums do not depend on how the rows are cut, so
+        the run goes on to the same bits; rank order's change with the cut."""
+        change = f"{self.size} -> {size} workers: {cause}"
+        log.warning("resizing from %s", change)
+        self.changes.append(change)
+        self._drop_graph()
+        for actor in self.actors:
+            self._ray.kill(actor)
+        plan = self._plan.resharded(size)
+        self._shards, self._spawn_args = plan.shards, self._args_for(plan)
+        self.actors = [self._actor.remote(*args) for args in self._spawn_args]
+        self.size = size
+        self._armed.clear()
+        self._computes.clear()  # steps of another size: the next one goes by plain calls
+        self._transport = self._wanted_transport
+        self._await_placed(dict(enumerate(self.actors)))
+        for method, args in self._state_calls:  # the same state, on the new rows
+            refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+            interruptible(self._ray.get, refs, timeout=self._start_timeout)
+        return change
 
     def inject(self, failure: InjectedFailure) -> None:
         if not 0 <= failure.worker < self.size:
@@ -417,7 +505,7 @@ def start_group(
     if cluster.inject_failure:
         worker_class = ChaosWorker
     started = connect_ray(
-        cluster.address, cluster.workers * cluster.cpus_per_worker, code_to_ship(cluster)
+        cluster.address, cluster.largest * cluster.cpus_per_worker, code_to_ship(cluster)
     )
     try:
         if cluster.address is not None:
@@ -436,6 +524,8 @@ def start_group(
             if (cluster.address or "").startswith("ray://")
             else cluster.transport,
             worker_class=worker_class,
+            sizes=(cluster.smallest, cluster.largest),
+            replace_timeout=cluster.replace_timeout,
         )
     except BaseException:
         if started:

@@ -228,6 +228,13 @@ class DataPlan:
         """The feature columns' names, as the table has them."""
         return tuple(column.name for column in self.columns)
 
+    def resharded(self, workers: int) -> "DataPlan":
+        """The same rows cut into `workers` shards, as plan_data cuts them: whole blocks of
+        the same grid under the exact reduction, whose sums are then the same bits."""
+        rows = self.total_rows
+        shards = self.grid.split(workers) if self.grid else split_rows(rows, workers)
+        return replace(self, shards=tuple(shards))
+
 
 def plan_data(
     path: str | None,

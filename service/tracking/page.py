@@ -35,6 +35,8 @@ LEARNING_RATE = "train/learning_rate"  # gd, momentum, adam: the schedule's rate
 FUNCTION_EVALS = "train/function_evals"  # lbfgs: the distributed evaluations the step took
 STEP_LENGTH = "train/step_length"  # lbfgs: where the line search stopped along its direction
 STOPPED_TAG = "shardprop.stopped"  # why a run ended before train.steps
+WORKERS = "workers"  # elastic runs: the workers that took the step
+RESIZES_TAG = "shardprop.resizes"  # elastic runs: each change of size, its step and cause
 WORKER_PHASES = ("forward", "backward", "wait")  # worker_R/<phase>_seconds every step
 READ_SECONDS = "read_seconds"  # worker_R/read_seconds, once, at step 0
 

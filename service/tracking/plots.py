@@ -91,12 +91,14 @@ def plot_timing(history: dict[str, list[float]], path: str | os.PathLike) -> Pat
     figure = Figure(figsize=(10, 3.5), layout="tight")
     FigureCanvasAgg(figure)
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    if len(step) and parts:
+    # the ranks that took every step: all of them, unless an elastic run changed size
+    every = [r for r in parts if len(history[f"worker_{r}/forward_seconds"]) == len(step)]
+    if len(step) and every:
         compute = np.max(
             [
                 np.asarray(history[f"worker_{r}/forward_seconds"])
                 + np.asarray(history[f"worker_{r}/backward_seconds"])
-                for r in parts
+                for r in every
             ],
             axis=0,
         )

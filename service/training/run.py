@@ -33,11 +33,13 @@ from shardprop.service.tracking.page import (
     GRAD_NORM,
     LEARNING_RATE,
     READ_SECONDS,
+    RESIZES_TAG,
     SAMPLES_PER_SECOND,
     STEP_LENGTH,
     STEP_SECONDS,
     STOPPED_TAG,
     STRAGGLER_RATIO,
+    WORKERS,
     blas_tag,
     flatten,
     in_force,
@@ -285,13 +287,18 @@ def step_metrics(
     }
     # per round, per rank: (compute seconds, forward seconds); none when the step took the
     # gradient an earlier one had and went no further
-    timings = np.array([[t for part in parts for t in part.timings()] for parts, _ in rounds])
-    timings = timings.reshape(-1, ranks, 2) if rounds else np.zeros((1, ranks, 2))
+    each = [
+        np.array([t for part in parts for t in part.timings()]).reshape(-1, 2)
+        for parts, _ in rounds
+    ]
+    slowest = np.array([round_[:, 0].max() for round_ in each] or [0.0])
     gathers = np.array([seconds for _, seconds in rounds] or [0.0])
+    # per rank: the rounds of the group's size now (an elastic group may change in a step)
+    timings = np.stack([r for r in each if len(r) == ranks] or [np.zeros((ranks, 2))])
     computes = timings[:, :, 0].sum(axis=0)
     metrics |= {
         # beyond the slowest worker's compute, round by round: broadcast, gather and sum
-        ALLREDUCE_SECONDS: float((gathers - timings[:, :, 0].max(axis=1)).sum()) + reduce_seconds,
+        ALLREDUCE_SECONDS: float((gathers - slowest).sum()) + reduce_seconds,
         STRAGGLER_RATIO: float(max(computes.max(), 1e-12) / max(np.median(computes), 1e-12)),
     }
     for rank in range(timings.shape[1]):
@@ -367,6 +374,8 @@ def fit(
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
+    elastic = config.cluster.smallest != config.cluster.largest
+    resizes: list[str] = []  # "step S: k -> k' workers: cause", as tagged
     stop = stop or StopRequests()
     watch = DivergenceWatch(train.divergence_factor, history.get("loss", []))
     done = first_step - 1  # steps applied to theta
@@ -423,6 +432,8 @@ def fit(
             metrics: dict[str, float] = {}
             if injected and step == injected.step:
                 group.inject(injected)
+            if elastic:
+                group.grow()  # room for more workers: at this boundary, between two steps
             if stopper and (step % train.eval_every == 0 or step == train.steps):
                 # measured at the parameters this step's gradient is taken at, as `loss` is
                 metrics = validate(group, theta, setup)
@@ -473,6 +484,13 @@ def fit(
                 timing = (time.perf_counter() - started, reduce_seconds, group.size)
                 if group.restarts != restarts:
                     restarts = metrics["worker_restarts"] = group.restarts
+                if elastic:
+                    metrics[WORKERS] = group.size
+                    if len(group.changes) > len(resizes):
+                        for change in group.changes[len(resizes) :]:
+                            resizes.append(f"step {step}: {change}")
+                            reporter.note(resizes[-1])
+                        tracker.set_tags({RESIZES_TAG: "; ".join(resizes)})
                 pending_logs.append(
                     functools.partial(report, step, metrics, mean, loss, grad, rounds, timing)
                 )
@@ -534,7 +552,12 @@ def compute_fraction(history: dict[str, list[float]], steps: int, loop_seconds: 
     step: what the coordinator, the all-reduce, logging and checkpoints leave to the math.
     Over the last `steps` steps (a resumed run's earlier ones ran in another process), but
     the first of them, which warms the workers up."""
-    ranks = {name.split("/")[0] for name in history if name.endswith("/forward_seconds")}
+    # the ranks that took every step (an elastic run's rank 0 at least)
+    ranks = {
+        name.split("/")[0]
+        for name, values in history.items()
+        if name.endswith("/forward_seconds") and len(values) == len(history[STEP_SECONDS])
+    }
     if steps < 2 or not ranks:
         return 0.0
     computes = np.array(

@@ -73,6 +73,10 @@ def test_resolved_config_holds_every_key():
         ("model.activation=softmax", "model.activation: Input should be 'relu'"),
         ("model.hidden=[4, 0]", "model.hidden: layer widths must be >= 1"),
         ("cluster.workers=-1", "cluster.workers: Input should be greater than or equal to 0"),
+        ("cluster.min_workers=3", "cluster.min_workers: 3 is more than cluster.workers (2)"),
+        ("cluster.max_workers=1", "cluster.max_workers: 1 is less than cluster.workers (2)"),
+        ("cluster.min_workers=0", "cluster.min_workers: Input should be greater than or equal"),
+        ("cluster.replace_timeout=0", "cluster.replace_timeout: Input should be greater than 0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
@@ -146,3 +150,13 @@ def test_old_transport_keys_are_accepted_with_one_warning_line(
 def test_an_explicit_transport_wins_over_the_old_key():
     config = load_config(None, ["cluster.compiled_graph=false", "cluster.transport=compiled"])
     assert config.cluster.transport == "compiled"
+
+
+def test_a_fixed_size_is_the_default_and_elastic_bounds_hold_the_start():
+    cluster = load_config(None).cluster
+    assert (cluster.smallest, cluster.workers, cluster.largest) == (2, 2, 2)
+    elastic = load_config(None, ["cluster.min_workers=1", "cluster.max_workers=4"]).cluster
+    assert (elastic.smallest, elastic.workers, elastic.largest) == (1, 2, 4)
+    # an elastic config run in-process (--workers 0): one process, no bounds to keep
+    local = load_config(None, ["cluster.min_workers=1"], {"cluster.workers": 0}).cluster
+    assert (local.smallest, local.largest) == (0, 0)

@@ -1,0 +1,90 @@
+"""Elastic runs on two `ray start` nodes: a node lost with no room for its worker leaves the
+run on the other (cluster.min_workers), a node that joins grows it back (cluster.max_workers),
+and the weights are the very bits of a run that never changed size (train.reduction: exact)."""
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.processes import RayCluster, stop_group
+from tests.processes import start_shardprop as shardprop
+
+CONFIG = """\
+data: {synthetic: {name: moons, rows: 20001, seed: 3}}
+model: {hidden: [32, 32]}
+train: {steps: 3000, optimizer: adam, learning_rate: 0.01, checkpoint_every: 100}
+cluster:
+  workers: 2
+  min_workers: 1
+  max_workers: 2
+  replace_timeout: 5
+  worker_resources: {shard_slot: 1}
+  start_timeout: 120
+  transport: plain
+tracking: {flush_seconds: 0.2}
+"""
+
+
+@pytest.fixture
+def cluster():
+    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
+    try:
+        cluster.start(nodes=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def wait_for_checkpoint(run, out: Path, step: int, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not (out / "checkpoints" / f"step-{step:06d}" / "manifest.json").exists():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint at step {step}"
+        time.sleep(0.05)
+
+
+def reference_weights(config: Path, tmp_path: Path) -> Path:
+    """The run that never changes size: in-process."""
+    reference = shardprop(
+        "train", config, "--no-tracking", "--workers", "0", "--output", tmp_path / "ref",
+        cwd=tmp_path,
+    )  # fmt: skip
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr
+    return tmp_path / "ref" / "weights.npz"
+
+
+def test_a_run_shrinks_when_a_node_is_lost_grows_back_when_one_joins_same_bits(tmp_path, cluster):
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the schema, before this test polls the store
+    out = tmp_path / "out"
+    run = shardprop(
+        "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
+        cwd=tmp_path,
+    )  # fmt: skip
+    wait_for_checkpoint(run, out, 100)
+    stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone
+    wait_for_checkpoint(run, out, 500)  # the run goes on, on one worker
+    cluster.add_node()  # a node joins: the run grows back to two workers
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
+    assert found.info.status == "FINISHED"
+    workers = [m.value for m in client.get_metric_history(found.info.run_id, "workers")]
+    assert workers[0] == 2 and 1 in workers and workers[-1] == 2, workers
+    changes = found.data.tags["shardprop.resizes"]
+    assert re.search(r"2 -> 1 workers: worker \d lost .* no room to replace it", changes)
+    assert "1 -> 2 workers: room for 1 more worker(s)" in changes, changes
+
+    want = reference_weights(config, tmp_path)
+    with np.load(out / "weights.npz") as got, np.load(want) as expected:
+        for name in expected.files:
+            assert np.array_equal(got[name], expected[name]), name
