@@ -69,6 +69,15 @@ def stop_group(process: subprocess.Popen, seconds: float = 10) -> None:
             time.sleep(0.5)  # the group's other processes end a moment after their leader
 
 
+def wait_for_checkpoint(run: subprocess.Popen, out: Path, step: int, seconds: float = 180) -> None:
+    """Until `run` has written the checkpoint of `step` into `out`; it must still run."""
+    deadline = time.monotonic() + seconds
+    while not (out / "checkpoints" / f"step-{step:06d}" / "manifest.json").exists():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint at step {step}"
+        time.sleep(0.05)
+
+
 class MlflowServer:
     """`mlflow server` with a sqlite backend and served artifacts (clients need no shared
     disk: artifacts go through the server)."""

@@ -3,15 +3,13 @@ run on the other (cluster.min_workers), a node that joins grows it back (cluster
 and the weights are the very bits of a run that never changed size (train.reduction: exact)."""
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from mlflow import MlflowClient
 
-from tests.processes import RayCluster, stop_group
 from tests.processes import start_shardprop as shardprop
+from tests.processes import stop_group, wait_for_checkpoint
 
 CONFIG = """\
 data: {synthetic: {name: moons, rows: 20001, seed: 3}}
@@ -27,24 +25,6 @@ cluster:
   transport: plain
 tracking: {flush_seconds: 0.2}
 """
-
-
-@pytest.fixture
-def cluster():
-    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
-    try:
-        cluster.start(nodes=2)
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def wait_for_checkpoint(run, out: Path, step: int, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while not (out / "checkpoints" / f"step-{step:06d}" / "manifest.json").exists():
-        assert run.poll() is None, run.communicate()
-        assert time.monotonic() < deadline, f"no checkpoint at step {step}"
-        time.sleep(0.05)
 
 
 def reference_weights(config: Path, tmp_path: Path) -> Path:

@@ -2,15 +2,13 @@
 after cluster.start_timeout, names what could not be placed, keeps its last checkpoint and
 says how to go on; the resume on a cluster with room again ends with the undisturbed bits."""
 
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from mlflow import MlflowClient
 
-from tests.processes import RayCluster, stop_group
 from tests.processes import start_shardprop as shardprop
+from tests.processes import stop_group, wait_for_checkpoint
 
 CONFIG = """\
 data: {synthetic: {name: moons, rows: 4001, seed: 3}}
@@ -19,16 +17,6 @@ train: {steps: 400, optimizer: adam, learning_rate: 0.01, checkpoint_every: 10}
 cluster: {workers: 2, worker_resources: {shard_slot: 1}, start_timeout: 15, transport: plain}
 tracking: {flush_seconds: 0.2}
 """
-
-
-@pytest.fixture
-def cluster():
-    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
-    try:
-        cluster.start(nodes=2)
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path, cluster):
@@ -43,11 +31,7 @@ def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path,
         "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
         cwd=tmp_path,
     )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while not (out / "checkpoints" / "step-000020" / "manifest.json").exists():
-        assert run.poll() is None, run.communicate()
-        assert time.monotonic() < deadline, "no checkpoint at step 20"
-        time.sleep(0.05)
+    wait_for_checkpoint(run, out, 20)
     stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone for good
     _, stderr = run.communicate(timeout=240)
     assert run.returncode == 1, stderr
