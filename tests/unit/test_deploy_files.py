@@ -2,7 +2,8 @@
 
 They must parse, publish nothing but the two UIs on loopback, turn Ray token authentication
 on everywhere, hold no secret, and every `shardprop` command line in them must be accepted by
-the real CLI.
+the real CLI, with a config that loads. The KubeRay clusters autoscale, and their worker
+pods are the elastic runs' workers: min / max replicas are the runs' min / max workers.
 """
 
 import re
@@ -15,6 +16,8 @@ import typer.main
 import yaml
 
 from shardprop.service.cli.app import app
+from shardprop.service.config import ClusterConfig, Config, load_config
+from shardprop.service.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -180,9 +183,9 @@ def test_every_kubernetes_manifest_parses(path):
         assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: {doc.get('kind')}"
 
 
-def test_the_kubernetes_manifests_are_the_mlflow_server_and_a_rayjob():
+def test_the_kubernetes_manifests_are_the_mlflow_server_a_rayjob_and_a_raycluster():
     kinds = {doc["kind"] for doc in manifests()}
-    assert {"PersistentVolumeClaim", "Deployment", "Service", "RayJob"} <= kinds
+    assert {"PersistentVolumeClaim", "Deployment", "Service", "RayJob", "RayCluster"} <= kinds
 
 
 # --- closed by default ----------------------------------------------------------------------
@@ -233,9 +236,30 @@ def test_the_token_is_a_file_secret_outside_the_compose_file():
     assert compose()["secrets"]["ray_token"] == {"file": "./deploy/secrets/ray_token"}
 
 
-def test_the_rayjob_turns_token_authentication_on():
+def ray_clusters() -> list[tuple[str, dict]]:
+    """(kind/name, RayClusterSpec) of every KubeRay cluster: a RayCluster's, a RayJob's."""
+    specs = {
+        "RayCluster": lambda doc: doc["spec"],
+        "RayJob": lambda doc: doc["spec"]["rayClusterSpec"],
+    }
+    return [
+        (f"{doc['kind']}/{doc['metadata']['name']}", specs[doc["kind"]](doc))
+        for doc in manifests()
+        if doc["kind"] in specs
+    ]
+
+
+RAY_CLUSTERS = ray_clusters()
+CLUSTER_IDS = [name for name, _ in RAY_CLUSTERS]
+
+
+@pytest.mark.parametrize("name, spec", RAY_CLUSTERS, ids=CLUSTER_IDS)
+def test_every_ray_cluster_turns_token_authentication_on(name, spec):
+    assert spec["authOptions"] == {"mode": "token"}, name
+
+
+def test_the_rayjob_deletes_its_cluster_when_done():
     (job,) = [doc for doc in manifests() if doc["kind"] == "RayJob"]
-    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert isinstance(job["spec"]["ttlSecondsAfterFinished"], int)
 
@@ -348,6 +372,119 @@ def test_the_cli_parser_resolves_nested_commands_and_rejects_unknown_options():
         parse_with_cli(["shardprop", "train", "c.yaml", "--no-such-option"])
     with pytest.raises(CliError):
         parse_with_cli(["shardprop", "no-such-command"])
+
+
+# --- KubeRay autoscaling, sized for elastic runs -------------------------------------------
+
+UPSCALING_MODES = {"Default", "Aggressive", "Conservative"}  # the CRD's enum
+
+
+def test_the_raycluster_is_the_rayjobs_cluster():
+    """One cluster spec in two files: what the tests below check of one holds for both."""
+    specs = {name.split("/")[0]: spec for name, spec in RAY_CLUSTERS}
+    assert specs["RayCluster"] == specs["RayJob"]
+
+
+@pytest.mark.parametrize("name, spec", RAY_CLUSTERS, ids=CLUSTER_IDS)
+def test_every_ray_cluster_autoscales_its_workers(name, spec):
+    assert spec["enableInTreeAutoscaling"] is True, name
+    options = spec["autoscalerOptions"]
+    assert options["upscalingMode"] in UPSCALING_MODES
+    assert isinstance(options["idleTimeoutSeconds"], int) and options["idleTimeoutSeconds"] > 0
+    assert spec["workerGroupSpecs"], f"{name} has no worker group"
+    for group in spec["workerGroupSpecs"]:
+        low, initial, high = group["minReplicas"], group["replicas"], group["maxReplicas"]
+        assert 1 <= low <= initial <= high, f"{name}/{group['groupName']}: {low} {initial} {high}"
+        assert low < high, f"{name}/{group['groupName']} cannot scale"
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity of CPUs or a count: "2", "500m"."""
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def ray_resources(group: dict) -> dict[str, float]:
+    """What one pod of the group gives Ray: the group's `resources` (KubeRay passes them to
+    `ray start`), CPU from the container's limit when they do not name it."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    given = {key: quantity(value) for key, value in group.get("resources", {}).items()}
+    return {"CPU": quantity(limits["cpu"]), **given}
+
+
+@pytest.mark.parametrize("name, spec", RAY_CLUSTERS, ids=CLUSTER_IDS)
+def test_ray_sees_the_cpus_a_pod_has_and_the_head_takes_no_worker(name, spec):
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert ray_resources(group)["CPU"] == quantity(limits["cpu"]), group["groupName"]
+        assert "resources" not in group["rayStartParams"], "one place: the group's resources"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert not head.get("resources"), f"{name}: the head gives Ray a resource workers ask for"
+
+
+def run_config(argv: list[str]) -> Config:
+    """The config a `shardprop train|submit` line runs with: its config file (the image's
+    /app/configs is the repository's configs/), then its --set and --workers."""
+    params = parse_with_cli(argv).params
+    path = params["config"] and ROOT / str(params["config"]).replace("/app/configs/", "configs/")
+    flags = {"cluster.workers": params.get("workers")}
+    return load_config(path, params.get("set_") or [], flags)
+
+
+TRAINING_LINES = [(w, argv) for w, argv in SHARDPROP_LINES if argv[1:2] in (["train"], ["submit"])]
+
+
+@pytest.mark.parametrize("where, argv", TRAINING_LINES, ids=[w for w, _ in TRAINING_LINES])
+def test_every_training_command_line_loads_its_config(where, argv):
+    try:
+        run_config(argv)
+    except (CliError, ConfigError) as error:
+        pytest.fail(f"{where}\n  {error}")
+
+
+def elastic_lines() -> list[tuple[str, ClusterConfig]]:
+    found = []
+    for where, argv in TRAINING_LINES:
+        try:
+            cluster = run_config(argv).cluster
+        except (CliError, ConfigError):
+            continue  # failed above
+        if cluster.smallest < cluster.largest:
+            found.append((where, cluster))
+    return found
+
+
+ELASTIC_LINES = elastic_lines()
+
+
+def test_the_rayjob_and_the_readme_run_elastic_trainings():
+    wheres = {where.split(":")[0] for where, _ in ELASTIC_LINES}
+    assert {"rayjob.yaml", "deploy/README.md"} <= wheres
+
+
+def workers_per_pod(group: dict, cluster: ClusterConfig) -> float:
+    """How many of the run's workers one pod of the group holds: the same whole number for
+    every resource a worker asks for, or the test fails."""
+    given = ray_resources(group)
+    asked = {"CPU": float(cluster.cpus_per_worker), **cluster.worker_resources}
+    assert set(given) == set(asked), f"pods give {given}, a worker asks for {asked}"
+    counts = {key: given[key] / need for key, need in asked.items()}
+    per_pod = counts["CPU"]
+    assert all(count == per_pod for count in counts.values()), f"a pod holds {counts} workers"
+    assert per_pod >= 1 and per_pod.is_integer(), f"a pod holds {per_pod} workers"
+    return per_pod
+
+
+@pytest.mark.parametrize("where, cluster", ELASTIC_LINES, ids=[w for w, _ in ELASTIC_LINES])
+def test_the_worker_pods_are_the_elastic_runs_workers(where, cluster):
+    """minReplicas / replicas / maxReplicas worker pods hold cluster.min_workers / workers /
+    max_workers: the autoscaler adds the pods an elastic run grows into, no more."""
+    for name, spec in RAY_CLUSTERS:
+        (group,) = spec["workerGroupSpecs"]
+        per_pod = workers_per_pod(group, cluster)
+        replicas = (group["minReplicas"], group["replicas"], group["maxReplicas"])
+        sizes = (cluster.smallest, cluster.workers, cluster.largest)
+        assert tuple(per_pod * n for n in replicas) == sizes, f"{where}\n  vs {name}"
 
 
 # --- no secret committed --------------------------------------------------------------------
