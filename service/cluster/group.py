@@ -138,6 +138,7 @@ class RayGroup:
         worker_class: type[ShardWorker] = ShardWorker,
         sizes: tuple[int, int] | None = None,
         replace_timeout: float | None = None,
+        estimate_for: Callable[[DataPlan], PlanEstimate] | None = None,
     ):
         import ray
 
@@ -159,6 +160,7 @@ class RayGroup:
         self._smallest, self._largest = sizes or (len(plan.shards), len(plan.shards))
         self._replace_timeout = replace_timeout or start_timeout
         self._next_grow_check = time.monotonic() + GROW_CHECK_SECONDS
+        self._estimate_for = estimate_for  # a plan's memory, checked before each resize
         self.changes: list[str] = []  # each change of size, with its cause, in order
         self._owns_runtime = owns_runtime
         self._policy = policy or FailurePolicy(max_failures=0)
@@ -176,6 +178,17 @@ class RayGroup:
         # through all but a margin of the smaller (a one-off slow step must not make the
         # next one wait), then spins for the sums
         self._computes: deque[float] = deque(maxlen=2)
+        if self._smallest < self._largest:
+            # an autoscaler adds the nodes for the largest size; room for fewer than asked
+            # starts the run on what there is (at least min_workers) and it grows later
+            self._ask_autoscaler(self._largest)
+            room = self._room()
+            fits = self._smallest <= room < len(plan.shards) and not self._memory_problem(room)
+            if fits:
+                cause = f"room for {room} at the start"
+                self.changes.append(f"{len(plan.shards)} -> {room} workers: {cause}")
+                self._plan = plan = plan.resharded(room)
+                self._shards, self._spawn_args = plan.shards, self._args_for(plan)
         self.actors = [self._actor.remote(*args) for args in self._spawn_args]
         self.size = len(self.actors)
         try:
@@ -348,7 +361,7 @@ class RayGroup:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as error:
                     raise_user_error(error)
-            if pending and not told:
+            if pending and not told and deadline > time.monotonic():
                 told = True
                 log.warning(
                     "%s; waiting up to %.0f s more (%s)",
@@ -404,6 +417,10 @@ class RayGroup:
             self._ray.kill(actor)
             if elastic and isinstance(error, NoRoomError):
                 cause = f"worker {rank} lost during {method}() ({reason}), no room to replace it"
+                if problem := self._memory_problem(self.size - 1):
+                    raise TrainingError(
+                        f"{cause}; the other workers cannot take its rows: {problem}"
+                    ) from None
                 self._resize(self.size - 1, cause)
                 return True
             if isinstance(error, self._ray.exceptions.GetTimeoutError):
@@ -422,12 +439,29 @@ class RayGroup:
             for rank, (start, stop) in enumerate(plan.shards)
         ]
 
+    def _ask_autoscaler(self, workers: int) -> None:
+        """Room for `workers` workers in all, which an autoscaler adds nodes for (Ray's
+        request_resources: a hint, kept until the next call; no autoscaler, no effect)."""
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[self.request] * workers)
+
+    def _room(self) -> int:
+        """How many more workers the cluster has free resources for now."""
+        free = self._ray.available_resources()
+        return min(int(free.get(key, 0.0) // need) for key, need in self.request.items() if need)
+
+    def _memory_problem(self, size: int) -> str | None:
+        """Why `size` workers' shards would not fit the nodes alive now; None if they do."""
+        if self._estimate_for is None:
+            return None
+        return memory_problem(self._estimate_for(self._plan.resharded(size)), ray_nodes(self._ray))
+
     def grow(self) -> str | None:
         if self.size >= self._largest or time.monotonic() < self._next_grow_check:
             return None
         self._next_grow_check = time.monotonic() + GROW_CHECK_SECONDS
-        free = self._ray.available_resources()
-        room = min(int(free.get(key, 0.0) // need) for key, need in self.request.items() if need)
+        room = self._room()
         if room < 1:
             return None
         size, before = min(self._largest, self.size + room), self.size
@@ -473,6 +507,8 @@ class RayGroup:
         self._drop_graph()
         for actor in self.actors:
             self._ray.kill(actor)
+        if self.actors and self._smallest < self._largest:
+            self._ask_autoscaler(0)  # the autoscaler may let the nodes go
         self.actors.clear()
         if self._owns_runtime:
             self._owns_runtime = False
@@ -496,10 +532,11 @@ def start_group(
     plan: DataPlan,
     cluster: ClusterConfig,
     worker_class: type[ShardWorker] = ShardWorker,
-    estimate: PlanEstimate | None = None,
+    estimate_for: Callable[[DataPlan], PlanEstimate] | None = None,
 ) -> WorkerGroup:
     """The group `cluster` asks for; workers that can be made to fail only for chaos runs.
-    On a joined cluster, the `estimate`'s memory must fit its nodes (exit 2)."""
+    `estimate_for`: a plan's costs. On a joined cluster, the plan's memory must fit its
+    nodes (exit 2); an elastic group checks it again before it shrinks."""
     if cluster.workers == 0:
         return LocalGroup(plan, worker_class)
     if cluster.inject_failure:
@@ -509,7 +546,7 @@ def start_group(
     )
     try:
         if cluster.address is not None:
-            check_joined_cluster(cluster, estimate)
+            check_joined_cluster(cluster, estimate_for and estimate_for(plan))
         return RayGroup(
             plan,
             cluster.cpus_per_worker,
@@ -526,6 +563,7 @@ def start_group(
             worker_class=worker_class,
             sizes=(cluster.smallest, cluster.largest),
             replace_timeout=cluster.replace_timeout,
+            estimate_for=estimate_for,
         )
     except BaseException:
         if started:

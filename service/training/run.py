@@ -21,7 +21,6 @@ import pyarrow as pa
 from shardprop.service.cluster.capacity import estimate_run, fit_problem, nodes_before_ray
 from shardprop.service.cluster.group import WorkerGroup, start_group
 from shardprop.service.config import Config
-from shardprop.service.data.estimate import PlanEstimate
 from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
 from shardprop.service.data.prepare import DataSetup, decide
@@ -361,6 +360,8 @@ def fit(
         reporter.update(step, metrics)
 
     first_step, last_checkpoint = 1, None
+    # "step S: k -> k' workers: cause", as tagged; a resumed run's go on from its checkpoint
+    resizes: list[str] = []
     if start is not None:
         theta[...] = start.theta
         optimizer.load_state(start.part("optimizer"))
@@ -370,12 +371,13 @@ def fit(
             plateau.load_state(saved)
         for step, metrics in records_from_arrays(start.part("metrics")):
             record(step, metrics)
+        resizes.extend(map(str, start.part("elastic").get("resizes", [])))
         first_step, last_checkpoint = start.step + 1, start.folder
     chaos = config.cluster.inject_failure
     injected = InjectedFailure.parse(chaos) if chaos else None
     restarts = 0
     elastic = config.cluster.smallest != config.cluster.largest
-    resizes: list[str] = []  # "step S: k -> k' workers: cause", as tagged
+    tagged = 0  # the group's changes in `resizes` so far
     stop = stop or StopRequests()
     watch = DivergenceWatch(train.divergence_factor, history.get("loss", []))
     done = first_step - 1  # steps applied to theta
@@ -388,6 +390,8 @@ def fit(
         )
         if stopper:
             state |= prefixed("early_stopping", stopper.state())
+        if resizes:
+            state["elastic.resizes"] = np.array(resizes)
         try:
             folder = save_checkpoint(checkpoints, step, layout, theta, state)
         except OSError as error:
@@ -486,10 +490,11 @@ def fit(
                     restarts = metrics["worker_restarts"] = group.restarts
                 if elastic:
                     metrics[WORKERS] = group.size
-                    if len(group.changes) > len(resizes):
-                        for change in group.changes[len(resizes) :]:
+                    if changes := group.changes[tagged:]:
+                        for change in changes:
                             resizes.append(f"step {step}: {change}")
                             reporter.note(resizes[-1])
+                        tagged += len(changes)
                         tracker.set_tags({RESIZES_TAG: "; ".join(resizes)})
                 pending_logs.append(
                     functools.partial(report, step, metrics, mean, loss, grad, rounds, timing)
@@ -609,7 +614,6 @@ def confusion(group: WorkerGroup, theta: np.ndarray, setup: DataSetup, folder: P
 def open_run(
     config: Config,
     plan: DataPlan,
-    estimate: PlanEstimate,
     background: ThreadPoolExecutor,
     resume_run: str | None,
 ) -> tuple[Recorder, WorkerGroup]:
@@ -620,7 +624,9 @@ def open_run(
     """
     opening = background.submit(open_tracker, config, resume_run)
     try:
-        group = start_group(plan, config.cluster, estimate=estimate)
+        group = start_group(
+            plan, config.cluster, estimate_for=functools.partial(estimate_run, config)
+        )
     except BaseException as error:
         if opening.exception() is None:
             tracker = opening.result()
@@ -671,7 +677,7 @@ def train(
         else:
             check_writable(RUNS_FOLDER, "--output", "the default output folder")
         with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
-            tracker, group = open_run(config, plan, estimate, background, resume_run)
+            tracker, group = open_run(config, plan, background, resume_run)
             with tracker, closing(group):
                 if folder is None:
                     folder = held.enter_context(OutputFolder(RUNS_FOLDER / tracker.run_id))
