@@ -29,6 +29,7 @@ from shardprop.service.cli.options import (
 )
 from shardprop.service.cli.predict import predict
 from shardprop.service.cli.render import render_plan, render_verify, summarise, write_json
+from shardprop.service.cli.watchdog import Watchdog
 from shardprop.service.config import config_from, load_config
 from shardprop.service.errors import ConfigError
 
@@ -94,7 +95,8 @@ def train(
                 "tracking.register_model": register_model,
             },
         )
-        reporter = Reporter("quiet" if quiet else "auto")
+        watchdog = Watchdog()  # says how to go on if Ray ends this process without a word
+        reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, init_weights, output, reporter)
     summarise(result, reporter)
 
@@ -127,7 +129,8 @@ def resume_run(
         cfg = config_from(
             logged, {"tracking.uri": recalled.tracking_uri, "cluster.address": address}
         )
-        reporter = Reporter("quiet" if quiet else "auto")
+        watchdog = Watchdog()
+        reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, None, output or recalled.output, reporter, resume_run=run_id)
     summarise(result, reporter)
 

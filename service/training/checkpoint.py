@@ -99,3 +99,17 @@ def latest_checkpoint(directory: Path, layout: Layout, dtype: str) -> Checkpoint
         except ValueError as error:
             log.warning("skipping a corrupt checkpoint: %s", error)
     return None
+
+
+def go_on(output: Path | None, run_id: str | None, tracking_uri: str | None) -> str:
+    """ "; the last good weights: W; go on with: shardprop resume RUN ...": where the run's
+    newest weights are (its final ones, else its newest checkpoint's), and the command that
+    goes on from them; with no run to resume (None), how to start from the weights."""
+    kept = output / "weights.npz" if output else None  # the final weights, once the loop is done
+    if kept is None or not kept.exists():
+        newest = max(output.glob("checkpoints/step-*"), default=None) if output else None
+        kept = newest / "weights.npz" if newest else None
+    weights = f"; the last good weights: {kept}" if kept else ""
+    if run_id is None or tracking_uri is None:
+        return f"{weights} (start from them with --init-weights)" if kept else ""
+    return f"{weights}; go on with: shardprop resume {run_id} --tracking-uri '{tracking_uri}'"

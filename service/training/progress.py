@@ -2,7 +2,8 @@
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Literal
 
 from rich.console import Console, RenderableType
@@ -70,13 +71,24 @@ class StepBar(Progress):
 class Reporter:
     """Step-by-step progress of one run; `quiet` shows nothing (errors go elsewhere)."""
 
-    def __init__(self, mode: Mode = "auto", console: Console | None = None):
+    def __init__(
+        self,
+        mode: Mode = "auto",
+        console: Console | None = None,
+        on_open: Callable[[str | None, str | None, Path], None] | None = None,
+    ):
         self.console = console or Console(stderr=True)
+        self.on_open = on_open  # told the run id, its store and its output folder
         if mode == "auto":
             mode = "rich" if self.console.is_terminal else "plain"
         self.mode = mode
         self._bar: Progress | None = None
         self._last_line = 0.0
+
+    def opened(self, run_id: str | None, tracking_uri: str | None, output: Path) -> None:
+        """The run is open: its MLflow run (None: untracked) and its output folder."""
+        if self.on_open is not None:
+            self.on_open(run_id, tracking_uri, output)
 
     def start(self, total_steps: int, title: str) -> None:
         self.total = total_steps

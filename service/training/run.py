@@ -58,6 +58,7 @@ from shardprop.service.tracking.store import StoreError, check_store, check_writ
 from shardprop.service.tracking.untracked import Recorder, Untracked
 from shardprop.service.training.checkpoint import (
     Checkpoint,
+    go_on,
     latest_checkpoint,
     save_checkpoint,
     weights_fingerprint,
@@ -683,6 +684,7 @@ def train(
                     folder = held.enter_context(OutputFolder(RUNS_FOLDER / tracker.run_id))
                     folder.hold(None)
                 folder.own(tracker.run_id)
+                reporter.opened(tracker.run_id, tracker.tracking_uri, folder.path)
                 try:
                     return run(
                         config,
@@ -710,18 +712,9 @@ def how_to_go_on(
 ) -> str:
     """Where the last good weights are, and the command that goes on from them. Not
     `resumable`: rows given in memory, which a resume cannot read again."""
-    kept = output / "weights.npz" if output else None  # the final weights, once the loop is done
-    if kept is None or not kept.exists():
-        newest = max(output.glob("checkpoints/step-*"), default=None) if output else None
-        kept = newest / "weights.npz" if newest else None
-    weights = f"; the last good weights: {kept}" if kept else ""
-    if isinstance(error, DivergenceError) or tracker.tracking_uri is None or not resumable:
-        # a resume would diverge again, or has no run or rows to go on with: use the files
-        return f"{weights} (start from them with --init-weights)" if kept else ""
-    return (
-        f"{weights}; go on with: shardprop resume {tracker.run_id} "
-        f"--tracking-uri '{tracker.tracking_uri}'"
-    )
+    # a resume would diverge again, or has no run or rows to go on with: use the files
+    gone_on = isinstance(error, DivergenceError) or not resumable
+    return go_on(output, None if gone_on else tracker.run_id, tracker.tracking_uri)
 
 
 def run(
