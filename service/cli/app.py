@@ -83,7 +83,8 @@ def train(
     from shardprop.service.training.run import train as run_training
 
     quiet_mlflow()
-    with errors_as_exit_codes(), only_errors(quiet):
+    # the watchdog says how to go on if Ray ends this process without a word
+    with errors_as_exit_codes(), only_errors(quiet), Watchdog() as watchdog:
         cfg = load_config(  # no CONFIG: every key's default
             config,
             set_ or [],
@@ -95,7 +96,6 @@ def train(
                 "tracking.register_model": register_model,
             },
         )
-        watchdog = Watchdog()  # says how to go on if Ray ends this process without a word
         reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, init_weights, output, reporter)
     summarise(result, reporter)
@@ -119,7 +119,7 @@ def resume_run(
     from shardprop.service.training.run import train as run_training
 
     quiet_mlflow()
-    with errors_as_exit_codes(), only_errors(quiet):
+    with errors_as_exit_codes(), only_errors(quiet), Watchdog() as watchdog:
         recalled = recall_run(tracking_uri, run_id)  # before Ray: a held run is refused
         if recalled.status == "FINISHED":
             typer.echo(f"run {run_id} is FINISHED: nothing to resume", err=True)
@@ -129,7 +129,6 @@ def resume_run(
         cfg = config_from(
             logged, {"tracking.uri": recalled.tracking_uri, "cluster.address": address}
         )
-        watchdog = Watchdog()
         reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, None, output or recalled.output, reporter, resume_run=run_id)
     summarise(result, reporter)

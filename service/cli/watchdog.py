@@ -8,7 +8,6 @@ the run FAILED and prints the line the run would have: the last good weights and
 command. (A Ray option to raise in the driver instead would make this unneeded.)
 """
 
-import atexit
 import json
 import signal
 import subprocess
@@ -16,32 +15,36 @@ import sys
 from pathlib import Path
 
 DONE = "done"
+WAIT_SECONDS = 10  # for the watchdog to read "done" and end
 
 
 class Watchdog:
-    """The command's side: told the run once it is open, and that the command is done."""
+    """The command's side, a context: told the run once it is open, and, on leaving the
+    context however Python leaves it (success, an error, a signal), that it is done."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> "Watchdog":
         # its stdin is the one line to it; it writes to the command's own stderr
         self._process = subprocess.Popen(
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, text=True
         )
-        atexit.register(self.done)  # every ending Python sees: success, errors, signals
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._say(DONE)
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
 
     def opened(self, run_id: str | None, tracking_uri: str | None, output: Path) -> None:
         self._say(json.dumps({"run": run_id, "uri": tracking_uri, "output": str(output)}))
-
-    def done(self) -> None:
-        self._say(DONE)
-        if self._process.stdin and not self._process.stdin.closed:
-            self._process.stdin.close()
-        self._process.wait()
 
     def _say(self, line: str) -> None:
         try:
             self._process.stdin.write(line + "\n")
             self._process.stdin.flush()
-        except (BrokenPipeError, ValueError, AttributeError):
+        except (BrokenPipeError, ValueError):
             pass  # the watchdog is gone: nothing to tell
 
 

@@ -92,9 +92,11 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     if from_mlflow:  # and for the writer to have uploaded one
         wait_for_upload(uri, victim)
     victim.send_signal(signal.SIGKILL)  # as an operator's kill -9, or a lost node
-    victim.wait(timeout=60)
+    _, stderr = victim.communicate(timeout=60)  # to the watchdog's last line
+    assert stderr.strip().splitlines()[-1].startswith("failed: the run ended without a word")
+    assert "go on with: shardprop resume" in stderr
     client, run = only_run(uri)
-    assert run.info.status == "RUNNING"  # nobody was left to say otherwise
+    assert run.info.status == "FAILED"  # marked by the watchdog
 
     if from_mlflow:  # as on another machine: only the run's uploaded checkpoints are left
         shutil.rmtree(out)
