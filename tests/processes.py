@@ -219,3 +219,34 @@ class RayCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             stop_group(node, seconds=5)
+
+
+def train_on(cluster: RayCluster, config_text: str, tmp_path: Path) -> subprocess.Popen:
+    """`shardprop train` of this config on the cluster, into tmp_path/out, tracked in
+    tmp_path/mlflow.db (its schema made first, so that a test may poll the store at once)."""
+    from mlflow import MlflowClient
+
+    config = tmp_path / "run.yaml"
+    config.write_text(config_text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return start_shardprop(
+        "train", config, "--address", cluster.address, "--tracking-uri", uri,
+        "--output", tmp_path / "out", cwd=tmp_path,
+    )  # fmt: skip
+
+
+def assert_in_process_bits(config: Path, weights: Path, tmp_path: Path) -> None:
+    """`weights` are, to the bit, those of the in-process run of `config` (the run that never
+    lost a worker nor changed size)."""
+    import numpy as np
+
+    reference = start_shardprop(
+        "train", config, "--no-tracking", "--workers", "0", "--output", tmp_path / "ref",
+        cwd=tmp_path,
+    )  # fmt: skip
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr
+    with np.load(weights) as got, np.load(tmp_path / "ref" / "weights.npz") as want:
+        for name in want.files:
+            assert np.array_equal(got[name], want[name]), name

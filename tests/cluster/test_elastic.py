@@ -5,13 +5,11 @@ the very bits of a run that never changed size (train.reduction: exact)."""
 
 import re
 import signal
-from pathlib import Path
 
-import numpy as np
 from mlflow import MlflowClient
 
+from tests.processes import assert_in_process_bits, stop_group, train_on, wait_for_checkpoint
 from tests.processes import start_shardprop as shardprop
-from tests.processes import stop_group, wait_for_checkpoint
 
 CONFIG = """\
 data: {synthetic: {name: moons, rows: 4001, seed: 3}}
@@ -29,29 +27,11 @@ tracking: {flush_seconds: 0.2}
 """
 
 
-def reference_weights(config: Path, tmp_path: Path) -> Path:
-    """The run that never changes size: in-process."""
-    reference = shardprop(
-        "train", config, "--no-tracking", "--workers", "0", "--output", tmp_path / "ref",
-        cwd=tmp_path,
-    )  # fmt: skip
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr
-    return tmp_path / "ref" / "weights.npz"
-
-
 def test_a_run_shrinks_resumes_small_and_grows_back_to_the_same_bits(tmp_path, cluster):
     """A node lost mid-run: on with one worker; the coordinator killed then: the resume
     starts on the one node there is; a node joins: back to two. Undisturbed bits."""
-    config = tmp_path / "run.yaml"
-    config.write_text(CONFIG)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # the schema, before this test polls the store
-    out = tmp_path / "out"
-    run = shardprop(
-        "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
-        cwd=tmp_path,
-    )  # fmt: skip
+    run = train_on(cluster, CONFIG, tmp_path)
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out"
     wait_for_checkpoint(run, out, 100)
     stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone
     wait_for_checkpoint(run, out, 300)  # the run goes on, on one worker
@@ -87,7 +67,4 @@ def test_a_run_shrinks_resumes_small_and_grows_back_to_the_same_bits(tmp_path, c
     assert re.fullmatch(r"step \d+: 2 -> 1 workers: room for 1 at the start", changes[1])
     assert re.fullmatch(r"step \d+: 1 -> 2 workers: room for 1 more worker\(s\)", changes[2])
 
-    want = reference_weights(config, tmp_path)
-    with np.load(out / "weights.npz") as got, np.load(want) as expected:
-        for name in expected.files:
-            assert np.array_equal(got[name], expected[name]), name
+    assert_in_process_bits(tmp_path / "run.yaml", out / "weights.npz", tmp_path)

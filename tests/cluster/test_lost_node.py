@@ -5,10 +5,15 @@ says how to go on; the resume on a cluster with room again ends with the undistu
 import time
 from pathlib import Path
 
-import numpy as np
 from mlflow import MlflowClient
 
-from tests.processes import RayCluster, stop_group, wait_for_checkpoint
+from tests.processes import (
+    RayCluster,
+    assert_in_process_bits,
+    stop_group,
+    train_on,
+    wait_for_checkpoint,
+)
 from tests.processes import start_shardprop as shardprop
 
 CONFIG = """\
@@ -26,15 +31,8 @@ ONE_NODE = CONFIG.replace(
 def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path, cluster):
     # plain calls: after a compiled graph lost a node's actor, Ray itself sometimes crashes
     # the driver at exit (SIGSEGV, after the run's last line): the exit code is Ray's then
-    config = tmp_path / "run.yaml"
-    config.write_text(CONFIG)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # the schema, before this test polls the store
-    out = tmp_path / "out"
-    run = shardprop(
-        "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
-        cwd=tmp_path,
-    )  # fmt: skip
+    run = train_on(cluster, CONFIG, tmp_path)
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out"
     wait_for_checkpoint(run, out, 20)
     stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone for good
     _, stderr = run.communicate(timeout=240)
@@ -57,15 +55,7 @@ def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path,
     )  # fmt: skip
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    reference = shardprop(
-        "train", config, "--no-tracking", "--workers", "0", "--output", tmp_path / "ref",
-        cwd=tmp_path,
-    )  # fmt: skip
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr
-    with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
-        for name in want.files:
-            assert np.array_equal(got[name], want[name]), name
+    assert_in_process_bits(tmp_path / "run.yaml", out / "weights.npz", tmp_path)
 
 
 def test_the_only_node_lost_fails_the_run_at_once_and_says_how_to_go_on(tmp_path):
@@ -75,15 +65,8 @@ def test_the_only_node_lost_fails_the_run_at_once_and_says_how_to_go_on(tmp_path
     cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, cpus_per_node=2)
     try:
         cluster.start(nodes=1)
-        config = tmp_path / "run.yaml"
-        config.write_text(ONE_NODE)
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        MlflowClient(uri).search_experiments()  # the schema, before this test polls the store
-        out = tmp_path / "out"
-        run = shardprop(
-            "train", config, "--address", cluster.address, "--tracking-uri", uri, "--output", out,
-            cwd=tmp_path,
-        )  # fmt: skip
+        run = train_on(cluster, ONE_NODE, tmp_path)
+        uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out"
         wait_for_checkpoint(run, out, 20)
         stop_group(cluster.nodes[0])
         started = time.monotonic()
