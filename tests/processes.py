@@ -2,6 +2,7 @@
 made of `ray start` processes. Each is torn down with its whole process group, also when a
 test fails, and never touches another Ray runtime on the machine (no `ray stop`)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -56,17 +57,28 @@ def answers(url: str) -> bool:
 def stop_group(process: subprocess.Popen, seconds: float = 10) -> None:
     """SIGTERM the process's whole group (a `ray start --block` takes its node down with
     it), SIGKILL what is left after `seconds`."""
+    stop_groups([process], seconds)
+
+
+def stop_groups(processes: list[subprocess.Popen], seconds: float = 10) -> None:
+    """stop_group for several groups at once: all are told, then all are waited for."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            continue
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):  # the whole group has ended
+                os.killpg(process.pid, sig)
+        deadline = time.monotonic() + seconds
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
         if sig == signal.SIGTERM:
             time.sleep(0.5)  # the group's other processes end a moment after their leader
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the process's whole group at once, as a crash would end it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def wait_for_checkpoint(run: subprocess.Popen, out: Path, step: int, seconds: float = 180) -> None:
@@ -112,8 +124,9 @@ class MlflowServer:
         wait_until(lambda: answers(f"{self.uri}/health"), 60, "mlflow server")
 
     def stop(self) -> None:
+        """At once, as a crash would: what it took is committed to its store already."""
         if self.process is not None:
-            stop_group(self.process)
+            kill_group(self.process)
 
 
 class RayCluster:
@@ -217,8 +230,7 @@ class RayCluster:
         return (Path(self.temp_dir) / f"node-{index}.log").read_text()[-3000:]
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            stop_group(node, seconds=5)
+        stop_groups(self.nodes[::-1], seconds=5)
 
 
 def train_on(cluster: RayCluster, config_text: str, tmp_path: Path) -> subprocess.Popen:

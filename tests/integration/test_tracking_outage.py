@@ -3,6 +3,7 @@
 A real `mlflow server` process on loopback, stopped and started again while a run trains.
 """
 
+import signal
 import subprocess
 import time
 
@@ -46,10 +47,11 @@ def test_an_unreachable_server_is_refused_in_seconds_before_any_worker(tmp_path)
 
 
 def test_a_server_stopped_and_restarted_mid_run_loses_no_metric(tmp_path, server):
+    steps = 40
     config = tmp_path / "slow.yaml"
     config.write_text(
         "data: {synthetic: {name: moons, rows: 60000}}\nmodel: {hidden: [128, 128]}\n"
-        "train: {steps: 300, checkpoint_every: 10}\ncluster: {workers: 0}\n"
+        f"train: {{steps: {steps}, checkpoint_every: 10}}\ncluster: {{workers: 0}}\n"
         # written every 0.2 s, so that the writer surely meets the store down
         "tracking: {flush_seconds: 0.2}\n"
     )
@@ -64,15 +66,21 @@ def test_a_server_stopped_and_restarted_mid_run_loses_no_metric(tmp_path, server
     while not (checkpoints / "step-000030").exists():  # training goes on without the store
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
-    server.start()
+    # the run holds still while the server starts again (seconds, and never the same), so
+    # that it is still mid-run, with its last steps to train, when the store is back
+    run.send_signal(signal.SIGSTOP)
+    try:
+        server.start()
+    finally:
+        run.send_signal(signal.SIGCONT)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
     assert "unreachable" in stderr  # the user was told, once
     client = MlflowClient(server.uri)
     (finished,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
     assert finished.info.status == "FINISHED"
-    steps = [p.step for p in client.get_metric_history(finished.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 301))
+    logged = [p.step for p in client.get_metric_history(finished.info.run_id, "loss")]
+    assert sorted(logged) == list(range(1, steps + 1))
     uploaded = {a.path for a in client.list_artifacts(finished.info.run_id, "checkpoints")}
     assert "checkpoints/step-000030" in uploaded  # written while the store was down
     assert (out / "weights.npz").exists()
