@@ -247,6 +247,7 @@ class TrackingConfig(Section):
     flush_seconds: float = Field(FLUSH_SECONDS, gt=0)  # and everything left at the run's end
     # the run's model becomes a new version of this registered model
     register_model: str | None = None
+    parent_run: str | None = None  # the MLflow run this one is nested under (a sweep's)
 
     @field_validator("register_model")
     @classmethod
@@ -266,12 +267,24 @@ class TrackingConfig(Section):
         return self
 
 
+class SweepConfig(Section):
+    """What `shardprop sweep` tries (service/sweep/space.py) and how it picks the best."""
+
+    # config key: a grid ("0.01,0.1,1", or a YAML list) or a distribution ("loguniform(1e-4,1)")
+    params: dict[str, str | list[Any]] = Field(default_factory=dict)
+    samples: int = Field(1, gt=0)  # the grid this many times, distributions drawn each time
+    metric: str = "loss"  # any metric a run logs; its last value ranks the trials
+    mode: Literal["min", "max"] = "min"
+    max_concurrent: int | None = Field(None, gt=0)  # trials at once; null: as many as fit
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # read by `shardprop sweep` only
 
     @model_validator(mode="after")
     def patience_needs_validation(self) -> "Config":

@@ -28,7 +28,13 @@ from shardprop.service.cli.options import (
     tracking_flags,
 )
 from shardprop.service.cli.predict import predict
-from shardprop.service.cli.render import render_plan, render_verify, summarise, write_json
+from shardprop.service.cli.render import (
+    render_plan,
+    render_sweep,
+    render_verify,
+    summarise,
+    write_json,
+)
 from shardprop.service.cli.watchdog import Watchdog
 from shardprop.service.config import config_from, load_config
 from shardprop.service.errors import ConfigError
@@ -132,6 +138,57 @@ def resume_run(
         reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, None, output or recalled.output, reporter, resume_run=run_id)
     summarise(result, reporter)
+
+
+@app.command()
+def sweep(
+    config: ConfigArgument = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A key and what to try: a grid (train.learning_rate=0.01,0.1,1) or a "
+            "distribution (loguniform(1e-4,1), uniform(a,b), randint(a,b), choice(a,b,...))."
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="Run the grid this many times, drawing distributions anew.")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="The logged metric that ranks trials (default loss).")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="min or max: which end of it is best.")] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials at once (default: as many as the cluster fits).")
+    ] = None,
+    set_: SetOption = None,
+    workers: WorkersOption = None,
+    address: AddressOption = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: ExperimentOption = None,
+    run_name: RunNameOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train CONFIG once per trial (Ray Tune), each a run nested under the sweep's MLflow run."""
+    from shardprop.service.sweep.run import sweep as run_sweep
+    from shardprop.service.sweep.space import parse_params
+
+    quiet_mlflow()
+    with errors_as_exit_codes(), only_errors(quiet):
+        flags = {
+            "cluster.workers": workers,
+            "cluster.address": address,
+            **tracking_flags(tracking_uri, experiment, run_name),
+            "sweep.samples": samples,
+            "sweep.metric": metric,
+            "sweep.mode": mode,
+            "sweep.max_concurrent": max_concurrent,
+        }
+        params = parse_params(param or [])
+        cfg = load_config(config, set_ or [], flags)
+        if params:  # the flags' keys over the file's
+            cfg.sweep.params = {**cfg.sweep.params, **params}
+        result = run_sweep(cfg, cfg.model_dump(exclude_none=True, exclude={"sweep"}))
+        render_sweep(result, cfg.sweep.metric, result.tracking_uri, quiet)
 
 
 @app.command()

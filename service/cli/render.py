@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # rich, pyarrow and the estimates load only when a command ne
 
     from shardprop.service.data.estimate import PlanEstimate
     from shardprop.service.data.plan import DataPlan
+    from shardprop.service.sweep.run import SweepResult
     from shardprop.service.training.progress import Reporter
     from shardprop.service.training.run import RunResult
     from shardprop.service.training.verify import Report as VerifyReport
@@ -70,6 +71,25 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
     reporter.say(f"weights: {weights} (sha256 {result.weights_sha256[:16]}...)")
     if result.tracking_uri:
         reporter.say(f"see it in the MLflow UI: {run_link(result.tracking_uri, result.run_id)}")
+
+
+def render_sweep(result: "SweepResult", metric: str, tracking_uri: str, quiet: bool) -> None:
+    """One row a trial (its values, the metric, its run or error), then the best and where."""
+    if quiet:
+        return
+    from rich.table import Table
+
+    keys = list(result.trials[0].values) if result.trials else []
+    table = Table(*keys, metric, "MLflow run", title="sweep", title_justify="left")
+    for trial in result.trials:
+        value = "" if trial.metric is None else f"{trial.metric:.6g}"
+        best = " (best)" if trial is result.best else ""
+        where = trial.error or f"{trial.run_id}{best}"
+        table.add_row(*(str(trial.values[key]) for key in keys), value, where)
+    console = stdout_console()
+    console.print(table)
+    console.print(f"{len(result.trials)} trials in {result.seconds:.1f} s")
+    console.print(f"see the sweep in the MLflow UI: {run_link(tracking_uri, result.run_id)}")
 
 
 def render_verify(report: "VerifyReport", quiet: bool) -> None:

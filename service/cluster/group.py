@@ -141,12 +141,16 @@ class RayGroup:
         estimate_for: Callable[[DataPlan], PlanEstimate] | None = None,
     ):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._ray = ray
+        # in a sweep's trial, the trial's placement group holds its workers' resources
+        trial = ray.util.get_current_placement_group()
+        strategy: Any = "SPREAD" if placement == "spread" else "DEFAULT"
+        if trial is not None:
+            strategy = PlacementGroupSchedulingStrategy(trial)
         self._actor = ray.remote(worker_class).options(
-            num_cpus=cpus_per_worker,
-            resources=resources or {},
-            scheduling_strategy="SPREAD" if placement == "spread" else "DEFAULT",
+            num_cpus=cpus_per_worker, resources=resources or {}, scheduling_strategy=strategy
         )
         self.request = {"CPU": float(cpus_per_worker), **(resources or {})}  # per worker
         # rows held in memory go to Ray's object store once, a piece per shard, and each

@@ -117,8 +117,10 @@ def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
 
     if resume_run:
         return Tracker.reopen(track.uri, resume_run, track.flush_seconds)
+    # MLflow shows a run with this tag under its parent
+    nested = {"mlflow.parentRunId": track.parent_run} if track.parent_run else None
     return Tracker.start(
-        track.uri, track.experiment, track.run_name, flush_seconds=track.flush_seconds
+        track.uri, track.experiment, track.run_name, nested, flush_seconds=track.flush_seconds
     )
 
 
@@ -836,6 +838,7 @@ def run_params(
     """The run's MLflow params: the settings in force (page.in_force), flattened, and the
     sizes the data decided."""
     resolved = config.resolved()
+    resolved.pop("sweep")  # what a sweep tries, not what trains this run
     if plan.source.synthetic is None:  # rows from a path, or handed over in memory
         resolved["data"].pop("synthetic", None)
     sizes: dict[str, str | int] = {

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # a part may import the parts listed after it, never one listed before it
 LAYERS = [
     "service.cli service.api",  # the command and the Python API: neither imports the other
-    "service.bench",
+    "service.bench service.sweep",  # side by side: benchmarks, and sweeps of trainings
     "service.training service.scoring",  # side by side: training, and predicting after it
     "service.cluster service.tracking",  # side by side: neither imports the other
     "service.data",

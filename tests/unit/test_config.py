@@ -53,7 +53,7 @@ def test_set_overrides_parse_yaml_and_flags_win(tmp_path):
 
 def test_resolved_config_holds_every_key():
     resolved = load_config(None).resolved()
-    assert set(resolved) == {"data", "model", "train", "cluster", "tracking"}
+    assert set(resolved) == {"data", "model", "train", "cluster", "tracking", "sweep"}
     assert resolved["train"]["learning_rate"] == 0.5
 
 

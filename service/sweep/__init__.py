@@ -1,0 +1,1 @@
+"""Sweeps: many trainings of one config on one cluster, as Ray Tune trials nested in MLflow."""
