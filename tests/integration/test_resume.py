@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from shardprop.service.config import load_config
 from shardprop.service.training.checkpoint import latest_checkpoint, save_checkpoint
+from shardprop.service.training.run import train
 from shardprop.workers.network.params import Layout
 from tests.processes import start_shardprop as shardprop
 
@@ -61,6 +63,25 @@ def config(tmp_path, request):
     return path
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """uninterrupted(config) -> (its weights.npz, the steps it took): the run of the config
+    that was never stopped, in process (the same bits as on any number of workers), made
+    once per config for the tests that stop and resume that config."""
+    made: dict[str, tuple[Path, int]] = {}
+
+    def reference(config: Path) -> tuple[Path, int]:
+        text = config.read_text()
+        if text not in made:
+            output = tmp_path_factory.mktemp("uninterrupted")
+            flags = {"cluster.workers": 0, "tracking.enabled": False}
+            result = train(load_config(config, [], flags), output=output)
+            made[text] = output / "weights.npz", len(result.history["loss"])
+        return made[text]
+
+    return reference
+
+
 def only_run(uri):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("shardprop").experiment_id])
@@ -74,15 +95,11 @@ def only_run(uri):
     ids=["local", "from-mlflow", "lbfgs"],
     indirect=["config"],
 )
-def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, config, from_mlflow):
-    reference_uri = f"sqlite:///{tmp_path / 'reference.db'}"
-    reference = shardprop(
-        "train", config, "--tracking-uri", reference_uri, "--output", tmp_path / "ref", cwd=tmp_path
-    )
-    assert reference.wait(timeout=300) == 0, reference.communicate()
+def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(
+    tmp_path, config, from_mlflow, uninterrupted
+):
+    reference, last = uninterrupted(config)
     # adam takes every step; lbfgs stops by itself on a plateau, which the resume must find too
-    _, reference_run = only_run(reference_uri)
-    last = len(MlflowClient(reference_uri).get_metric_history(reference_run.info.run_id, "loss"))
     assert last > 30
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -105,7 +122,7 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(tmp_path, co
     assert resumed.returncode == 0, stderr
     if from_mlflow:
         assert list((out / "fetched" / "checkpoints").glob("step-*")), "nothing was fetched"
-    with np.load(out / "weights.npz") as got, np.load(tmp_path / "ref" / "weights.npz") as want:
+    with np.load(out / "weights.npz") as got, np.load(reference) as want:
         for name in want.files:
             assert np.array_equal(got[name], want[name]), name
     client, run = only_run(uri)
