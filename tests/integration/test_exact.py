@@ -181,14 +181,17 @@ def run(workers, *sets, **flags):
 CASES = {
     "whole blocks": ("train.block_rows=143",),
     "partial last block": (),  # 8 blocks of 128 rows, the last of 105
-    "validation and adam": (
+    # the coordinator's side in one case: its optimizer state, its learning-rate schedule
+    # and its early stopping on validation rows the workers evaluate
+    "validation, adam, warm-up and cosine": (
         "data.validation_fraction=0.2",
         "train.patience=2",
         "train.optimizer=adam",
         "train.learning_rate=0.05",
+        "train.warmup_steps=5",
+        "train.schedule=cosine",
     ),
     "lbfgs": ("train.optimizer=lbfgs",),
-    "warm-up and cosine": ("train.warmup_steps=5", "train.schedule=cosine"),
 }
 
 
