@@ -210,6 +210,8 @@ def test_multiclass_string_labels_through_the_cli(tmp_path):
 
 
 def test_quiet_prints_nothing_at_all_on_a_run_with_ray_workers(tmp_path):
+    """Nothing of ours, of MLflow's or of Ray's own start: not its notice that a local
+    runtime uses a token, nor any of its start-up warnings."""
     result = shardprop(
         "train",
         "--quiet",

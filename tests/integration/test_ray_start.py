@@ -1,5 +1,6 @@
-"""Starting a run's own Ray runtime: the caller's signal handlers stay in charge, a signal in
-the middle of the start ends with no Ray process left, and `--quiet` prints nothing of Ray.
+"""Starting a run's own Ray runtime: the caller's signal handlers stay in charge, and a signal
+in the middle of the start ends with no Ray process left (that `--quiet` prints nothing of
+Ray: test_cli_end_to_end.py).
 
 Each in a child process (the test session's runtime is already up in this one).
 """
@@ -138,14 +139,3 @@ def test_a_signal_in_the_middle_of_the_start_reaches_the_caller_and_leaves_no_ra
     finally:
         child.communicate("", timeout=120)
     assert child.returncode == 0, child.stderr[-3000:]
-
-
-def test_quiet_training_prints_nothing_of_ray(tmp_path):
-    """Not Ray's notice that a local runtime uses a token, nor any of its start-up warnings."""
-    config = Path(__file__).parents[2] / "configs" / "default.yaml"
-    command = [str(Path(sys.executable).parent / "shardprop"), "train", str(config), "--quiet"]
-    command += ["--set", "train.steps=3", "--no-tracking", "--output", str(tmp_path / "out")]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr == ""
-    assert done.stdout == ""
