@@ -276,6 +276,8 @@ class SweepConfig(Section):
     metric: str = "loss"  # any metric a run logs; its last value ranks the trials
     mode: Literal["min", "max"] = "min"
     max_concurrent: int | None = Field(None, gt=0)  # trials at once; null: as many as fit
+    # asha: Ray Tune's ASHA stops trials whose metric lags (reported 20 times a trial)
+    scheduler: Literal["fifo", "asha"] = "fifo"
 
 
 class Config(Section):

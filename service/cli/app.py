@@ -160,6 +160,9 @@ def sweep(
     max_concurrent: Annotated[
         int | None, typer.Option(help="Trials at once (default: as many as the cluster fits).")
     ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="fifo (every trial to its end) or asha (stop laggards).")
+    ] = None,
     set_: SetOption = None,
     workers: WorkersOption = None,
     address: AddressOption = None,
@@ -182,6 +185,7 @@ def sweep(
             "sweep.metric": metric,
             "sweep.mode": mode,
             "sweep.max_concurrent": max_concurrent,
+            "sweep.scheduler": scheduler,
         }
         params = parse_params(param or [])
         cfg = load_config(config, set_ or [], flags)

@@ -9,6 +9,7 @@ pack the cluster side by side; a trial that fails leaves the others running.
 
 import copy
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +20,26 @@ from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import Config, config_from
 from shardprop.service.errors import ConfigError
 from shardprop.service.sweep.space import one_value, search_space
+from shardprop.service.training.interrupts import Interrupted
+from shardprop.service.training.progress import Reporter
 from shardprop.service.training.run import open_tracker
 
 SWEEPS_FOLDER = Path(".shardprop") / "sweeps"  # Ray Tune's records of each sweep
 BEST_TAG = "shardprop.best_trial"  # on the best child run, and its run id on the parent
 COORDINATOR = {"CPU": 1.0}  # a trial's own process, the first bundle of its group
+REPORTS = 20  # times a trial reports its metrics to an early-stopping scheduler
+ASHA_GRACE_REPORTS = 2  # reports every trial makes before asha may stop it
+STEP, FINISHED = "step", "finished"  # in a trial's reports: its step, and that it ran to the end
+STOPPED_TAG = "shardprop.stopped"  # why a run ended early
 
 
 @dataclass
 class Trial:
     run_id: str | None  # its MLflow run, None where it failed before opening one
     values: dict[str, Any]  # the config keys it set
-    metric: float | None  # the sweep's metric at the end of the run
+    metric: float | None  # the sweep's metric at the end of the run, or where it stopped
     error: str | None = None
+    stopped_at: int | None = None  # the step after which a scheduler stopped it
 
 
 @dataclass
@@ -43,18 +51,47 @@ class SweepResult:
     seconds: float
 
 
-def run_trial(values: dict[str, Any], base: dict[str, Any], parent: str, folder: str) -> None:
+def run_trial(
+    values: dict[str, Any], base: dict[str, Any], parent: str, folder: str, reports: int
+) -> None:
     """One trial, in Ray Tune's trial process: `shardprop train` of the base config with these
-    values, nested under the sweep's run; its final metrics go back to Tune."""
+    values, nested under the sweep's run. Its final metrics go back to Tune, and with
+    `reports`, its metrics that many times along the way, for a scheduler to judge."""
     from ray import tune
 
-    from shardprop.service.training.progress import Reporter
     from shardprop.service.training.run import train
 
     os.chdir(folder)  # relative paths (data, the store, outputs) as the sweep sees them
     config = config_from(copy.deepcopy(base), {**values, "tracking.parent_run": parent})
-    result = train(config, reporter=Reporter("quiet"))
-    tune.report({**result.final, "run_id": result.run_id})
+    every = max(1, config.train.steps // reports) if reports else 0
+    reporter = TrialReporter(every, config.train.steps)
+    result = train(config, reporter=reporter)
+    steps = max((step for taken in result.steps.values() for step in taken), default=0)
+    tune.report({**result.final, STEP: steps, "run_id": result.run_id, FINISHED: True})
+
+
+class TrialReporter(Reporter):
+    """A trial's progress as Ray Tune results: its metrics every `every` steps (0: never)
+    before the last of its `steps`, which the run's end reports. A report waits for Tune's
+    answer, and a trial the scheduler stops ends in one."""
+
+    def __init__(self, every: int, steps: int):
+        super().__init__("quiet", on_open=self.opened_run)
+        self.every, self.steps = every, steps
+        self.run_id: str | None = None
+
+    def opened_run(self, run_id: str | None, tracking_uri: str | None, output: Path) -> None:
+        self.run_id = run_id
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if self.every and step % self.every == 0 and step < self.steps:
+            from ray import tune
+
+            try:
+                tune.report({**metrics, STEP: step, "run_id": self.run_id})
+            except SystemExit:  # how Ray Tune ends a trial its scheduler stops
+                # as a SIGTERM would: the steps taken are checkpointed, the run KILLED
+                raise Interrupted(signal.SIGTERM, "stopped by the sweep's scheduler") from None
 
 
 def trial_bundles(config: Config) -> list[dict[str, float]]:
@@ -90,13 +127,19 @@ def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
             tuner = tune.Tuner(
                 tune.with_resources(
                     tune.with_parameters(
-                        run_trial, base=base, parent=tracker.run_id, folder=str(Path.cwd())
+                        run_trial,
+                        base=base,
+                        parent=tracker.run_id,
+                        folder=str(Path.cwd()),
+                        reports=REPORTS if spec.scheduler == "asha" else 0,
                     ),
                     tune.PlacementGroupFactory(bundles),
                 ),
                 param_space=space,
                 tune_config=tune.TuneConfig(
-                    num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent
+                    num_samples=spec.samples,
+                    max_concurrent_trials=spec.max_concurrent,
+                    **scheduler(config),
                 ),
                 run_config=tune.RunConfig(
                     name=f"sweep-{tracker.run_id}",
@@ -106,11 +149,17 @@ def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
             )
             grid = tuner.fit()
             trials = [trial_of(result, spec.params, spec.metric) for result in grid]
+            client = MlflowClient(tracker.tracking_uri)
+            for trial in trials:
+                if trial.stopped_at is not None and trial.run_id:  # its process is gone
+                    client.set_terminated(trial.run_id, "KILLED")
+                    why = f"the sweep's {spec.scheduler} scheduler, after step {trial.stopped_at}"
+                    client.set_tag(trial.run_id, STOPPED_TAG, why)
             best = best_trial(trials, spec.mode)
             tracker.log_text(results_csv(trials, spec.metric), "sweep/results.csv")
             if best is not None:
                 tracker.set_tags({BEST_TAG: best.run_id})
-                MlflowClient(tracker.tracking_uri).set_tag(best.run_id, BEST_TAG, "true")
+                client.set_tag(best.run_id, BEST_TAG, "true")
     finally:
         if started:
             import ray
@@ -120,17 +169,35 @@ def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
     return SweepResult(tracker.run_id, tracker.tracking_uri, trials, best, seconds)
 
 
+def scheduler(config: Config) -> dict[str, Any]:
+    """TuneConfig's scheduler and what it judges by; nothing for fifo (every trial runs to
+    its end, and the sweep ranks them itself)."""
+    spec = config.sweep
+    if spec.scheduler == "fifo":
+        return {}
+    from ray.tune.schedulers import ASHAScheduler
+
+    steps = config.train.steps
+    every = max(1, steps // REPORTS)
+    asha = ASHAScheduler(time_attr=STEP, max_t=steps, grace_period=every * ASHA_GRACE_REPORTS)
+    return {"scheduler": asha, "metric": spec.metric, "mode": spec.mode}
+
+
 def trial_of(result: Any, params: dict[str, Any], metric: str) -> Trial:
     """A Ray Tune result as the sweep's record of one trial."""
     values = {key: result.config.get(key) for key in params}
     metrics = result.metrics or {}
     error = str(result.error).strip().splitlines()[-1] if result.error else None
     value = metrics.get(metric)
-    return Trial(metrics.get("run_id"), values, None if value is None else float(value), error)
+    stopped = None if metrics.get(FINISHED) or error or not metrics else metrics.get(STEP)
+    return Trial(
+        metrics.get("run_id"), values, None if value is None else float(value), error, stopped
+    )
 
 
 def best_trial(trials: list[Trial], mode: str) -> Trial | None:
-    ranked = [trial for trial in trials if trial.metric is not None and trial.run_id]
+    # a trial stopped early is not a candidate: its metric is of a shorter run
+    ranked = [t for t in trials if t.metric is not None and t.run_id and t.stopped_at is None]
     if not ranked:
         return None
     pick = min if mode == "min" else max

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from shardprop.service.config import load_config
-from shardprop.service.sweep.run import BEST_TAG, sweep
+from shardprop.service.sweep.run import BEST_TAG, STOPPED_TAG, sweep
 from shardprop.service.training.run import train
 from tests.processes import start_shardprop as shardprop
 
@@ -88,3 +88,27 @@ def test_a_key_that_is_not_a_config_key_is_one_line_and_exit_2_before_any_trial(
     assert bad.returncode == 2, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("error: ") and "train.learnig_rate" in line, line
+
+
+def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypatch):
+    """Two good learning rates run first; the two far too small ones lag at the first rung
+    and are stopped there: their runs KILLED and tagged, the best a trial that finished."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [
+        *SETS[:-2], "train.steps=200", "sweep.scheduler=asha", "sweep.max_concurrent=2",
+        "sweep.params={train.learning_rate: '0.05,0.04,0.000001,0.000002'}",
+    ]  # fmt: skip
+    config = load_config(None, sets, {"tracking.uri": uri, "cluster.workers": 1})
+    result = sweep(config, config.model_dump(exclude_none=True, exclude={"sweep"}))
+
+    client = MlflowClient(uri)
+    lagging = [t for t in result.trials if t.values["train.learning_rate"] < 1e-3]
+    for trial in lagging:
+        assert trial.stopped_at is not None and trial.stopped_at < 200, trial
+        run = client.get_run(trial.run_id)
+        assert run.info.status == "KILLED"
+        assert run.data.tags[STOPPED_TAG].startswith("the sweep's asha scheduler, after step")
+    assert result.best is not None and result.best.stopped_at is None
+    assert result.best.values["train.learning_rate"] >= 0.04
+    assert client.get_run(result.best.run_id).info.status == "FINISHED"
