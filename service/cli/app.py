@@ -191,7 +191,7 @@ def sweep(
         cfg = load_config(config, set_ or [], flags)
         if params:  # the flags' keys over the file's
             cfg.sweep.params = {**cfg.sweep.params, **params}
-        result = run_sweep(cfg, cfg.model_dump(exclude_none=True, exclude={"sweep"}))
+        result = run_sweep(cfg)
         render_sweep(result, cfg.sweep.metric, result.tracking_uri, quiet)
 
 

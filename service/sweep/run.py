@@ -18,8 +18,9 @@ from typing import Any
 from shardprop.service.cluster.capacity import worker_request
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import Config, config_from
-from shardprop.service.errors import ConfigError
+from shardprop.service.errors import ConfigError, TrainingError
 from shardprop.service.sweep.space import one_value, search_space
+from shardprop.service.tracking.tracker import register_model
 from shardprop.service.training.interrupts import Interrupted
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.run import open_tracker
@@ -49,6 +50,7 @@ class SweepResult:
     trials: list[Trial]
     best: Trial | None
     seconds: float
+    registered: str | None = None  # models:/<name>/<version>, the best trial's model
 
 
 def run_trial(
@@ -100,9 +102,9 @@ def trial_bundles(config: Config) -> list[dict[str, float]]:
     return [COORDINATOR, *[worker_request(config.cluster)] * workers]
 
 
-def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
-    """Run the sweep `config.sweep` describes over `base` (the config as a mapping); the
-    parent run holds the sweep's config, the results table and the best trial's id."""
+def sweep(config: Config) -> SweepResult:
+    """Run the sweep `config.sweep` describes over the rest of `config`; the parent run holds
+    the sweep's config, the results table and the best trial's id."""
     from mlflow import MlflowClient
     from ray import tune
 
@@ -111,6 +113,9 @@ def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
         raise ConfigError("sweep.params: nothing to try; give --param key=values")
     if not config.tracking.enabled:
         raise ConfigError("tracking.enabled: a sweep's trials are MLflow runs; drop --no-tracking")
+    # each trial's config, before its values: the best trial's model alone is registered
+    base = config.model_dump(exclude_none=True, exclude={"sweep"})
+    base["tracking"].pop("register_model", None)
     space = search_space(spec.params)
     for key in spec.params:  # every key a trial sets must be a config key
         config_from(copy.deepcopy(base), {key: one_value(key, spec.params[key])})
@@ -157,16 +162,38 @@ def sweep(config: Config, base: dict[str, Any]) -> SweepResult:
                     client.set_tag(trial.run_id, STOPPED_TAG, why)
             best = best_trial(trials, spec.mode)
             tracker.log_text(results_csv(trials, spec.metric), "sweep/results.csv")
+            registered = None
             if best is not None:
                 tracker.set_tags({BEST_TAG: best.run_id})
                 client.set_tag(best.run_id, BEST_TAG, "true")
+                if config.tracking.register_model:  # the best trial's model, not every one's
+                    registered = register_best(client, best, config, tracker.run_id)
     finally:
         if started:
             import ray
 
             ray.shutdown()
     seconds = time.monotonic() - began
-    return SweepResult(tracker.run_id, tracker.tracking_uri, trials, best, seconds)
+    return SweepResult(tracker.run_id, tracker.tracking_uri, trials, best, seconds, registered)
+
+
+def register_best(client: Any, best: Trial, config: Config, parent: str) -> str:
+    """The best trial's model as a new version of tracking.register_model."""
+    run = client.get_run(best.run_id)
+    found = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{best.run_id}'"
+    )
+    if not found:
+        raise TrainingError(f"the best trial's run {best.run_id} has logged no model")
+    metric = config.sweep.metric
+    return register_model(
+        client,
+        best.run_id,
+        found[0].model_id,
+        config.tracking.register_model,
+        {metric: f"{best.metric:.6g}", "sweep": parent},
+        run.data.tags.get("mlflow.note.content", ""),
+    )
 
 
 def scheduler(config: Config) -> dict[str, Any]:

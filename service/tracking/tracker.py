@@ -155,6 +155,31 @@ def _open_client(tracking_uri: str, resuming: bool = False) -> MlflowClient:
         return MlflowClient(tracking_uri)
 
 
+def register_model(
+    client: MlflowClient,
+    run_id: str,
+    model_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    description: str,
+) -> str:
+    """A run's logged model as a new version of the registered model `name` (created when
+    missing); returns models:/<name>/<version>."""
+    try:
+        client.create_registered_model(name, description=REGISTERED_DESCRIPTION)
+    except mlflow.MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    # the model's own location, not models:/<model_id>: MLflow's database registry looks
+    # that up through the process's global tracking URI (upstream TODO in its store)
+    location = client.get_logged_model(model_id).artifact_location
+    registered = client.create_model_version(
+        name, source=location, run_id=run_id, tags=dict(tags), description=description,
+        model_id=model_id,
+    )  # fmt: skip
+    return f"models:/{name}/{registered.version}"
+
+
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -565,23 +590,7 @@ class Tracker:
         when missing), with `tags` and `description`; returns models:/<name>/<version>."""
         if self.model_id is None:
             raise RuntimeError(f"run {self.run_id} has logged no model to register")
-        try:
-            self.client.create_registered_model(name, description=REGISTERED_DESCRIPTION)
-        except mlflow.MlflowException as error:
-            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        # the model's own location, not models:/<model_id>: MLflow's database registry looks
-        # that up through the process's global tracking URI (upstream TODO in its store)
-        location = self.client.get_logged_model(self.model_id).artifact_location
-        registered = self.client.create_model_version(
-            name,
-            source=location,
-            run_id=self.run_id,
-            tags=dict(tags),
-            description=description,
-            model_id=self.model_id,
-        )
-        return f"models:/{name}/{registered.version}"
+        return register_model(self.client, self.run_id, self.model_id, name, tags, description)
 
     # --- the end ---------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ SETS = [
 def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config(None, SETS, {"tracking.uri": uri})
-    result = sweep(config, config.model_dump(exclude_none=True))
+    config = load_config(None, SETS, {"tracking.uri": uri, "tracking.register_model": "moons"})
+    result = sweep(config)
 
     assert [t.error for t in result.trials] == [None, None]
     client = MlflowClient(uri)
@@ -44,6 +44,8 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch
     best = min(result.trials, key=lambda t: t.metric)
     assert result.best == best and parent.data.tags[BEST_TAG] == best.run_id
     assert client.get_run(best.run_id).data.tags[BEST_TAG] == "true"
+    (version,) = client.search_model_versions("name = 'moons'")  # the best trial's alone
+    assert result.registered == "models:/moons/1" and version.run_id == best.run_id
 
     # the trial of learning rate 0.1 against `train` of that config, in this process
     (trial,) = [t for t in result.trials if t.values["train.learning_rate"] == 0.1]
@@ -100,7 +102,7 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
         "sweep.params={train.learning_rate: '0.05,0.04,0.000001,0.000002'}",
     ]  # fmt: skip
     config = load_config(None, sets, {"tracking.uri": uri, "cluster.workers": 1})
-    result = sweep(config, config.model_dump(exclude_none=True, exclude={"sweep"}))
+    result = sweep(config)
 
     client = MlflowClient(uri)
     lagging = [t for t in result.trials if t.values["train.learning_rate"] < 1e-3]
