@@ -21,7 +21,7 @@ from shardprop.service.config import Config, config_from
 from shardprop.service.errors import ConfigError, TrainingError
 from shardprop.service.sweep.space import one_value, search_space
 from shardprop.service.tracking.tracker import register_model
-from shardprop.service.training.interrupts import Interrupted
+from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
 from shardprop.service.training.progress import Reporter
 from shardprop.service.training.run import open_tracker
 
@@ -106,7 +106,6 @@ def sweep(config: Config) -> SweepResult:
     """Run the sweep `config.sweep` describes over the rest of `config`; the parent run holds
     the sweep's config, the results table and the best trial's id."""
     from mlflow import MlflowClient
-    from ray import tune
 
     spec = config.sweep
     if not spec.params:
@@ -116,12 +115,10 @@ def sweep(config: Config) -> SweepResult:
     # each trial's config, before its values: the best trial's model alone is registered
     base = config.model_dump(exclude_none=True, exclude={"sweep"})
     base["tracking"].pop("register_model", None)
-    space = search_space(spec.params)
     for key in spec.params:  # every key a trial sets must be a config key
         config_from(copy.deepcopy(base), {key: one_value(key, spec.params[key])})
-    bundles = trial_bundles(config)
     concurrent = spec.max_concurrent or 1
-    cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in bundles)
+    cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
     started = connect_ray(config.cluster.address, int(cpus + 0.5), code_to_ship(config.cluster))
     began = time.monotonic()
     tracker = open_tracker(config)
@@ -129,35 +126,23 @@ def sweep(config: Config) -> SweepResult:
         with tracker:
             tracker.log_params({f"sweep.{key}": str(value) for key, value in spec.params.items()})
             tracker.log_dict(config.resolved(), "sweep/config.yaml")
-            tuner = tune.Tuner(
-                tune.with_resources(
-                    tune.with_parameters(
-                        run_trial,
-                        base=base,
-                        parent=tracker.run_id,
-                        folder=str(Path.cwd()),
-                        reports=REPORTS if spec.scheduler == "asha" else 0,
-                    ),
-                    tune.PlacementGroupFactory(bundles),
-                ),
-                param_space=space,
-                tune_config=tune.TuneConfig(
-                    num_samples=spec.samples,
-                    max_concurrent_trials=spec.max_concurrent,
-                    **scheduler(config),
-                ),
-                run_config=tune.RunConfig(
-                    name=f"sweep-{tracker.run_id}",
-                    storage_path=str((SWEEPS_FOLDER).resolve()),
-                    verbose=0,
-                ),
-            )
-            grid = tuner.fit()
-            trials = [trial_of(result, spec.params, spec.metric) for result in grid]
             client = MlflowClient(tracker.tracking_uri)
+            # Ray Tune's own Ctrl-C handling off: a first SIGINT or SIGTERM asks Tune's
+            # stopper to end every trial, and is raised once Tune is done; a second at once
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            try:
+                with stop_requests() as stop:
+                    tuner = make_tuner(config, base, tracker.run_id, stop)
+                    with stop.deferred():
+                        grid = tuner.fit()
+            except Interrupted as error:
+                what = f"{error}: the sweep's run {tracker.run_id} and its trials' runs are KILLED"
+                raise Interrupted(error.signum, what) from None
+            finally:  # trials Tune stopped (its scheduler, a signal) could not say so
+                end_left_running(client, tracker.experiment_id, tracker.run_id)
+            trials = [trial_of(result, spec.params, spec.metric) for result in grid]
             for trial in trials:
-                if trial.stopped_at is not None and trial.run_id:  # its process is gone
-                    client.set_terminated(trial.run_id, "KILLED")
+                if trial.stopped_at is not None and trial.run_id:
                     why = f"the sweep's {spec.scheduler} scheduler, after step {trial.stopped_at}"
                     client.set_tag(trial.run_id, STOPPED_TAG, why)
             best = best_trial(trials, spec.mode)
@@ -175,6 +160,54 @@ def sweep(config: Config) -> SweepResult:
             ray.shutdown()
     seconds = time.monotonic() - began
     return SweepResult(tracker.run_id, tracker.tracking_uri, trials, best, seconds, registered)
+
+
+def make_tuner(config: Config, base: dict[str, Any], parent: str, stop: StopRequests) -> Any:
+    """Ray Tune's Tuner of the sweep: a trial per point of the space, in its placement group;
+    every trial stopped once a signal asked the sweep to `stop`."""
+    from ray import tune
+
+    class Asked(tune.Stopper):
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return stop.signum is not None
+
+    spec = config.sweep
+    trial = tune.with_parameters(
+        run_trial,
+        base=base,
+        parent=parent,
+        folder=str(Path.cwd()),
+        reports=REPORTS if spec.scheduler == "asha" else 0,
+    )
+    return tune.Tuner(
+        tune.with_resources(trial, tune.PlacementGroupFactory(trial_bundles(config))),
+        param_space=search_space(spec.params),
+        tune_config=tune.TuneConfig(
+            num_samples=spec.samples,
+            max_concurrent_trials=spec.max_concurrent,
+            **scheduler(config),
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{parent}",
+            storage_path=str(SWEEPS_FOLDER.resolve()),
+            stop=Asked(),
+            verbose=0,
+        ),
+    )
+
+
+def end_left_running(client: Any, experiment_id: str, parent: str) -> None:
+    """The sweep's child runs still RUNNING once Tune is done: their trials were stopped
+    (by the scheduler, or a signal) in a way the run could not record. KILLED."""
+    running = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+    )
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def register_best(client: Any, best: Trial, config: Config, parent: str) -> str:

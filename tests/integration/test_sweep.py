@@ -1,6 +1,9 @@
 """A sweep on a local Ray runtime: each trial a whole training, nested under the sweep's
 MLflow run, with the very bits `shardprop train` gives the trial's config (exact)."""
 
+import signal
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -98,7 +101,7 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [
-        *SETS[:-2], "train.steps=200", "sweep.scheduler=asha", "sweep.max_concurrent=2",
+        *SETS[:-2], "train.steps=100", "sweep.scheduler=asha", "sweep.max_concurrent=2",
         "sweep.params={train.learning_rate: '0.05,0.04,0.000001,0.000002'}",
     ]  # fmt: skip
     config = load_config(None, sets, {"tracking.uri": uri, "cluster.workers": 1})
@@ -107,10 +110,40 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
     client = MlflowClient(uri)
     lagging = [t for t in result.trials if t.values["train.learning_rate"] < 1e-3]
     for trial in lagging:
-        assert trial.stopped_at is not None and trial.stopped_at < 200, trial
+        assert trial.stopped_at is not None and trial.stopped_at < 100, trial
         run = client.get_run(trial.run_id)
         assert run.info.status == "KILLED"
         assert run.data.tags[STOPPED_TAG].startswith("the sweep's asha scheduler, after step")
     assert result.best is not None and result.best.stopped_at is None
     assert result.best.values["train.learning_rate"] >= 0.04
     assert client.get_run(result.best.run_id).info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_every_trial_and_marks_the_sweep_and_its_trials_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_run = shardprop(
+        "sweep", "--set", SETS[0], "--set", "train.steps=100000", "--param",
+        "train.learning_rate=0.01,0.02,0.03", "--workers", "1", "--max-concurrent", "2",
+        "--tracking-uri", uri, cwd=tmp_path,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+
+    def trials_running() -> bool:
+        assert sweep_run.poll() is None, sweep_run.communicate()
+        try:
+            runs = client.search_runs(["1"], "attributes.status = 'RUNNING'")
+        except Exception:  # the store is not made yet
+            return False
+        return sum("mlflow.parentRunId" in run.data.tags for run in runs) == 2
+
+    deadline = time.monotonic() + 180
+    while not trials_running():
+        assert time.monotonic() < deadline, "the two trials did not start"
+        time.sleep(0.5)
+    sweep_run.send_signal(signal.SIGINT)
+    _, stderr = sweep_run.communicate(timeout=120)
+    assert sweep_run.returncode == 130, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("interrupted: stopped by SIGINT: the sweep's run"), line
+    runs = client.search_runs(["1"])
+    assert len(runs) == 3 and {run.info.status for run in runs} == {"KILLED"}, runs
