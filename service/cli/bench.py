@@ -265,3 +265,31 @@ def bench_convergence(
     for line in suite.render(result):
         typer.echo(line)
     write_json(json_out, result)
+
+
+@bench_app.command("sweep")
+def bench_sweep(
+    config: Annotated[Path, typer.Argument(help="The config every trial trains.")] = Path(
+        "configs/default.yaml"
+    ),
+    trials: Annotated[int, typer.Option(help="Trials, each another learning rate.")] = 8,
+    max_concurrent: Annotated[int, typer.Option(help="The sweep's trials at once.")] = 2,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key, on both sides.")
+    ] = None,
+    folder: Annotated[
+        Path | None, typer.Option(help="Where both sides run (default: a temp dir).")
+    ] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """A sweep of N trials against the same N `shardprop train` commands one after another,
+    and each trial's overhead in Ray Tune."""
+    import tempfile
+
+    from shardprop.service.bench import sweep as suite
+
+    with errors_as_exit_codes(), tempfile.TemporaryDirectory() as tmp:
+        result = suite.bench_sweep(config, trials, max_concurrent, folder or Path(tmp), set_ or [])
+    for line in suite.render(result):
+        typer.echo(line)
+    write_json(json_out, result)

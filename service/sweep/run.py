@@ -41,6 +41,7 @@ class Trial:
     metric: float | None  # the sweep's metric at the end of the run, or where it stopped
     error: str | None = None
     stopped_at: int | None = None  # the step after which a scheduler stopped it
+    seconds: float | None = None  # its time in Ray Tune, start-up included
 
 
 @dataclass
@@ -251,7 +252,12 @@ def trial_of(result: Any, params: dict[str, Any], metric: str) -> Trial:
     value = metrics.get(metric)
     stopped = None if metrics.get(FINISHED) or error or not metrics else metrics.get(STEP)
     return Trial(
-        metrics.get("run_id"), values, None if value is None else float(value), error, stopped
+        metrics.get("run_id"),
+        values,
+        None if value is None else float(value),
+        error,
+        stopped,
+        metrics.get("time_total_s"),
     )
 
 
@@ -265,10 +271,13 @@ def best_trial(trials: list[Trial], mode: str) -> Trial | None:
 
 
 def results_csv(trials: list[Trial], metric: str) -> str:
-    """One row a trial: its run, the values it tried, the metric, and its error if any."""
+    """One row a trial: its run, the values it tried, the metric, its time in Ray Tune, and
+    its error if any."""
     import pandas as pd
 
     rows = [
-        {"run_id": t.run_id, **t.values, metric: t.metric, "error": t.error or ""} for t in trials
-    ]
+        {"run_id": t.run_id, **t.values, metric: t.metric, "seconds": t.seconds,
+         "error": t.error or ""}
+        for t in trials
+    ]  # fmt: skip
     return pd.DataFrame(rows).to_csv(index=False)

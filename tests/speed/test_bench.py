@@ -277,3 +277,17 @@ def test_bench_scale_times_every_case_and_measures_each_worker_against_the_plan(
         "float"
     }
     assert "step time per row" in result.output
+
+
+def test_bench_sweep_times_both_sides_and_each_trials_overhead(tmp_path):
+    from shardprop.service.bench.sweep import bench_sweep
+
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "data: {synthetic: {name: moons, rows: 501}}\nmodel: {hidden: [8]}\n"
+        "train: {steps: 5}\ncluster: {workers: 1}\n"
+    )
+    result = bench_sweep(config, 2, 2, tmp_path, [])
+    assert result["one_by_one_seconds"] > 0 and result["sweep_seconds"] > 0
+    assert 0 < result["run_seconds_median"] < result["sweep_seconds"]
+    assert result["overhead_seconds_median"] > 0  # a trial's time in Tune covers its run's
