@@ -2,6 +2,7 @@
 test marked with its level, from its folder."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -47,10 +48,30 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory):
+    """new_store(folder) -> the URI of a new, empty sqlite MLflow store in folder/mlflow.db.
+
+    MLflow makes a new store's schema by running its migrations, seconds each time: they
+    run once here, and each new store is a copy of that empty one, the very same tables.
+    A test of what the product does with no store at all names a path of its own."""
+    from mlflow import MlflowClient
+
+    empty = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{empty}").search_experiments()
+
+    def make(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return make
+
+
 @pytest.fixture
-def tracking_uri(tmp_path):
+def tracking_uri(tmp_path, new_store):
     """A fresh sqlite MLflow store for one test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return new_store(tmp_path)
 
 
 @pytest.fixture(autouse=True)
