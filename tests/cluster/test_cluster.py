@@ -228,6 +228,40 @@ class TestTwoNodesAndATrackingServer:
         run = finished_run(mlflow_server, result.stdout)
         assert run.info.status == "FINISHED" and run.info.run_name == "submitted"
 
+    def test_a_sweep_runs_its_trials_on_the_cluster_nested_on_the_server(
+        self, cluster, mlflow_server, config, tmp_path
+    ):
+        """Two trials, each a coordinator and a worker of their own (2 CPUs: the whole
+        cluster), one after the other; nested under the sweep's run on the tracking server;
+        a trial's weights are the in-process run's of its config (exact)."""
+        env = client_env(RAY_AUTH_MODE="disabled")
+        result = shardprop(
+            "sweep", config, "--param", "train.learning_rate=0.1,0.2", "--workers", "1",
+            "--address", cluster.address, "--tracking-uri", mlflow_server.uri,
+            "--experiment", "sweep-on-a-cluster", cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert "2 trials in" in result.stdout
+        client = MlflowClient(mlflow_server.uri)
+        experiment = client.get_experiment_by_name("sweep-on-a-cluster").experiment_id
+        runs = client.search_runs([experiment])
+        (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+        trials = [run for run in runs if run is not parent]
+        assert len(trials) == 2
+        for trial in trials:
+            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert trial.info.status == "FINISHED"
+        (slow,) = [t for t in trials if t.data.params["train.learning_rate"] == "0.1"]
+        local = shardprop(
+            "train", config, "--workers", "0", "--no-tracking", "--output", tmp_path / "local",
+            "--set", "train.learning_rate=0.1", cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert local.returncode == 0, local.stderr[-3000:]
+        weights = tmp_path / ".shardprop" / "runs" / slow.info.run_id / "weights.npz"
+        with np.load(weights) as got, np.load(tmp_path / "local" / "weights.npz") as want:
+            for name in want.files:
+                assert np.array_equal(got[name], want[name]), name
+
 
 class TestTokenAuthentication:
     def test_a_client_with_the_token_trains(self, token_cluster, config, tmp_path):
