@@ -14,8 +14,8 @@ from shardprop.workers.network.params import load_weights
 from tests.groups import kill_and_wait
 
 
-def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_divergence_fails_the_run_and_keeps_the_last_finite_checkpoint(new_store, tmp_path):
+    uri = new_store(tmp_path)
     result = CliRunner().invoke(
         app,
         [

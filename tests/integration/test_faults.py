@@ -33,8 +33,8 @@ def run(uri, workers=2, chaos=None, *sets):
 
 
 @pytest.fixture(scope="module")
-def unfaulted(ray_session, tmp_path_factory):
-    return run(f"sqlite:///{tmp_path_factory.mktemp('ref') / 'mlflow.db'}")
+def unfaulted(new_store, ray_session, tmp_path_factory):
+    return run(new_store(tmp_path_factory.mktemp("ref")))
 
 
 @pytest.mark.parametrize("when", ["before", "after", "hang"])
@@ -53,9 +53,9 @@ def test_a_worker_lost_at_step_17_changes_nothing_in_the_result(
 
 
 def test_more_failures_than_allowed_fail_the_run_and_keep_a_loadable_checkpoint(
-    ray_session, tmp_path
+    new_store, ray_session, tmp_path
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = CliRunner().invoke(
         app,
         [

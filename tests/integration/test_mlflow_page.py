@@ -64,10 +64,10 @@ def load(uri: str, model_uri: str):
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def page(new_store, tmp_path_factory):
     """One binary run with a validation split, in process: its store, run and result."""
     folder = tmp_path_factory.mktemp("page")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_store(folder)
     result = train(settings(uri), output=folder / "out")
     return uri, MlflowClient(uri).get_run(result.run_id), result
 
@@ -198,8 +198,8 @@ def test_the_logged_model_has_a_name_and_still_loads_as_runs_model(page):
     np.testing.assert_array_equal(by_run, by_id)
 
 
-def test_two_runs_register_versions_1_and_2_with_their_metrics(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_runs_register_versions_1_and_2_with_their_metrics(new_store, tmp_path):
+    uri = new_store(tmp_path)
     name = "moons-classifier"
     first = train(settings(uri, f"tracking.register_model={name}"), output=tmp_path / "one")
     assert first.registered == f"models:/{name}/1"
@@ -263,7 +263,7 @@ def test_register_model_needs_tracking_and_a_name_the_registry_takes():
         config_from({"tracking": {"register_model": "a/b"}})
 
 
-def test_mlflow_has_nothing_to_warn_about_our_dataset_and_model(tmp_path):
+def test_mlflow_has_nothing_to_warn_about_our_dataset_and_model(new_store, tmp_path):
     """The dataset's source type is named, not resolved (a local path matches two of
     MLflow's source types), and the model's input schema is built from the example's types
     (MLflow's inference adds a hint about integer columns)."""
@@ -277,7 +277,7 @@ def test_mlflow_has_nothing_to_warn_about_our_dataset_and_model(tmp_path):
     plan = make_plan(config_from({"data": {"path": str(data)}, "cluster": {"workers": 0}}))
     weights = tiny_weights(tmp_path / "w.npz")
     meta = dict(TINY_META)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     with (
         Tracker.start(uri, "quiet", None) as tracker,
         warnings.catch_warnings(record=True) as caught,

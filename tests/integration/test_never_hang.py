@@ -35,13 +35,6 @@ def wait_for(ready, process: subprocess.Popen, what: str, seconds: float = 120) 
         time.sleep(0.05)
 
 
-def new_store(tmp_path: Path) -> str:
-    """A sqlite store with its schema made, so this test's polling never races its set-up."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
-
-
 def runs(uri: str) -> list:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("shardprop")
@@ -63,9 +56,9 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_sigterm_during_start_up_exits_143_marks_the_run_killed_and_says_how_to_go_on(
-    tmp_path, config
+    tmp_path, config, new_store
 ):
-    uri = new_store(tmp_path)
+    uri = new_store(tmp_path)  # its schema made: this test's polling never races its set-up
     process = shardprop("train", config, "--tracking-uri", uri, cwd=tmp_path)
     # the run is opened while Ray starts: the signal lands in the start-up
     wait_for(lambda: runs(uri), process, "the run")
@@ -80,8 +73,10 @@ def test_sigterm_during_start_up_exits_143_marks_the_run_killed_and_says_how_to_
 
 
 @pytest.mark.slow
-def test_a_signal_ends_a_step_that_never_ends_and_keeps_the_last_step_taken(tmp_path, config):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_signal_ends_a_step_that_never_ends_and_keeps_the_last_step_taken(
+    tmp_path, config, new_store
+):
+    uri = new_store(tmp_path)
     out = tmp_path / "out"
     # worker 1 never answers at step 7; no step_timeout: the wait is long, but Ctrl-C ends it
     process = shardprop(
@@ -133,9 +128,9 @@ class Stranger:
 
 @pytest.mark.slow
 def test_workers_a_joined_cluster_cannot_place_fail_the_run_after_start_timeout(
-    ray_session, tmp_path, config
+    ray_session, tmp_path, config, new_store
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     address = ray_session.get_runtime_context().gcs_address
     process = shardprop(
         "train", config, "--address", address, "--tracking-uri", uri,
@@ -154,12 +149,12 @@ def test_workers_a_joined_cluster_cannot_place_fail_the_run_after_start_timeout(
     assert f"go on with: shardprop resume {run.info.run_id}" in line
 
 
-def test_a_loss_that_grows_a_thousandfold_fails_the_run_though_it_stays_finite(tmp_path):
+def test_a_loss_that_grows_a_thousandfold_fails_the_run_though_it_stays_finite(tmp_path, new_store):
     from typer.testing import CliRunner
 
     from shardprop.service.cli.app import app
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = CliRunner().invoke(
         app,
         [

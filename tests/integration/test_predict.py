@@ -59,7 +59,7 @@ def load_pyfunc(uri: str, model: str) -> mlflow.pyfunc.PyFuncModel:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(new_store, tmp_path_factory):
     """The table as three Parquet files of uneven sizes and small row groups; a multiclass
     model trained on it, logged in a sqlite store and registered (version 1, alias champion)."""
     folder = tmp_path_factory.mktemp("predict")
@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
     data = folder / "data"
     for part, (lo, hi) in enumerate([(0, 700), (700, 1901), (1901, ROWS)]):
         write_table(table.slice(lo, hi - lo), data / f"part-{part}.parquet", 128)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_store(folder)
     config = load_config(
         None,
         [
@@ -202,14 +202,14 @@ def test_csv_and_feather_inputs_give_the_parquet_predictions(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_penguins_table_with_text_and_missing_values(ray_session, tmp_path):
+def test_the_penguins_table_with_text_and_missing_values(new_store, ray_session, tmp_path):
     """Strings one-hot, missing numbers and a missing sex imputed (configs/penguins.yaml), on
     2 workers: what the logged model predicts from the same raw rows, labels as species; and
     a model trained with data.missing: drop predicts NaN and no label for a row it cannot
     read, as the served model does."""
     data = tmp_path / "penguins.parquet"
     make_dataset("penguins", data)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     frame = pd.read_parquet(data)
     assert frame.isna().any().any()
     for missing in ("impute", "drop"):

@@ -28,13 +28,15 @@ def frame(rows: int = 301) -> pd.DataFrame:
     return pd.DataFrame({"x": x, "city": city, "y": (x + (city == "lima") > 0.3).astype(int)})
 
 
-def test_a_dataframe_trains_to_the_bits_of_the_same_rows_read_from_parquet(ray_session, tmp_path):
+def test_a_dataframe_trains_to_the_bits_of_the_same_rows_read_from_parquet(
+    new_store, ray_session, tmp_path
+):
     rows = frame()
     write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "rows.parquet")
     from_file = shardprop.train(
         SETTINGS, data=tmp_path / "rows.parquet", output=tmp_path / "file", **{"cluster.workers": 0}
     )
-    tracked = {"tracking.enabled": True, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    tracked = {"tracking.enabled": True, "tracking.uri": new_store(tmp_path)}
     for workers, data in ((2, rows), (3, pa.Table.from_pandas(rows)), (0, rows)):
         flags = tracked if workers == 2 else {}  # the run's input dataset is logged too
         result = shardprop.train(

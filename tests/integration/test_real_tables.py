@@ -156,11 +156,13 @@ def load_logged_model(uri: str, run_id: str):
         sys.path[:] = saved_sys_path
 
 
-def test_inputs_targets_and_the_mlflow_model_agree_with_scikit_learn(tmp_path, table_folder):
+def test_inputs_targets_and_the_mlflow_model_agree_with_scikit_learn(
+    new_store, tmp_path, table_folder
+):
     """Encoded and standardised as scikit-learn's ColumnTransformer would, the targets as its
     StandardScaler, and the logged MLflow model predicts from raw rows, missing values and a
     level never seen included, what the network computes on scikit-learn's inputs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     config = mixed_config(
         table_folder,
         "price",

@@ -25,13 +25,13 @@ SERVE_SECONDS = 180  # the server imports MLflow, downloads the model and loads 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(new_store, tmp_path_factory):
     """The penguins config (strings, missing values, three classes), trained in-process into
     a sqlite store."""
     folder = tmp_path_factory.mktemp("rest")
     data = folder / "penguins.parquet"
     make_dataset("penguins", data)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_store(folder)
     config = load_config(
         ROOT / "configs/penguins.yaml",
         ["train.steps=40", "train.checkpoint_every=0"],

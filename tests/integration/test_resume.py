@@ -96,13 +96,13 @@ def only_run(uri):
     indirect=["config"],
 )
 def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(
-    tmp_path, config, from_mlflow, uninterrupted
+    new_store, tmp_path, config, from_mlflow, uninterrupted
 ):
     reference, last = uninterrupted(config)
     # adam takes every step; lbfgs stops by itself on a plateau, which the resume must find too
     assert last > 30
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     out = tmp_path / "out"
     victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
     wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
@@ -138,12 +138,12 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_checkpoints_marks_the_run_killed_and_leaves_no_actors(
-    ray_session, tmp_path, config, signum, code
+    new_store, ray_session, tmp_path, config, signum, code
 ):
     from ray.util.state import list_actors
 
     address = ray_session.get_runtime_context().gcs_address
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     out = tmp_path / "out"
     process = shardprop(
         "train", config, "--address", address, "--tracking-uri", uri, "--output", out, cwd=tmp_path

@@ -67,13 +67,13 @@ def expected(task: str, theta: np.ndarray, frame: pd.DataFrame) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(new_store, tmp_path_factory):
     """One run per task in one store, each with its logged model; MLflow pointed at the store.
 
     Logging models is the slow part of these tests, so it happens once for the module.
     """
     folder = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_store(folder)
     saved_sys_path = list(sys.path)
     runs = {}
     for task in NETWORKS:

@@ -22,9 +22,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(new_store, tmp_path_factory):
     """One sqlite store for the module: creating its tables takes a second."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture

@@ -64,8 +64,10 @@ def failure_line(output: str) -> str:
 
 
 @pytest.mark.slow
-def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(tmp_path, config_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_verify_passes_on_a_correct_build_and_logs_its_own_mlflow_run(
+    new_store, tmp_path, config_file
+):
+    uri = new_store(tmp_path)
     result = shardprop(
         "verify",
         config_file,
