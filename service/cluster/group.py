@@ -508,10 +508,9 @@ class RayGroup:
         self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
     def close(self) -> None:
-        # the actors first: a graph's teardown waits 30 s on an actor stuck in a step
+        self._drop_graph()
         for actor in self.actors:
             self._ray.kill(actor)
-        self._drop_graph()
         if self.actors and self._smallest < self._largest:
             self._ask_autoscaler(0)  # the autoscaler may let the nodes go
         self.actors.clear()
