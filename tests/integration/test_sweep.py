@@ -28,9 +28,9 @@ SETS = [
 ]
 
 
-def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch):
+def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch, tracking_uri):
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     config = load_config(None, SETS, {"tracking.uri": uri, "tracking.register_model": "moons"})
     result = sweep(config)
 
@@ -60,10 +60,10 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch
             assert np.array_equal(got[name], want[name]), name
 
 
-def test_the_command_sweeps_a_grid_and_a_failing_trial_does_not_stop_it(tmp_path):
+def test_the_command_sweeps_a_grid_and_a_failing_trial_does_not_stop_it(tmp_path, tracking_uri):
     """`shardprop sweep` with --param: one trial's config cannot train (a width of 0 is
     refused when the trial builds it), the other finishes and is the best."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     sweep_run = shardprop(
         "sweep", "--set", SETS[0], "--set", "train.steps=10", "--param", "model.hidden=[4],[0]",
         "--workers", "1", "--max-concurrent", "2", "--tracking-uri", uri, cwd=tmp_path,
@@ -95,11 +95,11 @@ def test_a_key_that_is_not_a_config_key_is_one_line_and_exit_2_before_any_trial(
     assert line.startswith("error: ") and "train.learnig_rate" in line, line
 
 
-def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypatch):
+def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypatch, tracking_uri):
     """Two good learning rates run first; the two far too small ones lag at the first rung
     and are stopped there: their runs KILLED and tagged, the best a trial that finished."""
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     sets = [
         *SETS[:-2], "train.steps=100", "sweep.scheduler=asha", "sweep.max_concurrent=2",
         "sweep.params={train.learning_rate: '0.05,0.04,0.000001,0.000002'}",
@@ -119,8 +119,8 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
     assert client.get_run(result.best.run_id).info.status == "FINISHED"
 
 
-def test_ctrl_c_stops_every_trial_and_marks_the_sweep_and_its_trials_killed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_ctrl_c_stops_every_trial_and_marks_the_sweep_and_its_trials_killed(tmp_path, tracking_uri):
+    uri = tracking_uri
     sweep_run = shardprop(
         "sweep", "--set", SETS[0], "--set", "train.steps=100000", "--param",
         "train.learning_rate=0.01,0.02,0.03", "--workers", "1", "--max-concurrent", "2",
@@ -132,7 +132,7 @@ def test_ctrl_c_stops_every_trial_and_marks_the_sweep_and_its_trials_killed(tmp_
         assert sweep_run.poll() is None, sweep_run.communicate()
         try:
             runs = client.search_runs(["1"], "attributes.status = 'RUNNING'")
-        except Exception:  # the store is not made yet
+        except Exception:  # the experiment is not made yet
             return False
         return sum("mlflow.parentRunId" in run.data.tags for run in runs) == 2
 
