@@ -12,8 +12,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from shardprop.service.bench.data import in_fresh_process  # noqa: F401 - the tests' too
 
@@ -228,6 +229,17 @@ class RayCluster:
 
     def log(self, index: int) -> str:
         return (Path(self.temp_dir) / f"node-{index}.log").read_text()[-3000:]
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, env: dict[str, str], nodes: int = 2, **options: Any) -> Iterator["RayCluster"]:
+        """A cluster of `nodes` nodes for the block, stopped however the block ends."""
+        cluster = cls(env, **options)
+        try:
+            cluster.start(nodes=nodes)
+            yield cluster
+        finally:
+            cluster.stop()
 
     def stop(self) -> None:
         stop_groups(self.nodes[::-1], seconds=5)

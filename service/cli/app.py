@@ -192,7 +192,7 @@ def sweep(
         if params:  # the flags' keys over the file's
             cfg.sweep.params = {**cfg.sweep.params, **params}
         result = run_sweep(cfg)
-        render_sweep(result, cfg.sweep.metric, result.tracking_uri, quiet)
+        render_sweep(result, cfg.sweep.metric, quiet)
 
 
 @app.command()

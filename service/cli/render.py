@@ -73,7 +73,7 @@ def summarise(result: "RunResult", reporter: "Reporter") -> None:
         reporter.say(f"see it in the MLflow UI: {run_link(result.tracking_uri, result.run_id)}")
 
 
-def render_sweep(result: "SweepResult", metric: str, tracking_uri: str, quiet: bool) -> None:
+def render_sweep(result: "SweepResult", metric: str, quiet: bool) -> None:
     """One row a trial (its values, the metric, its run or error), then the best and where."""
     if quiet:
         return
@@ -89,7 +89,7 @@ def render_sweep(result: "SweepResult", metric: str, tracking_uri: str, quiet: b
     console = stdout_console()
     console.print(table)
     console.print(f"{len(result.trials)} trials in {result.seconds:.1f} s")
-    console.print(f"see the sweep in the MLflow UI: {run_link(tracking_uri, result.run_id)}")
+    console.print(f"see the sweep in the MLflow UI: {run_link(result.tracking_uri, result.run_id)}")
 
 
 def render_verify(report: "VerifyReport", quiet: bool) -> None:

@@ -79,11 +79,11 @@ class TrialReporter(Reporter):
     answer, and a trial the scheduler stops ends in one."""
 
     def __init__(self, every: int, steps: int):
-        super().__init__("quiet", on_open=self.opened_run)
+        super().__init__("quiet")
         self.every, self.steps = every, steps
         self.run_id: str | None = None
 
-    def opened_run(self, run_id: str | None, tracking_uri: str | None, output: Path) -> None:
+    def opened(self, run_id: str | None, tracking_uri: str | None, output: Path) -> None:
         self.run_id = run_id
 
     def update(self, step: int, metrics: dict[str, float]) -> None:

@@ -9,9 +9,5 @@ from tests.processes import RayCluster
 @pytest.fixture
 def cluster():
     """Two nodes of their own for one test, which may stop one of them."""
-    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
-    try:
-        cluster.start(nodes=2)
+    with RayCluster.running({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1}) as cluster:
         yield cluster
-    finally:
-        cluster.stop()

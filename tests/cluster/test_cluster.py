@@ -61,26 +61,18 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = RayCluster({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1})
-    try:
-        cluster.start(nodes=2)
+    """Shared by this module's tests, which leave its nodes as they are."""
+    with RayCluster.running({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1}) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def token_cluster():
     token = secrets.token_hex(32)
-    cluster = RayCluster(
-        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, resources={"shard_slot": 1}
-    )
-    cluster.token = token
-    try:
-        cluster.start(nodes=2)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    with RayCluster.running(env, resources={"shard_slot": 1}) as cluster:
+        cluster.token = token
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
