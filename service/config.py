@@ -248,6 +248,7 @@ class TrackingConfig(Section):
     # the run's model becomes a new version of this registered model
     register_model: str | None = None
     parent_run: str | None = None  # the MLflow run this one is nested under (a sweep's)
+    tags: dict[str, str] = {}  # set on the run as it opens
 
     @field_validator("register_model")
     @classmethod

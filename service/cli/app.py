@@ -119,7 +119,8 @@ def resume_run(
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Continue a stopped or killed run from its last checkpoint, in the same MLflow run."""
+    """Continue a stopped or killed run from its last checkpoint, in the same MLflow run; a
+    sweep's run goes on with its unfinished trials."""
     from shardprop.service.tracking.tracker import recall_run
     from shardprop.service.training.progress import Reporter
     from shardprop.service.training.run import train as run_training
@@ -135,6 +136,12 @@ def resume_run(
         cfg = config_from(
             logged, {"tracking.uri": recalled.tracking_uri, "cluster.address": address}
         )
+        if cfg.sweep.params:  # a sweep's run: its unfinished trials go on
+            from shardprop.service.sweep.run import sweep as run_sweep
+
+            swept = run_sweep(cfg, resume_run=run_id)
+            render_sweep(swept, cfg.sweep.metric, quiet)
+            return
         reporter = Reporter("quiet" if quiet else "auto", on_open=watchdog.opened)
         result = run_training(cfg, None, output or recalled.output, reporter, resume_run=run_id)
     summarise(result, reporter)

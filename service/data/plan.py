@@ -248,12 +248,14 @@ def plan_data(
     categorical: Sequence[str] = (),
     table: pa.Table | None = None,
     chunk: int = 1,
+    source: Source | None = None,
 ) -> DataPlan:
     """Open the source, check the columns and split the rows; workers=0: one in-process shard.
     `exact`: the rows are cut into blocks (of `block_rows`, None: by the row count) and each
     rank gets whole blocks, for the exact reduction; automatic blocks are whole `chunk`s
     (the network's chunk width) where they can be. `table`: rows in memory instead of a
-    path, cut into one piece per shard."""
+    path, cut into one piece per shard. `source`: data.path already opened, and its rows
+    perhaps already read (Source.loaded: a sweep's)."""
     if workers < 0:
         raise DataError(f"cluster.workers: must be >= 0 (0 runs in-process), got {workers}")
     if table is not None:
@@ -261,7 +263,7 @@ def plan_data(
             raise DataError("data: give a table or data.path / data.synthetic, not both")
         rows, where = table.num_rows, "the table"
     else:
-        source = open_source(path, synthetic, filesystem)
+        source = source or open_source(path, synthetic, filesystem)
         rows, where = source.total_rows, path if path is not None else "the synthetic dataset"
     if rows == 0:
         raise DataError(f"data.path: {path or where} has no rows")

@@ -8,6 +8,7 @@ pack the cluster side by side; a trial that fails leaves the others running.
 """
 
 import copy
+import functools
 import os
 import signal
 import time
@@ -20,10 +21,11 @@ from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import Config, config_from
 from shardprop.service.errors import ConfigError, TrainingError
 from shardprop.service.sweep.space import one_value, search_space
-from shardprop.service.tracking.tracker import register_model
-from shardprop.service.training.interrupts import Interrupted, StopRequests, stop_requests
+from shardprop.service.tracking.tracker import register_model, resume_command
+from shardprop.service.training.interrupts import Interrupted, stop_requests, stopped_by
 from shardprop.service.training.progress import Reporter
-from shardprop.service.training.run import open_tracker
+from shardprop.service.training.run import make_plan, open_tracker
+from shardprop.workers.data.source import Source
 
 SWEEPS_FOLDER = Path(".shardprop") / "sweeps"  # Ray Tune's records of each sweep
 BEST_TAG = "shardprop.best_trial"  # on the best child run, and its run id on the parent
@@ -32,6 +34,9 @@ REPORTS = 20  # times a trial reports its metrics to an early-stopping scheduler
 ASHA_GRACE_REPORTS = 2  # reports every trial makes before asha may stop it
 STEP, FINISHED = "step", "finished"  # in a trial's reports: its step, and that it ran to the end
 STOPPED_TAG = "shardprop.stopped"  # why a run ended early
+TRIAL_TAG = "shardprop.trial"  # on a trial's run: its Ray Tune trial id, to go on with it
+PATH_TAG = "shardprop.sweep_path"  # on the sweep's run: Ray Tune's records of it
+ROWS_TAG = "shardprop.sweep_rows"  # on the sweep's run: where its trials' rows come from
 
 
 @dataclass
@@ -55,22 +60,62 @@ class SweepResult:
 
 
 def run_trial(
-    values: dict[str, Any], base: dict[str, Any], parent: str, folder: str, reports: int
+    values: dict[str, Any],
+    base: dict[str, Any],
+    parent: str,
+    folder: str,
+    reports: int,
+    rows: Source | None,
 ) -> None:
     """One trial, in Ray Tune's trial process: `shardprop train` of the base config with these
-    values, nested under the sweep's run. Its final metrics go back to Tune, and with
-    `reports`, its metrics that many times along the way, for a scheduler to judge."""
+    values, nested under the sweep's run and tagged with the trial's id; a trial that had
+    opened its run before the sweep stopped goes on with it from its last checkpoint. Its
+    final metrics go back to Tune, and with `reports`, its metrics that many times along the
+    way, for a scheduler to judge. `rows`: data.path's rows, read once by the sweep."""
     from ray import tune
 
     from shardprop.service.training.run import train
 
     os.chdir(folder)  # relative paths (data, the store, outputs) as the sweep sees them
-    config = config_from(copy.deepcopy(base), {**values, "tracking.parent_run": parent})
+    trial = tune.get_context().get_trial_id()
+    config = config_from(
+        copy.deepcopy(base),
+        {**values, "tracking.parent_run": parent, "tracking.tags": {TRIAL_TAG: trial}},
+    )
     every = max(1, config.train.steps // reports) if reports else 0
     reporter = TrialReporter(every, config.train.steps)
-    result = train(config, reporter=reporter)
+    earlier = earlier_run(config, parent, trial)
+    if earlier is not None and earlier.info.status == "FINISHED":  # Tune had not heard
+        final = {**earlier.data.metrics, STEP: config.train.steps}
+        tune.report({**final, "run_id": earlier.info.run_id, FINISHED: True})
+        return
+    if earlier is not None:
+        from shardprop.service.tracking.tracker import recall_run
+
+        recalled = recall_run(config.tracking.uri, earlier.info.run_id)
+        config = config_from(recalled.config, {"tracking.uri": recalled.tracking_uri})
+        result = train(config, None, recalled.output, reporter, recalled.run_id, source=rows)
+    else:
+        result = train(config, reporter=reporter, source=rows)
     steps = max((step for taken in result.steps.values() for step in taken), default=0)
     tune.report({**result.final, STEP: steps, "run_id": result.run_id, FINISHED: True})
+
+
+def earlier_run(config: Config, parent: str, trial: str) -> Any:
+    """The MLflow run this trial opened before its sweep was stopped, if any."""
+    from mlflow import MlflowClient
+
+    from shardprop.service.tracking.store import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(config.tracking.uri))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`{TRIAL_TAG}` = '{trial}'",
+    )
+    return found[0] if found else None
 
 
 class TrialReporter(Reporter):
@@ -103,9 +148,11 @@ def trial_bundles(config: Config) -> list[dict[str, float]]:
     return [COORDINATOR, *[worker_request(config.cluster)] * workers]
 
 
-def sweep(config: Config) -> SweepResult:
+def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
     """Run the sweep `config.sweep` describes over the rest of `config`; the parent run holds
-    the sweep's config, the results table and the best trial's id."""
+    the sweep's config, the results table and the best trial's id. With `resume_run` (a
+    sweep's run that was stopped), Ray Tune's records of it go on: trials that finished stay,
+    the others go on from their runs' last checkpoints."""
     from mlflow import MlflowClient
 
     spec = config.sweep
@@ -122,25 +169,37 @@ def sweep(config: Config) -> SweepResult:
     cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
     started = connect_ray(config.cluster.address, int(cpus + 0.5), code_to_ship(config.cluster))
     began = time.monotonic()
-    tracker = open_tracker(config)
+    tracker = open_tracker(config, resume_run)
     try:
         with tracker:
-            tracker.log_params({f"sweep.{key}": str(value) for key, value in spec.params.items()})
-            tracker.log_dict(config.resolved(), "sweep/config.yaml")
             client = MlflowClient(tracker.tracking_uri)
-            # Ray Tune's own Ctrl-C handling off: a first SIGINT or SIGTERM asks Tune's
-            # stopper to end every trial, and is raised once Tune is done; a second at once
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            if resume_run is None:
+                tracker.log_params({f"sweep.{k}": str(v) for k, v in spec.params.items()})
+                tracker.log_dict(config.resolved(), "config.yaml")  # what a resume reads
+                path = SWEEPS_FOLDER.resolve() / f"sweep-{tracker.run_id}"
+                tracker.set_tags({PATH_TAG: str(path)})
+            else:
+                path = Path(client.get_run(resume_run).data.tags[PATH_TAG])
+            rows = shared_rows(config)
+            tracker.set_tags({ROWS_TAG: rows_note(rows)})
+            trainable = make_trainable(config, base, tracker.run_id, rows)
+            tuner = make_tuner(config, trainable, tracker.run_id, path)
             try:
-                with stop_requests() as stop:
-                    tuner = make_tuner(config, base, tracker.run_id, stop)
-                    with stop.deferred():
-                        grid = tuner.fit()
-            except Interrupted as error:
-                what = f"{error}: the sweep's run {tracker.run_id} and its trials' runs are KILLED"
-                raise Interrupted(error.signum, what) from None
+                with stop_requests():
+                    grid, signum = fit(tuner)
+            except Interrupted as error:  # before Tune took over the signals
+                grid, signum = None, error.signum
             finally:  # trials Tune stopped (its scheduler, a signal) could not say so
                 end_left_running(client, tracker.experiment_id, tracker.run_id)
+            if signum is None and grid is not None and unfinished(grid):
+                signum = signal.SIGINT  # Tune's own Ctrl-C handler took it
+            if signum is not None:
+                how = resume_command(tracker.run_id, tracker.tracking_uri)
+                raise Interrupted(
+                    signum,
+                    f"{stopped_by(signum)}: the sweep's run {tracker.run_id} and its "
+                    f"unfinished trials' runs are KILLED; go on with: {how}",
+                )
             trials = [trial_of(result, spec.params, spec.metric) for result in grid]
             for trial in trials:
                 if trial.stopped_at is not None and trial.run_id:
@@ -163,40 +222,96 @@ def sweep(config: Config) -> SweepResult:
     return SweepResult(tracker.run_id, tracker.tracking_uri, trials, best, seconds, registered)
 
 
-def make_tuner(config: Config, base: dict[str, Any], parent: str, stop: StopRequests) -> Any:
-    """Ray Tune's Tuner of the sweep: a trial per point of the space, in its placement group;
-    every trial stopped once a signal asked the sweep to `stop`."""
+def fit(tuner: Any) -> tuple[Any, int | None]:
+    """Tune's fit, and the signal that stopped it, if we saw one. Ctrl-C is Ray Tune's own:
+    it stops every trial and keeps the sweep's records for a resume. SIGTERM is turned into
+    that Ctrl-C (Tune has no other public way to stop so that it can go on later)."""
+    asked: list[int] = []
+
+    def terminate(signum: int, frame: Any) -> None:
+        asked.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        grid = tuner.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return grid, (asked[0] if asked else None)
+
+
+def unfinished(grid: Any) -> bool:
+    """Whether Tune left trials to go on with: it was stopped before they all ended."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(grid.experiment_path).trials
+    return any(trial.status in ("PENDING", "RUNNING", "PAUSED") for trial in trials)
+
+
+def shared_rows(config: Config) -> Source | None:
+    """data.path's rows, read once into Ray's object store for all the trials (a node's
+    trials share one copy); None where each trial makes or reads its own: synthetic rows,
+    which each worker draws itself, or a sweep of data keys."""
+    import ray
+
+    if config.data.path is None or any(key.startswith("data.") for key in config.sweep.params):
+        return None
+    plan = make_plan(config)
+    return plan.source.loaded([*plan.features, plan.label], ray.put)
+
+
+def rows_note(rows: Source | None) -> str:
+    if rows is None:
+        return "each trial makes or reads its own rows"
+    return f"read once into Ray's object store: {rows.total_rows} rows of {len(rows.files)} file(s)"
+
+
+def make_trainable(config: Config, base: dict[str, Any], parent: str, rows: Source | None) -> Any:
+    """The trial function with what every trial shares, in its placement group."""
     from ray import tune
 
-    class Asked(tune.Stopper):
-        def __call__(self, trial_id: str, result: dict) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return stop.signum is not None
-
-    spec = config.sweep
     trial = tune.with_parameters(
         run_trial,
         base=base,
         parent=parent,
         folder=str(Path.cwd()),
-        reports=REPORTS if spec.scheduler == "asha" else 0,
+        reports=REPORTS if config.sweep.scheduler == "asha" else 0,
+        rows=rows,
     )
+    return tune.with_resources(trial, functools.partial(trial_placement, base))
+
+
+def trial_placement(base: dict[str, Any], values: dict[str, Any]) -> Any:
+    """The placement group of the trial of these values (which may set its workers); the
+    base config's where the values are invalid, for the trial to fail with its error."""
+    from ray import tune
+
+    try:
+        config = config_from(copy.deepcopy(base), values)
+    except ConfigError:
+        config = config_from(copy.deepcopy(base), {})
+    return tune.PlacementGroupFactory(trial_bundles(config))
+
+
+def make_tuner(config: Config, trainable: Any, parent: str, path: Path) -> Any:
+    """Ray Tune's Tuner of the sweep, kept in `path`: a trial per point of the space; where
+    `path` holds a stopped sweep's records, that sweep, to go on with."""
+    from ray import tune
+
+    if tune.Tuner.can_restore(str(path)):
+        # errored trials too: a lost node fails a trial that can go on
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    spec = config.sweep
     return tune.Tuner(
-        tune.with_resources(trial, tune.PlacementGroupFactory(trial_bundles(config))),
+        trainable,
         param_space=search_space(spec.params),
         tune_config=tune.TuneConfig(
             num_samples=spec.samples,
             max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=True,  # a trial process, imports done, goes on to the next trial
             **scheduler(config),
         ),
-        run_config=tune.RunConfig(
-            name=f"sweep-{parent}",
-            storage_path=str(SWEEPS_FOLDER.resolve()),
-            stop=Asked(),
-            verbose=0,
-        ),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0),
     )
 
 

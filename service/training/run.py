@@ -74,6 +74,7 @@ from shardprop.service.training.reduce import BatchMean, batch_mean, reduce_sums
 from shardprop.service.training.schedule import learning_rate
 from shardprop.workers.chaos import InjectedFailure
 from shardprop.workers.data.columns import NUMERIC, numbers, plain
+from shardprop.workers.data.source import Source
 from shardprop.workers.data.synthetic import SyntheticSpec
 from shardprop.workers.network.backprop import Architecture
 from shardprop.workers.network.chunks import chunk_columns
@@ -118,14 +119,21 @@ def open_tracker(config: Config, resume_run: str | None = None) -> Recorder:
     if resume_run:
         return Tracker.reopen(track.uri, resume_run, track.flush_seconds)
     # MLflow shows a run with this tag under its parent
-    nested = {"mlflow.parentRunId": track.parent_run} if track.parent_run else None
+    nested = {"mlflow.parentRunId": track.parent_run} if track.parent_run else {}
     return Tracker.start(
-        track.uri, track.experiment, track.run_name, nested, flush_seconds=track.flush_seconds
+        track.uri,
+        track.experiment,
+        track.run_name,
+        track.tags | nested,
+        flush_seconds=track.flush_seconds,
     )
 
 
-def make_plan(config: Config, table: pa.Table | None = None) -> DataPlan:
-    """The data plan of `config`; `table`: rows in memory, in place of a synthetic set."""
+def make_plan(
+    config: Config, table: pa.Table | None = None, source: Source | None = None
+) -> DataPlan:
+    """The data plan of `config`; `table`: rows in memory, in place of a synthetic set;
+    `source`: data.path's rows, already read into Ray's object store (Source.loaded)."""
     data = config.data
     synthetic = SyntheticSpec(**data.synthetic.model_dump()) if data.synthetic else None
     return plan_data(
@@ -141,6 +149,7 @@ def make_plan(config: Config, table: pa.Table | None = None) -> DataPlan:
         table=table,
         # the widest layer decides the chunk; the output's width may not be known yet
         chunk=chunk_columns((0, *config.model.hidden, 1), config.model.dtype),
+        source=source,
     )
 
 
@@ -654,10 +663,12 @@ def train(
     reporter: Reporter | None = None,
     resume_run: str | None = None,
     table: pa.Table | None = None,
+    source: Source | None = None,
 ) -> RunResult:
     """One training run; with `resume_run`, that run goes on from its last checkpoint in
     `output` (the same MLflow run, the same config, the same result as if never stopped).
-    `table`: the rows in memory, in place of data.path or data.synthetic.
+    `table`: the rows in memory, in place of data.path or data.synthetic. `source`: the rows
+    of data.path, already read into Ray's object store (a sweep's trials share them).
 
     Everything that can be checked is checked before Ray starts (exit 2). A run that fails
     or is stopped later says where its last weights are and how to go on (exit 1, 130, 143).
@@ -665,7 +676,7 @@ def train(
     reporter = reporter or Reporter("quiet")
     # from the first moment: a signal during start-up stops the run as cleanly as later
     with stop_requests() as stop, ExitStack() as held:
-        plan = make_plan(config, table)  # metadata: a bad path or column fails before any work
+        plan = make_plan(config, table, source)  # metadata: a bad path or column fails first
         estimate = estimate_run(config, plan)
         nodes = nodes_before_ray(config.cluster, estimate.coordinator)  # None: a joined cluster
         if nodes is not None and (problem := fit_problem(estimate, config.cluster, nodes)):
@@ -839,6 +850,7 @@ def run_params(
     sizes the data decided."""
     resolved = config.resolved()
     resolved.pop("sweep")  # what a sweep tries, not what trains this run
+    resolved["tracking"].pop("tags", None)  # the run's tags already
     if plan.source.synthetic is None:  # rows from a path, or handed over in memory
         resolved["data"].pop("synthetic", None)
     sizes: dict[str, str | int] = {

@@ -18,6 +18,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from shardprop.service.data.plan import write_table
+from shardprop.service.sweep.run import ROWS_TAG
+from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from tests.processes import BIN, MlflowServer, RayCluster
 
 CONFIG = """\
@@ -224,11 +227,15 @@ class TestTwoNodesAndATrackingServer:
         self, cluster, mlflow_server, config, tmp_path
     ):
         """Two trials, each a coordinator and a worker of their own (2 CPUs: the whole
-        cluster), one after the other; nested under the sweep's run on the tracking server;
-        a trial's weights are the in-process run's of its config (exact)."""
+        cluster), one after the other, on a Parquet file's rows that the sweep read once
+        into the cluster's object store; nested under the sweep's run on the tracking
+        server; a trial's weights are the in-process run's of its config (exact)."""
         env = client_env(RAY_AUTH_MODE="disabled")
+        rows = generate(SyntheticSpec("moons", 2001, seed=3), 0, 2001)
+        write_table(rows, tmp_path / "moons.parquet", row_group_rows=500)
+        data = ["--set", "data.synthetic=null", "--set", "data.path=moons.parquet"]
         result = shardprop(
-            "sweep", config, "--param", "train.learning_rate=0.1,0.2", "--workers", "1",
+            "sweep", config, *data, "--param", "train.learning_rate=0.1,0.2", "--workers", "1",
             "--address", cluster.address, "--tracking-uri", mlflow_server.uri,
             "--experiment", "sweep-on-a-cluster", cwd=tmp_path, env=env,
         )  # fmt: skip
@@ -240,13 +247,15 @@ class TestTwoNodesAndATrackingServer:
         (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
         trials = [run for run in runs if run is not parent]
         assert len(trials) == 2
+        assert parent.data.tags[ROWS_TAG].startswith("read once into Ray's object store")
         for trial in trials:
             assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert trial.info.status == "FINISHED"
         (slow,) = [t for t in trials if t.data.params["train.learning_rate"] == "0.1"]
         local = shardprop(
-            "train", config, "--workers", "0", "--no-tracking", "--output", tmp_path / "local",
-            "--set", "train.learning_rate=0.1", cwd=tmp_path, env=env,
+            "train", config, *data, "--workers", "0", "--no-tracking",
+            "--output", tmp_path / "local", "--set", "train.learning_rate=0.1", cwd=tmp_path,
+            env=env,
         )  # fmt: skip
         assert local.returncode == 0, local.stderr[-3000:]
         weights = tmp_path / ".shardprop" / "runs" / slow.info.run_id / "weights.npz"

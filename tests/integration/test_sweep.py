@@ -3,6 +3,7 @@ MLflow run, with the very bits `shardprop train` gives the trial's config (exact
 
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from shardprop.service.config import load_config
-from shardprop.service.sweep.run import BEST_TAG, STOPPED_TAG, sweep
-from shardprop.service.training.run import train
+from shardprop.service.data.plan import write_table
+from shardprop.service.sweep.run import BEST_TAG, ROWS_TAG, STOPPED_TAG, sweep
+from shardprop.service.training.run import make_plan, train
+from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from tests.processes import start_shardprop as shardprop
 
 pytestmark = pytest.mark.slow
@@ -28,16 +31,26 @@ SETS = [
 ]
 
 
+def moons_file(folder: Path) -> str:
+    """SETS[0]'s rows as a Parquet file."""
+    rows = generate(SyntheticSpec("moons", 801, noise=0.3, seed=2), 0, 801)
+    return str(write_table(rows, folder / "moons.parquet", row_group_rows=100))
+
+
 def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch, tracking_uri):
+    """Rows from a Parquet file, read once by the sweep; each trial is nested, the best is
+    tagged and its model alone registered, and a trial has the bits of `train` (exact)."""
     monkeypatch.chdir(tmp_path)
     uri = tracking_uri
-    config = load_config(None, SETS, {"tracking.uri": uri, "tracking.register_model": "moons"})
+    sets = [f"data.path={moons_file(tmp_path)}", *SETS[1:]]
+    config = load_config(None, sets, {"tracking.uri": uri, "tracking.register_model": "moons"})
     result = sweep(config)
 
     assert [t.error for t in result.trials] == [None, None]
     client = MlflowClient(uri)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags[ROWS_TAG].startswith("read once into Ray's object store: 801 rows")
     children = {t.run_id: t for t in result.trials}
     for run_id, trial in children.items():
         run = client.get_run(run_id)
@@ -52,12 +65,35 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch
 
     # the trial of learning rate 0.1 against `train` of that config, in this process
     (trial,) = [t for t in result.trials if t.values["train.learning_rate"] == 0.1]
-    alone = [*SETS, "train.learning_rate=0.1"]
+    alone = [*sets, "train.learning_rate=0.1"]
     train(load_config(None, alone, {"tracking.enabled": False}), output=tmp_path / "alone")
-    got = tmp_path / ".shardprop" / "runs" / trial.run_id / "weights.npz"
-    with np.load(got) as got, np.load(tmp_path / "alone" / "weights.npz") as want:
+    same_weights(tmp_path / ".shardprop" / "runs" / trial.run_id, tmp_path / "alone")
+
+
+def same_weights(got: Path, want: Path) -> None:
+    with np.load(got / "weights.npz") as got, np.load(want / "weights.npz") as want:
         for name in want.files:
             assert np.array_equal(got[name], want[name]), name
+
+
+def test_rows_read_once_train_the_workers_without_their_files(tmp_path, monkeypatch):
+    """What a sweep hands its trials: the file's rows in Ray's object store. Two Ray workers
+    train on them with the file gone, to the bits of a run that read the file."""
+    import ray
+
+    path = moons_file(tmp_path)
+    config = load_config(None, [f"data.path={path}", *SETS[1:-2]], {"tracking.enabled": False})
+    from_file = train(config, output=tmp_path / "from-file")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        plan = make_plan(config)
+        rows = plan.source.loaded([*plan.features, plan.label], ray.put)
+        Path(path).unlink()
+        from_store = train(config, output=tmp_path / "from-store", source=rows)
+    finally:
+        ray.shutdown()
+    assert from_store.weights_sha256 == from_file.weights_sha256
+    same_weights(tmp_path / "from-store", tmp_path / "from-file")
 
 
 def test_the_command_sweeps_a_grid_and_a_failing_trial_does_not_stop_it(tmp_path, tracking_uri):
@@ -119,31 +155,60 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
     assert client.get_run(result.best.run_id).info.status == "FINISHED"
 
 
-def test_ctrl_c_stops_every_trial_and_marks_the_sweep_and_its_trials_killed(tmp_path, tracking_uri):
+def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path, tracking_uri):
+    """Ctrl-C in the middle: the sweep's run and the unfinished trials' runs are KILLED, and
+    the last line says how to go on. `shardprop resume` of the sweep's run goes on with the
+    same child runs from their checkpoints (and starts the trial that had not started): all
+    FINISHED, each with the bits of `train` of its config."""
     uri = tracking_uri
+    sets = [SETS[0], "train.steps=600", "train.checkpoint_every=20", "tracking.flush_seconds=0.5"]
     sweep_run = shardprop(
-        "sweep", "--set", SETS[0], "--set", "train.steps=100000", "--param",
-        "train.learning_rate=0.01,0.02,0.03", "--workers", "1", "--max-concurrent", "2",
-        "--tracking-uri", uri, cwd=tmp_path,
+        "sweep", *(arg for item in sets for arg in ("--set", item)),
+        "--param", "train.learning_rate=0.01,0.02,0.03", "--workers", "1",
+        "--max-concurrent", "2", "--tracking-uri", uri, cwd=tmp_path,
     )  # fmt: skip
     client = MlflowClient(uri)
 
-    def trials_running() -> bool:
+    def checkpointed_trials() -> int:
         assert sweep_run.poll() is None, sweep_run.communicate()
         try:
             runs = client.search_runs(["1"], "attributes.status = 'RUNNING'")
         except Exception:  # the experiment is not made yet
-            return False
-        return sum("mlflow.parentRunId" in run.data.tags for run in runs) == 2
+            return 0
+        return sum(
+            "mlflow.parentRunId" in run.data.tags and run.data.metrics.get("loss") is not None
+            and bool(client.get_metric_history(run.info.run_id, "loss")[-1].step >= 40)
+            for run in runs
+        )  # fmt: skip
 
     deadline = time.monotonic() + 180
-    while not trials_running():
+    while checkpointed_trials() < 2:
         assert time.monotonic() < deadline, "the two trials did not start"
-        time.sleep(0.5)
+        time.sleep(0.2)
     sweep_run.send_signal(signal.SIGINT)
     _, stderr = sweep_run.communicate(timeout=120)
     assert sweep_run.returncode == 130, stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("interrupted: stopped by SIGINT: the sweep's run"), line
-    runs = client.search_runs(["1"])
-    assert len(runs) == 3 and {run.info.status for run in runs} == {"KILLED"}, runs
+    assert "go on with: shardprop resume" in line, line
+    stopped = {run.info.run_id: run.info.status for run in client.search_runs(["1"])}
+    assert len(stopped) == 3 and "KILLED" in set(stopped.values()), stopped
+    assert set(stopped.values()) <= {"KILLED", "FINISHED"}, stopped
+
+    (parent,) = [
+        run for run in client.search_runs(["1"]) if "mlflow.parentRunId" not in run.data.tags
+    ]
+    resumed = shardprop("resume", parent.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "3 trials in" in stdout, stdout
+    runs = {run.info.run_id: run for run in client.search_runs(["1"])}
+    assert set(stopped) <= set(runs) and len(runs) == 4, runs  # the third trial's run is new
+    assert {run.info.status for run in runs.values()} == {"FINISHED"}
+    for run_id, status in stopped.items():
+        if status == "KILLED" and run_id != parent.info.run_id:  # went on from a checkpoint
+            rate = runs[run_id].data.params["train.learning_rate"]
+            alone = [*sets, "cluster.workers=1", f"train.learning_rate={rate}"]
+            folder = tmp_path / f"alone-{rate}"
+            train(load_config(None, alone, {"tracking.enabled": False}), output=folder)
+            same_weights(tmp_path / ".shardprop" / "runs" / run_id, folder)

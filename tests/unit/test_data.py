@@ -517,3 +517,22 @@ def test_options_a_filesystem_does_not_take_are_refused(no_cloud_environment):
         open_source("hdfs://127.0.0.1:1/data/", None, {"region": "eu-west-3"})
     with pytest.raises(DataError, match=r"data\.filesystem\.region: gs:// buckets have no region"):
         open_source("gs://bucket/data/", None, {"region": "eu-west-3"})
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "feather"])
+def test_a_loaded_source_reads_its_rows_without_its_files(tmp_path, fmt):
+    """Source.loaded reads each file once (a sweep's rows, for Ray's object store); its
+    readers then never open the files, and see the same rows, types and row names."""
+    whole = write_folder(tmp_path, fmt)
+    source = open_source(str(tmp_path), None)
+    stored = []
+    loaded = source.loaded(["y", "x0", "name"], lambda piece: stored.append(piece) or piece)
+    assert [piece.num_rows for piece in stored] == list(SIZES)
+    for file in tmp_path.iterdir():
+        file.unlink()
+    for start, stop in RANGES:
+        expected = source.schema_of(["y", "x0", "name"])
+        got = pickle.loads(pickle.dumps(loaded)).read(["name", "x0"], start, stop)
+        assert got.equals(whole.select(["name", "x0"]).slice(start, stop - start)), (start, stop)
+        assert got.schema == pa.schema([expected.field("name"), expected.field("x0")])
+    assert loaded.locate(1200) == source.locate(1200)  # errors still name the file's row

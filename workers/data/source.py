@@ -154,8 +154,9 @@ class Source:
     schema: pa.Schema | None = None
     filesystem_uri: str | None = None
     filesystem_options: FilesystemOptions = field(default_factory=FilesystemOptions)
-    # format "table": the rows held in memory, one Arrow table per entry of `files` (which
-    # names them), or a Ray object reference to it once the table is in Ray's object store
+    # the rows held in memory, one Arrow table per entry of `files`, or a Ray object
+    # reference to it once it is in Ray's object store: format "table" (`files` name the
+    # pieces), or files already read, so that no worker opens them (a sweep's trials)
     pieces: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
@@ -165,9 +166,10 @@ class Source:
             raise ValueError("a synthetic source needs a spec, and only a synthetic source")
         if len(self.files) != len(self.file_rows):
             raise ValueError(f"{len(self.files)} files but {len(self.file_rows)} row counts")
-        pieces = len(self.files) if self.format == "table" else 0
-        if len(self.pieces) != pieces:
-            raise ValueError("a table source needs one piece per part, and only a table source")
+        if (self.pieces or self.format == "table") and len(self.pieces) != len(self.files):
+            raise ValueError(f"{len(self.files)} files but {len(self.pieces)} pieces")
+        if self.pieces and self.synthetic is not None:
+            raise ValueError("a synthetic source is drawn where it is used: it has no pieces")
 
     @property
     def total_rows(self) -> int:
@@ -215,10 +217,10 @@ class Source:
                 lo = hi
             return
         target = self._target_schema(columns)
-        filesystem = self.filesystem() if self.format != "table" else None
+        filesystem = None if self.pieces else self.filesystem()
         done = 0  # rows of the range in the files before this one
         for file, lo, hi in self.spans(start, stop):
-            if self.format == "table":
+            if self.pieces:
                 piece = fetch(self.pieces[self.files.index(file)])
                 yield done, piece.slice(lo, hi - lo).select(columns).cast(target)
             else:
@@ -228,8 +230,20 @@ class Source:
 
     def stored(self, put: Callable[[pa.Table], Any]) -> "Source":
         """This source with its in-memory pieces handed to `put` (ray.put: Ray's object
-        store), so that each worker fetches only the pieces that hold its rows."""
-        return replace(self, pieces=tuple(put(piece) for piece in self.pieces))
+        store), so that each worker fetches only the pieces that hold its rows; pieces
+        already there stay as they are."""
+        pieces = tuple(put(p) if isinstance(p, pa.Table) else p for p in self.pieces)
+        return replace(self, pieces=pieces)
+
+    def loaded(self, columns: Sequence[str], put: Callable[[pa.Table], Any]) -> "Source":
+        """This source with `columns` of each file read once and handed to `put` (ray.put):
+        its readers fetch those rows from Ray's object store and never open the files. A
+        node's readers share one copy, as a sweep's trials do."""
+        pieces, start = [], 0
+        for rows in self.file_rows:
+            pieces.append(put(self.read(columns, start, start + rows)))
+            start += rows
+        return replace(self, pieces=tuple(pieces))
 
     def locate(self, row: int) -> str:
         """Global row `row` as a user finds it: its index (from 0, as pandas numbers a table's
