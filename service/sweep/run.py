@@ -165,6 +165,8 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
     base["tracking"].pop("register_model", None)
     for key in spec.params:  # every key a trial sets must be a config key
         config_from(copy.deepcopy(base), {key: one_value(key, spec.params[key])})
+    # a stopped sweep's records are there before anything starts
+    path = records_of(resume_run, config) if resume_run else None
     concurrent = spec.max_concurrent or 1
     cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
     started = connect_ray(config.cluster.address, int(cpus + 0.5), code_to_ship(config.cluster))
@@ -173,13 +175,11 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
     try:
         with tracker:
             client = MlflowClient(tracker.tracking_uri)
-            if resume_run is None:
+            if path is None:
                 tracker.log_params({f"sweep.{k}": str(v) for k, v in spec.params.items()})
                 tracker.log_dict(config.resolved(), "config.yaml")  # what a resume reads
                 path = SWEEPS_FOLDER.resolve() / f"sweep-{tracker.run_id}"
                 tracker.set_tags({PATH_TAG: str(path)})
-            else:
-                path = Path(client.get_run(resume_run).data.tags[PATH_TAG])
             rows = shared_rows(config)
             tracker.set_tags({ROWS_TAG: rows_note(rows)})
             trainable = make_trainable(config, base, tracker.run_id, rows)
@@ -293,12 +293,35 @@ def trial_placement(base: dict[str, Any], values: dict[str, Any]) -> Any:
     return tune.PlacementGroupFactory(trial_bundles(config))
 
 
+def tune_records(path: Path) -> bool:
+    """Whether `path` holds a stopped sweep's records, for Ray Tune to go on with."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(path))
+
+
+def records_of(resume_run: str, config: Config) -> Path:
+    """Where Ray Tune keeps the records of the sweep of run `resume_run`."""
+    from mlflow import MlflowClient
+
+    from shardprop.service.tracking.store import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(config.tracking.uri))
+    path = Path(client.get_run(resume_run).data.tags.get(PATH_TAG, SWEEPS_FOLDER))
+    if not tune_records(path):
+        raise ConfigError(
+            f"sweep {resume_run}: Ray Tune's records of it are not at {path}; "
+            "resume it on the machine and in the folder it ran in"
+        )
+    return path
+
+
 def make_tuner(config: Config, trainable: Any, parent: str, path: Path) -> Any:
     """Ray Tune's Tuner of the sweep, kept in `path`: a trial per point of the space; where
     `path` holds a stopped sweep's records, that sweep, to go on with."""
     from ray import tune
 
-    if tune.Tuner.can_restore(str(path)):
+    if tune_records(path):
         # errored trials too: a lost node fails a trial that can go on
         return tune.Tuner.restore(str(path), trainable, resume_errored=True)
     spec = config.sweep

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from shardprop.service.config import load_config
 from shardprop.service.data.plan import write_table
-from shardprop.service.sweep.run import BEST_TAG, ROWS_TAG, STOPPED_TAG, sweep
+from shardprop.service.sweep.run import BEST_TAG, PATH_TAG, ROWS_TAG, STOPPED_TAG, sweep
 from shardprop.service.training.run import make_plan, train
 from shardprop.workers.data.synthetic import SyntheticSpec, generate
 from tests.processes import start_shardprop as shardprop
@@ -212,3 +213,19 @@ def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path
             folder = tmp_path / f"alone-{rate}"
             train(load_config(None, alone, {"tracking.enabled": False}), output=folder)
             same_weights(tmp_path / ".shardprop" / "runs" / run_id, folder)
+
+
+def test_resuming_a_sweep_whose_tune_records_are_gone_is_one_line_and_exit_2(
+    tmp_path, tracking_uri
+):
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment("gone"))
+    config = load_config(None, SETS, {}).resolved()
+    client.log_text(run.info.run_id, yaml.safe_dump(config), "config.yaml")
+    client.set_tag(run.info.run_id, PATH_TAG, str(tmp_path / "gone"))
+    client.set_terminated(run.info.run_id, "KILLED")
+    resumed = shardprop("resume", run.info.run_id, "--tracking-uri", tracking_uri, cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 2, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: sweep {run.info.run_id}: Ray Tune's records"), line
