@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("slow")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """tests/speed times ratios and tests/cluster starts `ray start` nodes and servers: each
+    runs alone on the machine, never beside another test of `pytest -n`."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and {"speed", "cluster"} & {
+        mark.name for mark in item.iter_markers()
+    }:
+        pytest.fail(
+            'runs alone: select tests/speed and tests/cluster with -m "speed or cluster" and'
+            " no -n (the README's test command)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real Ray runtime started on this machine, shared by the tests that need one.
