@@ -9,8 +9,10 @@ pack the cluster side by side; a trial that fails leaves the others running.
 
 import copy
 import functools
+import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ REPORTS = 20  # times a trial reports its metrics to an early-stopping scheduler
 ASHA_GRACE_REPORTS = 2  # reports every trial makes before asha may stop it
 STEP, FINISHED = "step", "finished"  # in a trial's reports: its step, and that it ran to the end
 STOPPED_TAG = "shardprop.stopped"  # why a run ended early
+HAND_OVER_SECONDS = 0.2  # how often a signal waiting for Tune's Ctrl-C handler looks for it
 TRIAL_TAG = "shardprop.trial"  # on a trial's run: its Ray Tune trial id, to go on with it
 PATH_TAG = "shardprop.sweep_path"  # on the sweep's run: Ray Tune's records of it
 ROWS_TAG = "shardprop.sweep_rows"  # on the sweep's run: where its trials' rows come from
@@ -180,18 +183,16 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
                 tracker.log_dict(config.resolved(), "config.yaml")  # what a resume reads
                 path = SWEEPS_FOLDER.resolve() / f"sweep-{tracker.run_id}"
                 tracker.set_tags({PATH_TAG: str(path)})
-            rows = shared_rows(config)
-            tracker.set_tags({ROWS_TAG: rows_note(rows)})
-            trainable = make_trainable(config, base, tracker.run_id, rows)
-            tuner = make_tuner(config, trainable, tracker.run_id, path)
+            with stop_requests():  # until Tune takes the signals over (fit)
+                rows = shared_rows(config)
+                tracker.set_tags({ROWS_TAG: rows_note(rows)})
+                trainable = make_trainable(config, base, tracker.run_id, rows)
+                tuner = make_tuner(config, trainable, tracker.run_id, path)
             try:
-                with stop_requests():
-                    grid, signum = fit(tuner)
-            except Interrupted as error:  # before Tune took over the signals
-                grid, signum = None, error.signum
+                grid, signum = fit(tuner)
             finally:  # trials Tune stopped (its scheduler, a signal) could not say so
                 end_left_running(client, tracker.experiment_id, tracker.run_id)
-            if signum is None and grid is not None and unfinished(grid):
+            if signum is None and unfinished(grid):
                 signum = signal.SIGINT  # Tune's own Ctrl-C handler took it
             if signum is not None:
                 how = resume_command(tracker.run_id, tracker.tracking_uri)
@@ -223,20 +224,32 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
 
 
 def fit(tuner: Any) -> tuple[Any, int | None]:
-    """Tune's fit, and the signal that stopped it, if we saw one. Ctrl-C is Ray Tune's own:
-    it stops every trial and keeps the sweep's records for a resume. SIGTERM is turned into
-    that Ctrl-C (Tune has no other public way to stop so that it can go on later)."""
+    """Tune's fit, and the signal that stopped it, where we saw one. Ctrl-C is Ray Tune's
+    own: it stops every trial and keeps the sweep's records for a resume. A SIGTERM, or a
+    Ctrl-C before Tune took Ctrl-C over, is handed to Tune as its Ctrl-C once it has (Tune has
+    no other public way to stop so that it can go on later). Signals after that are only
+    noted: Tune's stop is bounded, and an exception raised inside Ray's waits breaks them."""
     asked: list[int] = []
+    done = threading.Event()
 
-    def terminate(signum: int, frame: Any) -> None:
+    def hand_over() -> None:
+        while not done.wait(HAND_OVER_SECONDS):
+            if signal.getsignal(signal.SIGINT) is not note:  # Tune's handler is in place
+                signal.raise_signal(signal.SIGINT)
+                return
+
+    def note(signum: int, frame: Any) -> None:
+        if not asked:
+            threading.Thread(target=hand_over, daemon=True).start()
         asked.append(signum)
-        signal.raise_signal(signal.SIGINT)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         grid = tuner.fit()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        done.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return grid, (asked[0] if asked else None)
 
 
@@ -244,7 +257,13 @@ def unfinished(grid: Any) -> bool:
     """Whether Tune left trials to go on with: it was stopped before they all ended."""
     from ray.tune import ExperimentAnalysis
 
-    trials = ExperimentAnalysis(grid.experiment_path).trials
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.ERROR)  # its warning on trials without results yet is ours
+    try:
+        trials = ExperimentAnalysis(grid.experiment_path).trials
+    finally:
+        tune_log.setLevel(level)
     return any(trial.status in ("PENDING", "RUNNING", "PAUSED") for trial in trials)
 
 
