@@ -162,7 +162,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path
     same child runs from their checkpoints (and starts the trial that had not started): all
     FINISHED, each with the bits of `train` of its config."""
     uri = tracking_uri
-    sets = [SETS[0], "train.steps=600", "train.checkpoint_every=20", "tracking.flush_seconds=0.5"]
+    sets = [SETS[0], "train.steps=400", "train.checkpoint_every=20", "tracking.flush_seconds=0.5"]
     sweep_run = shardprop(
         "sweep", *(arg for item in sets for arg in ("--set", item)),
         "--param", "train.learning_rate=0.01,0.02,0.03", "--workers", "1",
