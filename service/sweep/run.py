@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +173,20 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
     path = records_of(resume_run, config) if resume_run else None
     concurrent = spec.max_concurrent or 1
     cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
-    started = connect_ray(config.cluster.address, int(cpus + 0.5), code_to_ship(config.cluster))
     began = time.monotonic()
-    tracker = open_tracker(config, resume_run)
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
+        # MLflow's store and Ray's start are both slow, and wait on neither: side by side
+        opening = background.submit(open_tracker, config, resume_run)
+        try:
+            started = connect_ray(
+                config.cluster.address, int(cpus + 0.5), code_to_ship(config.cluster)
+            )
+        except BaseException as error:
+            if opening.exception() is None:
+                opening.result().__exit__(type(error), error, error.__traceback__)
+            raise
     try:
+        tracker = opening.result()
         with tracker:
             client = MlflowClient(tracker.tracking_uri)
             if path is None:
