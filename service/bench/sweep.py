@@ -61,11 +61,12 @@ def bench_sweep(
     table = client.download_artifacts(parent.info.run_id, "sweep/results.csv", str(swept))
     with open(table) as rows:
         seconds = {row["run_id"]: float(row["seconds"]) for row in csv.DictReader(rows)}
-    overheads = []
+    overheads, spans = [], []
     for run in runs:
         if run.info.run_id in seconds:
             own = (run.info.end_time - run.info.start_time) / 1000
             overheads.append((seconds[run.info.run_id] - own, own))
+            spans.append((run.info.start_time / 1000, run.info.end_time / 1000))
     return {
         "trials": trials,
         "max_concurrent": concurrent,
@@ -75,7 +76,18 @@ def bench_sweep(
         "overhead_seconds_median": statistics.median(o for o, _ in overheads),
         "run_seconds_median": statistics.median(r for _, r in overheads),
         "overhead_share_median": statistics.median(o / r for o, r in overheads),
+        # the command's time while no trial's run was open: start-up, Tune, the end
+        "outside_trials_seconds": sweep_seconds - covered(spans),
     }
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds inside at least one of the (start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def render(result: dict[str, Any]) -> list[str]:
@@ -87,4 +99,5 @@ def render(result: dict[str, Any]) -> list[str]:
         f"a trial's overhead (time in Tune less its run's own): median "
         f"{result['overhead_seconds_median']:.2f} s, "
         f"{result['overhead_share_median']:.3f} of its run's {result['run_seconds_median']:.1f} s",
+        f"the sweep's time outside its trials' runs: {result['outside_trials_seconds']:.1f} s",
     ]

@@ -81,6 +81,7 @@ def run_trial(
     from shardprop.service.training.run import train
 
     os.chdir(folder)  # relative paths (data, the store, outputs) as the sweep sees them
+    logging.getLogger("ray").setLevel(logging.WARNING)  # as in `train`: not Ray's INFO lines
     trial = tune.get_context().get_trial_id()
     config = config_from(
         copy.deepcopy(base),
@@ -171,8 +172,10 @@ def sweep(config: Config, resume_run: str | None = None) -> SweepResult:
         config_from(copy.deepcopy(base), {key: one_value(key, spec.params[key])})
     # a stopped sweep's records are there before anything starts
     path = records_of(resume_run, config) if resume_run else None
-    concurrent = spec.max_concurrent or 1
-    cpus = concurrent * sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
+    # a local start declares the machine's cores, or one trial's CPUs where that is more:
+    # trials run side by side as far as the cores hold them, as on a cluster (two trials
+    # oversubscribing two cores take longer together than one after the other)
+    cpus = sum(bundle.get("CPU", 0.0) for bundle in trial_bundles(config))
     began = time.monotonic()
     with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
         # MLflow's store and Ray's start are both slow, and wait on neither: side by side

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 
@@ -39,13 +40,18 @@ def moons_file(folder: Path) -> str:
 
 
 def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch, tracking_uri):
-    """Rows from a Parquet file, read once by the sweep; each trial is nested, the best is
-    tagged and its model alone registered, and a trial has the bits of `train` (exact)."""
+    """Rows from a Parquet file, read once by the sweep; the two trials run side by side
+    where the cluster holds both; each is nested, the best is tagged and its model alone
+    registered, and a trial has the bits of `train` (exact)."""
     monkeypatch.chdir(tmp_path)
     uri = tracking_uri
     sets = [f"data.path={moons_file(tmp_path)}", *SETS[1:]]
     config = load_config(None, sets, {"tracking.uri": uri, "tracking.register_model": "moons"})
-    result = sweep(config)
+    ray.init(num_cpus=6, include_dashboard=False)  # room for both trials (3 CPUs each) at once
+    try:
+        result = sweep(config)
+    finally:
+        ray.shutdown()
 
     assert [t.error for t in result.trials] == [None, None]
     client = MlflowClient(uri)
@@ -58,6 +64,8 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch
         assert run.data.tags["mlflow.parentRunId"] == result.run_id
         assert run.info.status == "FINISHED"
         assert float(run.data.params["train.learning_rate"]) == trial.values["train.learning_rate"]
+    first, second = (client.get_run(run_id).info for run_id in children)
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # packed
     best = min(result.trials, key=lambda t: t.metric)
     assert result.best == best and parent.data.tags[BEST_TAG] == best.run_id
     assert client.get_run(best.run_id).data.tags[BEST_TAG] == "true"
@@ -80,8 +88,6 @@ def same_weights(got: Path, want: Path) -> None:
 def test_rows_read_once_train_the_workers_without_their_files(tmp_path, monkeypatch):
     """What a sweep hands its trials: the file's rows in Ray's object store. Two Ray workers
     train on them with the file gone, to the bits of a run that read the file."""
-    import ray
-
     path = moons_file(tmp_path)
     config = load_config(None, [f"data.path={path}", *SETS[1:-2]], {"tracking.enabled": False})
     from_file = train(config, output=tmp_path / "from-file")
@@ -183,8 +189,8 @@ def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path
         )  # fmt: skip
 
     deadline = time.monotonic() + 180
-    while checkpointed_trials() < 2:
-        assert time.monotonic() < deadline, "the two trials did not start"
+    while checkpointed_trials() < 1:  # on two cores, one trial at a time
+        assert time.monotonic() < deadline, "no trial started"
         time.sleep(0.2)
     sweep_run.send_signal(signal.SIGINT)
     _, stderr = sweep_run.communicate(timeout=120)
@@ -193,7 +199,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path
     assert line.startswith("interrupted: stopped by SIGINT: the sweep's run"), line
     assert "go on with: shardprop resume" in line, line
     stopped = {run.info.run_id: run.info.status for run in client.search_runs(["1"])}
-    assert len(stopped) == 3 and "KILLED" in set(stopped.values()), stopped
+    assert len(stopped) >= 2 and "KILLED" in set(stopped.values()), stopped  # parent, trial(s)
     assert set(stopped.values()) <= {"KILLED", "FINISHED"}, stopped
 
     (parent,) = [

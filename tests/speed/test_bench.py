@@ -291,3 +291,4 @@ def test_bench_sweep_times_both_sides_and_each_trials_overhead(tmp_path):
     assert result["one_by_one_seconds"] > 0 and result["sweep_seconds"] > 0
     assert 0 < result["run_seconds_median"] < result["sweep_seconds"]
     assert result["overhead_seconds_median"] > 0  # a trial's time in Tune covers its run's
+    assert 0 < result["outside_trials_seconds"] < result["sweep_seconds"]
