@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
 
@@ -39,7 +38,9 @@ def moons_file(folder: Path) -> str:
     return str(write_table(rows, folder / "moons.parquet", row_group_rows=100))
 
 
-def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch, tracking_uri):
+def test_each_trial_is_a_nested_run_with_the_bits_of_train(
+    tmp_path, monkeypatch, tracking_uri, ray_session
+):
     """Rows from a Parquet file, read once by the sweep; the two trials run side by side
     where the cluster holds both; each is nested, the best is tagged and its model alone
     registered, and a trial has the bits of `train` (exact)."""
@@ -47,11 +48,7 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(tmp_path, monkeypatch
     uri = tracking_uri
     sets = [f"data.path={moons_file(tmp_path)}", *SETS[1:]]
     config = load_config(None, sets, {"tracking.uri": uri, "tracking.register_model": "moons"})
-    ray.init(num_cpus=6, include_dashboard=False)  # room for both trials (3 CPUs each) at once
-    try:
-        result = sweep(config)
-    finally:
-        ray.shutdown()
+    result = sweep(config)  # on the 6 CPUs of ray_session: both trials (3 CPUs each) at once
 
     assert [t.error for t in result.trials] == [None, None]
     client = MlflowClient(uri)
@@ -85,20 +82,16 @@ def same_weights(got: Path, want: Path) -> None:
             assert np.array_equal(got[name], want[name]), name
 
 
-def test_rows_read_once_train_the_workers_without_their_files(tmp_path, monkeypatch):
+def test_rows_read_once_train_the_workers_without_their_files(tmp_path, ray_session):
     """What a sweep hands its trials: the file's rows in Ray's object store. Two Ray workers
     train on them with the file gone, to the bits of a run that read the file."""
     path = moons_file(tmp_path)
     config = load_config(None, [f"data.path={path}", *SETS[1:-2]], {"tracking.enabled": False})
     from_file = train(config, output=tmp_path / "from-file")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        plan = make_plan(config)
-        rows = plan.source.loaded([*plan.features, plan.label], ray.put)
-        Path(path).unlink()
-        from_store = train(config, output=tmp_path / "from-store", source=rows)
-    finally:
-        ray.shutdown()
+    plan = make_plan(config)
+    rows = plan.source.loaded([*plan.features, plan.label], ray_session.put)
+    Path(path).unlink()
+    from_store = train(config, output=tmp_path / "from-store", source=rows)
     assert from_store.weights_sha256 == from_file.weights_sha256
     same_weights(tmp_path / "from-store", tmp_path / "from-file")
 
