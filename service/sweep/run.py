@@ -106,13 +106,18 @@ def run_trial(
     tune.report({**result.final, STEP: steps, "run_id": result.run_id, FINISHED: True})
 
 
-def earlier_run(config: Config, parent: str, trial: str) -> Any:
-    """The MLflow run this trial opened before its sweep was stopped, if any."""
+def store_client(config: Config) -> Any:
+    """An MLflow client of the sweep's store, as `train` resolves it."""
     from mlflow import MlflowClient
 
     from shardprop.service.tracking.store import resolve_tracking_uri
 
-    client = MlflowClient(resolve_tracking_uri(config.tracking.uri))
+    return MlflowClient(resolve_tracking_uri(config.tracking.uri))
+
+
+def earlier_run(config: Config, parent: str, trial: str) -> Any:
+    """The MLflow run this trial opened before its sweep was stopped, if any."""
+    client = store_client(config)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
         return None
@@ -335,11 +340,7 @@ def tune_records(path: Path) -> bool:
 
 def records_of(resume_run: str, config: Config) -> Path:
     """Where Ray Tune keeps the records of the sweep of run `resume_run`."""
-    from mlflow import MlflowClient
-
-    from shardprop.service.tracking.store import resolve_tracking_uri
-
-    client = MlflowClient(resolve_tracking_uri(config.tracking.uri))
+    client = store_client(config)
     path = Path(client.get_run(resume_run).data.tags.get(PATH_TAG, SWEEPS_FOLDER))
     if not tune_records(path):
         raise ConfigError(
