@@ -32,10 +32,19 @@ def start_shardprop(*args: object, cwd: Path) -> subprocess.Popen:
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and not handed out before in this process: the kernel may offer a
+    just-closed port again, and Ray refuses two of its components on one port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(ready: Callable[[], bool], seconds: float, what: str) -> None:
