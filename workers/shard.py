@@ -390,6 +390,12 @@ class ShardWorker:
                 Y.append(chosen.reshape(1, -1).astype(dtype))
         return Y
 
+    def renew(self, *args: Any) -> None:
+        """This actor as a new ShardWorker of these arguments, nothing of its last run left:
+        the next run of a process that keeps its workers (a sweep's trial process)."""
+        self.__dict__.clear()
+        self.__init__(*args)  # type: ignore[misc]
+
     def call(self, method: str, args: tuple) -> Any:
         """`method(*args)`: the one entry point of the group's compiled graph."""
         return getattr(self, method)(*args)

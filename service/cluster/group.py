@@ -21,6 +21,7 @@ from shardprop.service.cluster.capacity import (
     worker_request,
 )
 from shardprop.service.cluster.compiled import BrokenStepError, CompiledStep, compile_step
+from shardprop.service.cluster.kept import KeptWorkers
 from shardprop.service.cluster.policy import Decision, FailurePolicy
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.cluster.waits import interruptible
@@ -71,8 +72,9 @@ class WorkerGroup(Protocol):
         """At a step boundary: more workers, where the group may grow and the cluster has
         room for them; what changed, or None."""
 
-    def close(self) -> None:
-        """Stop the workers (and a Ray runtime the group started); safe to call twice."""
+    def close(self, keep: bool = False) -> None:
+        """Stop the workers (and a Ray runtime the group started); safe to call twice.
+        `keep`: the run is done with them, and a next run in this process may take them."""
 
 
 class LocalGroup:
@@ -107,7 +109,7 @@ class LocalGroup:
     def grow(self) -> str | None:
         return None  # one process: nothing to grow
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
         self.workers.clear()
 
 
@@ -139,6 +141,7 @@ class RayGroup:
         sizes: tuple[int, int] | None = None,
         replace_timeout: float | None = None,
         estimate_for: Callable[[DataPlan], PlanEstimate] | None = None,
+        kept: KeptWorkers | None = None,
     ):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -149,6 +152,9 @@ class RayGroup:
         strategy: Any = "SPREAD" if placement == "spread" else "DEFAULT"
         if trial is not None:
             strategy = PlacementGroupSchedulingStrategy(trial)
+        # what a kept worker must have been made with to serve this group
+        self._made_as = (worker_class, cpus_per_worker, sorted((resources or {}).items()),
+                         transport, trial and trial.id.hex())  # fmt: skip
         self._actor = ray.remote(worker_class).options(
             num_cpus=cpus_per_worker, resources=resources or {}, scheduling_strategy=strategy
         )
@@ -193,13 +199,39 @@ class RayGroup:
                 self.changes.append(f"{len(plan.shards)} -> {room} workers: {cause}")
                 self._plan = plan = plan.resharded(room)
                 self._shards, self._spawn_args = plan.shards, self._args_for(plan)
-        self.actors = [self._actor.remote(*args) for args in self._spawn_args]
-        self.size = len(self.actors)
+        # a runtime the group stops at its close keeps nothing for a next run
+        self._kept = None if owns_runtime else kept
+        self.actors = self._renewed() if self._kept else []
+        self.size = len(self._spawn_args)
+        if not self.actors:
+            self.actors = [self._actor.remote(*args) for args in self._spawn_args]
+            try:
+                self._await_placed(dict(enumerate(self.actors)))
+            except BaseException:
+                self.close()
+                raise
+
+    def shape(self, size: int) -> tuple:
+        """What a group of `size` workers must ask for to take this group's kept workers."""
+        return (*self._made_as, size)
+
+    def _renewed(self) -> list[Any]:
+        """A last run's kept workers of this shape, renewed with this group's shards (and
+        their compiled step); none where there are none, or they no longer answer."""
+        assert self._kept is not None
+        taken = self._kept.take(self.shape(len(self._spawn_args)))
+        if taken is None:
+            return []
+        actors, graph = taken
+        pairs = zip(actors, self._spawn_args, strict=True)
+        refs = [actor.renew.remote(*args) for actor, args in pairs]
         try:
-            self._await_placed(dict(enumerate(self.actors)))
-        except BaseException:
-            self.close()
-            raise
+            interruptible(self._ray.get, refs, timeout=self._start_timeout)
+        except (self._ray.exceptions.RayError, TimeoutError):  # lost meanwhile: new ones
+            KeptWorkers(None, actors, graph).drop()
+            return []
+        self._graph = graph
+        return actors
 
     @property
     def restarts(self) -> int:
@@ -507,7 +539,11 @@ class RayGroup:
             )
         self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        if keep and self._kept is not None and self.actors:
+            self._kept.keep(self.shape(len(self.actors)), self.actors, self._graph)
+            self.actors, self._graph = [], None
+            return
         self._drop_graph()
         for actor in self.actors:
             self._ray.kill(actor)
@@ -537,6 +573,7 @@ def start_group(
     cluster: ClusterConfig,
     worker_class: type[ShardWorker] = ShardWorker,
     estimate_for: Callable[[DataPlan], PlanEstimate] | None = None,
+    kept: KeptWorkers | None = None,
 ) -> WorkerGroup:
     """The group `cluster` asks for; workers that can be made to fail only for chaos runs.
     `estimate_for`: a plan's costs. On a joined cluster, the plan's memory must fit its
@@ -568,6 +605,7 @@ def start_group(
             sizes=(cluster.smallest, cluster.largest),
             replace_timeout=cluster.replace_timeout,
             estimate_for=estimate_for,
+            kept=kept,
         )
     except BaseException:
         if started:

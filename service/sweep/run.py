@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shardprop.service.cluster.capacity import worker_request
+from shardprop.service.cluster.kept import KeptWorkers
 from shardprop.service.cluster.runtime import code_to_ship, connect_ray
 from shardprop.service.config import Config, config_from
 from shardprop.service.errors import ConfigError, TrainingError
@@ -41,6 +42,8 @@ HAND_OVER_SECONDS = 0.2  # how often a signal waiting for Tune's Ctrl-C handler 
 TRIAL_TAG = "shardprop.trial"  # on a trial's run: its Ray Tune trial id, to go on with it
 PATH_TAG = "shardprop.sweep_path"  # on the sweep's run: Ray Tune's records of it
 ROWS_TAG = "shardprop.sweep_rows"  # on the sweep's run: where its trials' rows come from
+# in a trial process, the last trial's workers, for the next trial Tune runs in it
+KEPT = KeptWorkers()
 
 
 @dataclass
@@ -99,9 +102,11 @@ def run_trial(
 
         recalled = recall_run(config.tracking.uri, earlier.info.run_id)
         config = config_from(recalled.config, {"tracking.uri": recalled.tracking_uri})
-        result = train(config, None, recalled.output, reporter, recalled.run_id, source=rows)
+        result = train(
+            config, None, recalled.output, reporter, recalled.run_id, source=rows, kept=KEPT
+        )
     else:
-        result = train(config, reporter=reporter, source=rows)
+        result = train(config, reporter=reporter, source=rows, kept=KEPT)
     steps = max((step for taken in result.steps.values() for step in taken), default=0)
     tune.report({**result.final, STEP: steps, "run_id": result.run_id, FINISHED: True})
 

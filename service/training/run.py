@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from shardprop.service.cluster.capacity import estimate_run, fit_problem, nodes_before_ray
 from shardprop.service.cluster.group import WorkerGroup, start_group
+from shardprop.service.cluster.kept import KeptWorkers
 from shardprop.service.config import Config
 from shardprop.service.data.lineage import input_record, shard_records
 from shardprop.service.data.plan import DataPlan, plan_data
@@ -628,6 +629,7 @@ def open_run(
     plan: DataPlan,
     background: ThreadPoolExecutor,
     resume_run: str | None,
+    kept: KeptWorkers | None = None,
 ) -> tuple[Recorder, WorkerGroup]:
     """Open the MLflow run and start the workers at once.
 
@@ -637,7 +639,7 @@ def open_run(
     opening = background.submit(open_tracker, config, resume_run)
     try:
         group = start_group(
-            plan, config.cluster, estimate_for=functools.partial(estimate_run, config)
+            plan, config.cluster, estimate_for=functools.partial(estimate_run, config), kept=kept
         )
     except BaseException as error:
         if opening.exception() is None:
@@ -664,11 +666,14 @@ def train(
     resume_run: str | None = None,
     table: pa.Table | None = None,
     source: Source | None = None,
+    kept: KeptWorkers | None = None,
 ) -> RunResult:
     """One training run; with `resume_run`, that run goes on from its last checkpoint in
     `output` (the same MLflow run, the same config, the same result as if never stopped).
     `table`: the rows in memory, in place of data.path or data.synthetic. `source`: the rows
     of data.path, already read into Ray's object store (a sweep's trials share them).
+    `kept`: where a run that ends cleanly leaves its Ray workers for the next run of this
+    process, and where it finds the last one's (a sweep's trial process).
 
     Everything that can be checked is checked before Ray starts (exit 2). A run that fails
     or is stopped later says where its last weights are and how to go on (exit 1, 130, 143).
@@ -691,7 +696,7 @@ def train(
         else:
             check_writable(RUNS_FOLDER, "--output", "the default output folder")
         with ThreadPoolExecutor(1, thread_name_prefix="tracking") as background:
-            tracker, group = open_run(config, plan, background, resume_run)
+            tracker, group = open_run(config, plan, background, resume_run, kept)
             with tracker, closing(group):
                 if folder is None:
                     folder = held.enter_context(OutputFolder(RUNS_FOLDER / tracker.run_id))
@@ -814,7 +819,7 @@ def run(
     logging_model = background.submit(
         tracker.log_final, output / "weights.npz", meta, example, name
     )
-    group.close()  # Ray's shutdown overlaps MLflow's model logging
+    group.close(keep=True)  # Ray's shutdown overlaps MLflow's model logging
     logging_model.result()
     description = f"{description}\n\n{result_words(final)}"
     tracker.set_note(description)

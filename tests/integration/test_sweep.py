@@ -41,16 +41,18 @@ def moons_file(folder: Path) -> str:
 def test_each_trial_is_a_nested_run_with_the_bits_of_train(
     tmp_path, monkeypatch, tracking_uri, ray_session
 ):
-    """Rows from a Parquet file, read once by the sweep; the two trials run side by side
-    where the cluster holds both; each is nested, the best is tagged and its model alone
-    registered, and a trial has the bits of `train` (exact)."""
+    """Rows from a Parquet file, read once by the sweep; two trials run side by side where
+    the cluster holds both, and the third in the process and on the workers one of them
+    leaves; each is nested, the best is tagged and its model alone registered, and the
+    third has the bits of `train` (exact)."""
     monkeypatch.chdir(tmp_path)
     uri = tracking_uri
-    sets = [f"data.path={moons_file(tmp_path)}", *SETS[1:]]
+    rates = "sweep.params={train.learning_rate: '0.01,0.1,0.05'}"
+    sets = [f"data.path={moons_file(tmp_path)}", *SETS[1:-2], rates, SETS[-1]]
     config = load_config(None, sets, {"tracking.uri": uri, "tracking.register_model": "moons"})
-    result = sweep(config)  # on the 6 CPUs of ray_session: both trials (3 CPUs each) at once
+    result = sweep(config)  # on the 6 CPUs of ray_session: two trials (3 CPUs each) at once
 
-    assert [t.error for t in result.trials] == [None, None]
+    assert [t.error for t in result.trials] == [None, None, None]
     client = MlflowClient(uri)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
@@ -61,19 +63,28 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(
         assert run.data.tags["mlflow.parentRunId"] == result.run_id
         assert run.info.status == "FINISHED"
         assert float(run.data.params["train.learning_rate"]) == trial.values["train.learning_rate"]
-    first, second = (client.get_run(run_id).info for run_id in children)
+    first, second, third = (client.get_run(run_id).info for run_id in children)
     assert first.start_time < second.end_time and second.start_time < first.end_time  # packed
+    pids = {run_id: worker_pids(client, run_id) for run_id in children}
+    assert pids[third.run_id] in (pids[first.run_id], pids[second.run_id])  # kept workers
+    assert pids[first.run_id] != pids[second.run_id]
     best = min(result.trials, key=lambda t: t.metric)
     assert result.best == best and parent.data.tags[BEST_TAG] == best.run_id
     assert client.get_run(best.run_id).data.tags[BEST_TAG] == "true"
     (version,) = client.search_model_versions("name = 'moons'")  # the best trial's alone
     assert result.registered == "models:/moons/1" and version.run_id == best.run_id
 
-    # the trial of learning rate 0.1 against `train` of that config, in this process
-    (trial,) = [t for t in result.trials if t.values["train.learning_rate"] == 0.1]
-    alone = [*sets, "train.learning_rate=0.1"]
+    # the third trial, on renewed workers, against `train` of its config, in this process
+    (trial,) = [t for t in result.trials if t.values["train.learning_rate"] == 0.05]
+    alone = [*sets, "train.learning_rate=0.05"]
     train(load_config(None, alone, {"tracking.enabled": False}), output=tmp_path / "alone")
     same_weights(tmp_path / ".shardprop" / "runs" / trial.run_id, tmp_path / "alone")
+
+
+def worker_pids(client: MlflowClient, run_id: str) -> list[int]:
+    """The processes of a run's workers, rank by rank, from its lineage (shards.json)."""
+    with open(client.download_artifacts(run_id, "shards.json")) as shards:
+        return [shard["pid"] for shard in yaml.safe_load(shards)["shards"]]
 
 
 def same_weights(got: Path, want: Path) -> None:
