@@ -204,7 +204,9 @@ class RayCluster:
             self.temp_dir,
             "--disable-usage-stats",
         )
-        wait_until(self._head_ready, 90, "ray head")
+        # the other nodes start once the head's GCS listens; the one slow check (`ray list
+        # nodes` imports Ray, seconds a call) then waits for them all at once
+        wait_until(self._head_listens, 90, "ray head")
         for _ in range(nodes - 1):
             self._start("--address", self.address)
         wait_until(lambda: self.alive_nodes() == nodes, 90, f"{nodes} ray nodes")
@@ -215,10 +217,18 @@ class RayCluster:
         self._start("--address", self.address)
         wait_until(lambda: self.alive_nodes() > alive, 90, "the new ray node")
 
-    def _head_ready(self) -> bool:
+    def running_nodes(self) -> list[subprocess.Popen]:
+        """The nodes whose `ray start` process has not ended, the head first."""
+        return [node for node in self.nodes if node.poll() is None]
+
+    def _head_listens(self) -> bool:
         if self.nodes[0].poll() is not None:
             raise RuntimeError(f"ray head exited: {self.log(0)}")
-        return self.alive_nodes() >= 1
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def alive_nodes(self) -> int:
         """Alive nodes as the cluster's own CLI reports them (through GCS, with the token)."""

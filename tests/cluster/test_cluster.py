@@ -63,13 +63,6 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Shared by this module's tests, which leave its nodes as they are."""
-    with RayCluster.running({"RAY_AUTH_MODE": "disabled"}, resources={"shard_slot": 1}) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
 def token_cluster():
     token = secrets.token_hex(32)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}

@@ -35,7 +35,7 @@ def test_a_worker_whose_node_is_gone_fails_the_run_after_start_timeout(tmp_path,
     run = train_on(cluster, CONFIG, tmp_path)
     uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out"
     wait_for_checkpoint(run, out, 20)
-    stop_group(cluster.nodes[1])  # the second node, and its shard_slot, are gone for good
+    stop_group(cluster.nodes[-1])  # the second node, and its shard_slot, are gone for good
     _, stderr = run.communicate(timeout=240)
     assert run.returncode == 1, stderr
     line = stderr.strip().splitlines()[-1]
