@@ -153,8 +153,9 @@ class RayGroup:
         if trial is not None:
             strategy = PlacementGroupSchedulingStrategy(trial)
         # what a kept worker must have been made with to serve this group
-        self._made_as = (worker_class, cpus_per_worker, sorted((resources or {}).items()),
-                         transport, trial and trial.id.hex())  # fmt: skip
+        held_by = trial.id.hex() if trial is not None else None
+        asked = (cpus_per_worker, sorted((resources or {}).items()), transport)
+        self._made_as = (worker_class, *asked, held_by)
         self._actor = ray.remote(worker_class).options(
             num_cpus=cpus_per_worker, resources=resources or {}, scheduling_strategy=strategy
         )
