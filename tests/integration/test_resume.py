@@ -90,21 +90,29 @@ def only_run(uri):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config, from_mlflow",
-    [("adam", False), ("adam", True), ("lbfgs", False)],
+    "config, from_mlflow, own_runtime",
+    [("adam", False, True), ("adam", True, False), ("lbfgs", False, False)],
     ids=["local", "from-mlflow", "lbfgs"],
     indirect=["config"],
 )
 def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(
-    new_store, tmp_path, config, from_mlflow, uninterrupted
+    new_store, tmp_path, config, from_mlflow, own_runtime, uninterrupted, request
 ):
     reference, last = uninterrupted(config)
     # adam takes every step; lbfgs stops by itself on a plateau, which the resume must find too
     assert last > 30
 
+    # one case starts a Ray runtime of its own, as a plain `train` does; the others join the
+    # session's, rather than start one for the killed run and one more for its resume
+    joined = []
+    if not own_runtime:
+        ray_session = request.getfixturevalue("ray_session")
+        joined = ["--address", ray_session.get_runtime_context().gcs_address]
     uri = new_store(tmp_path)
     out = tmp_path / "out"
-    victim = shardprop("train", config, "--tracking-uri", uri, "--output", out, cwd=tmp_path)
+    victim = shardprop(
+        "train", config, *joined, "--tracking-uri", uri, "--output", out, cwd=tmp_path
+    )
     wait_for(out / "checkpoints" / "step-000030" / "manifest.json", victim)
     if from_mlflow:  # and for the writer to have uploaded one
         wait_for_upload(uri, victim)
@@ -117,7 +125,7 @@ def test_a_killed_coordinator_resumes_the_same_run_to_the_same_bits(
 
     if from_mlflow:  # as on another machine: only the run's uploaded checkpoints are left
         shutil.rmtree(out)
-    resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
+    resumed = shardprop("resume", run.info.run_id, "--tracking-uri", uri, *joined, cwd=tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     if from_mlflow:
