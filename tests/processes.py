@@ -204,22 +204,30 @@ class RayCluster:
             self.temp_dir,
             "--disable-usage-stats",
         )
-        # the other nodes start once the head's GCS listens; the one slow check (`ray list
-        # nodes` imports Ray, seconds a call) then waits for them all at once
+        # the other nodes start once the head's GCS listens; the slow check (`ray list nodes`
+        # imports Ray, seconds a call) runs once every node's `ray start` says it is up
         wait_until(self._head_listens, 90, "ray head")
         for _ in range(nodes - 1):
             self._start("--address", self.address)
+        wait_until(lambda: all(map(self._says_started, self.nodes)), 90, f"{nodes} ray nodes")
         wait_until(lambda: self.alive_nodes() == nodes, 90, f"{nodes} ray nodes")
 
     def add_node(self) -> None:
         """One more node joins the cluster (e.g. in place of a lost one)."""
         alive = self.alive_nodes()
         self._start("--address", self.address)
+        wait_until(lambda: self._says_started(self.nodes[-1]), 90, "the new ray node")
         wait_until(lambda: self.alive_nodes() > alive, 90, "the new ray node")
 
     def running_nodes(self) -> list[subprocess.Popen]:
         """The nodes whose `ray start` process has not ended, the head first."""
         return [node for node in self.nodes if node.poll() is None]
+
+    def _says_started(self, node: subprocess.Popen) -> bool:
+        index = self.nodes.index(node)
+        if node.poll() is not None:
+            raise RuntimeError(f"ray node {index} exited: {self.log(index)}")
+        return "Ray runtime started" in (Path(self.temp_dir) / f"node-{index}.log").read_text()
 
     def _head_listens(self) -> bool:
         if self.nodes[0].poll() is not None:
