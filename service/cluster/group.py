@@ -217,21 +217,19 @@ class RayGroup:
         return (*self._made_as, size)
 
     def _renewed(self) -> list[Any]:
-        """A last run's kept workers of this shape, renewed with this group's shards (and
-        their compiled step); none where there are none, or they no longer answer."""
+        """A last run's kept workers of this shape, renewed with this group's shards; none
+        where there are none, or they no longer answer."""
         assert self._kept is not None
-        taken = self._kept.take(self.shape(len(self._spawn_args)))
-        if taken is None:
+        actors = self._kept.take(self.shape(len(self._spawn_args)))
+        if not actors:
             return []
-        actors, graph = taken
         pairs = zip(actors, self._spawn_args, strict=True)
         refs = [actor.renew.remote(*args) for actor, args in pairs]
         try:
             interruptible(self._ray.get, refs, timeout=self._start_timeout)
         except (self._ray.exceptions.RayError, TimeoutError):  # lost meanwhile: new ones
-            KeptWorkers(None, actors, graph).drop()
+            KeptWorkers(None, actors).drop()
             return []
-        self._graph = graph
         return actors
 
     @property
@@ -541,11 +539,11 @@ class RayGroup:
         self._armed[failure.worker] = [WHEN[failure.when]] * failure.times
 
     def close(self, keep: bool = False) -> None:
-        if keep and self._kept is not None and self.actors:
-            self._kept.keep(self.shape(len(self.actors)), self.actors, self._graph)
-            self.actors, self._graph = [], None
-            return
         self._drop_graph()
+        if keep and self._kept is not None and self.actors:
+            self._kept.keep(self.shape(len(self.actors)), self.actors)
+            self.actors = []
+            return
         for actor in self.actors:
             self._ray.kill(actor)
         if self.actors and self._smallest < self._largest:
