@@ -202,7 +202,7 @@ class RayGroup:
                 self._shards, self._spawn_args = plan.shards, self._args_for(plan)
         # a runtime the group stops at its close keeps nothing for a next run
         self._kept = None if owns_runtime else kept
-        self.actors = self._renewed() if self._kept else []
+        self.actors = self._renewed(self._kept) if self._kept else []
         self.size = len(self._spawn_args)
         if not self.actors:
             self.actors = [self._actor.remote(*args) for args in self._spawn_args]
@@ -212,15 +212,14 @@ class RayGroup:
                 self.close()
                 raise
 
-    def shape(self, size: int) -> tuple:
+    def _shape(self, size: int) -> tuple:
         """What a group of `size` workers must ask for to take this group's kept workers."""
         return (*self._made_as, size)
 
-    def _renewed(self) -> list[Any]:
+    def _renewed(self, kept: KeptWorkers) -> list[Any]:
         """A last run's kept workers of this shape, renewed with this group's shards; none
         where there are none, or they no longer answer."""
-        assert self._kept is not None
-        actors = self._kept.take(self.shape(len(self._spawn_args)))
+        actors = kept.take(self._shape(len(self._spawn_args)))
         if not actors:
             return []
         pairs = zip(actors, self._spawn_args, strict=True)
@@ -228,7 +227,8 @@ class RayGroup:
         try:
             interruptible(self._ray.get, refs, timeout=self._start_timeout)
         except (self._ray.exceptions.RayError, TimeoutError):  # lost meanwhile: new ones
-            KeptWorkers(None, actors).drop()
+            for actor in actors:
+                self._ray.kill(actor)
             return []
         return actors
 
@@ -541,7 +541,7 @@ class RayGroup:
     def close(self, keep: bool = False) -> None:
         self._drop_graph()
         if keep and self._kept is not None and self.actors:
-            self._kept.keep(self.shape(len(self.actors)), self.actors)
+            self._kept.keep(self._shape(len(self.actors)), self.actors)
             self.actors = []
             return
         for actor in self.actors:

@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclass
 class KeptWorkers:
-    shape: tuple | None = None  # what a run must ask for to take them (RayGroup.shape)
+    shape: tuple | None = None  # what a run must ask for to take them (RayGroup._shape)
     actors: list[Any] = field(default_factory=list)
 
     def keep(self, shape: tuple, actors: list[Any]) -> None:

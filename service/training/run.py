@@ -819,7 +819,9 @@ def run(
     logging_model = background.submit(
         tracker.log_final, output / "weights.npz", meta, example, name
     )
-    group.close(keep=True)  # Ray's shutdown overlaps MLflow's model logging
+    # done with the workers (kept for this process's next run, if it keeps them); Ray's
+    # shutdown overlaps MLflow's model logging
+    group.close(keep=True)
     logging_model.result()
     description = f"{description}\n\n{result_words(final)}"
     tracker.set_note(description)

@@ -1,6 +1,7 @@
 """A sweep on a local Ray runtime: each trial a whole training, nested under the sweep's
 MLflow run, with the very bits `shardprop train` gives the trial's config (exact)."""
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -83,8 +84,8 @@ def test_each_trial_is_a_nested_run_with_the_bits_of_train(
 
 def worker_pids(client: MlflowClient, run_id: str) -> list[int]:
     """The processes of a run's workers, rank by rank, from its lineage (shards.json)."""
-    with open(client.download_artifacts(run_id, "shards.json")) as shards:
-        return [shard["pid"] for shard in yaml.safe_load(shards)["shards"]]
+    shards = Path(client.download_artifacts(run_id, "shards.json")).read_text()
+    return [shard["pid"] for shard in json.loads(shards)["shards"]]
 
 
 def same_weights(got: Path, want: Path) -> None:
