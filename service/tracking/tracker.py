@@ -371,8 +371,14 @@ class Tracker:
             source=json.dumps(source),
             schema=json.dumps({"mlflow_colspec": schema.to_dict()}),  # as MLflow's datasets do
         )
-        context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[context])])
+        inputs = [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except mlflow.MlflowException:
+            # the store adds a dataset it has not seen, and another run adding the same one
+            # at that moment (a sweep's trials side by side) fails this insert; once more,
+            # the store has it and links it (upstream fix: an idempotent log_inputs)
+            self.client.log_inputs(self.run_id, inputs)
         self.log_dict({"shards": shards}, "shards.json")
 
     # --- metrics ---------------------------------------------------------------------------
