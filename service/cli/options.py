@@ -4,7 +4,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Annotated
 
@@ -68,12 +68,14 @@ def quiet_mlflow() -> None:
 
 @contextmanager
 def only_errors(quiet: bool) -> Iterator[None]:
-    """--quiet: no warning of a library or of ours, from any logger or `warnings.warn`, while
-    the command runs; errors still show. Undone after, for a caller in the same process."""
+    """--quiet: no warning of a library or of ours, from any logger or `warnings.warn`, and
+    nothing on stdout while the command runs (Ray Tune prints its experiment's box and path
+    whatever its `verbose`); errors still show, on stderr. Undone after, for a caller in the
+    same process."""
     if not quiet:
         yield
         return
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
         try:

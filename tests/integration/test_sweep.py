@@ -168,16 +168,17 @@ def test_asha_stops_the_trials_that_lag_and_marks_their_runs(tmp_path, monkeypat
 
 
 def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path, tracking_uri):
-    """Ctrl-C in the middle: the sweep's run and the unfinished trials' runs are KILLED, and
-    the last line says how to go on. `shardprop resume` of the sweep's run goes on with the
-    same child runs from their checkpoints (and starts the trial that had not started): all
-    FINISHED, each with the bits of `train` of its config."""
+    """Ctrl-C in the middle of a `--quiet` sweep: nothing on stdout; the sweep's run and the
+    unfinished trials' runs are KILLED, and the last line says how to go on. `shardprop
+    resume` of the sweep's run goes on with the same child runs from their checkpoints (and
+    starts the trial that had not started): all FINISHED, each with the bits of `train` of
+    its config."""
     uri = tracking_uri
     sets = [SETS[0], "train.steps=400", "train.checkpoint_every=20", "tracking.flush_seconds=0.5"]
     sweep_run = shardprop(
         "sweep", *(arg for item in sets for arg in ("--set", item)),
         "--param", "train.learning_rate=0.01,0.02,0.03", "--workers", "1",
-        "--max-concurrent", "2", "--tracking-uri", uri, cwd=tmp_path,
+        "--max-concurrent", "2", "--tracking-uri", uri, "--quiet", cwd=tmp_path,
     )  # fmt: skip
     client = MlflowClient(uri)
 
@@ -198,8 +199,9 @@ def test_ctrl_c_stops_the_sweep_and_resume_goes_on_to_the_bits_of_train(tmp_path
         assert time.monotonic() < deadline, "no trial started"
         time.sleep(0.2)
     sweep_run.send_signal(signal.SIGINT)
-    _, stderr = sweep_run.communicate(timeout=120)
+    stdout, stderr = sweep_run.communicate(timeout=120)
     assert sweep_run.returncode == 130, stderr
+    assert stdout == "", stdout  # --quiet: not even Ray Tune's experiment box
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("interrupted: stopped by SIGINT: the sweep's run"), line
     assert "go on with: shardprop resume" in line, line
