@@ -30,8 +30,10 @@ def last_frame(width: int) -> list[str]:
         time.sleep(0.02)
     reporter.stop()
     drawn = screen.getvalue()
-    redraw = "\x1b[1A\x1b[2K"  # up a line and clear it: each frame is drawn over the last
-    return Text.from_ansi(drawn[drawn.rindex(redraw) + len(redraw) :]).plain.splitlines()
+    # up a line and clear it: each frame is drawn over the last (a busy machine may leave
+    # rich's refresh thread no time to draw any frame but the one at stop())
+    last = drawn.rsplit("\x1b[1A\x1b[2K", 1)[-1]
+    return Text.from_ansi(last).plain.splitlines()
 
 
 @pytest.mark.parametrize("width", [80, 60, 40])
